@@ -1,0 +1,112 @@
+"""The `lora-tune` command line. Each command parses its arguments and calls one function.
+
+Heavy libraries (torch, transformers, peft, trl) are imported inside the commands, so
+`lora-tune --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    help="Turn a YAML recipe into a LoRA fine-tuned, evaluated and verified merged model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+_debug = False
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for user errors too.")] = False):
+    global _debug
+    _debug = debug
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a recipe key, e.g. --set training.learning_rate=1e-4 (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Check recipe, data and target modules against the model's config and print the plan; "
+                          "load no weights, write nothing.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume/--no-resume", help="Continue from the run directory's latest checkpoint, if any.")] = True,
+    num_processes: Annotated[int, typer.Option(
+        "--num-processes", "-n", min=1, help="Launch this many processes through accelerate (one per GPU).")] = 1,
+    accelerate_config: Annotated[Optional[Path], typer.Option(
+        "--accelerate-config", help="An accelerate config file (see configs/) to launch with.")] = None,
+):
+    """Fine-tune a model with LoRA as the recipe says and write its run directory."""
+    from . import launch
+    from . import recipe as recipes
+    from . import train as training
+
+    overrides = set_ or []
+    loaded = recipes.load(recipe, overrides)
+    if launch.should_launch(num_processes, accelerate_config):
+        training.make_plan(loaded)  # fail here, before spawning processes, on any bad input
+        raise typer.Exit(launch.relaunch(recipe, overrides, num_processes, accelerate_config, resume))
+    training.run(loaded, dry_run=dry_run, resume=resume)
+
+
+@app.command()
+def merge(
+    source: Annotated[Path, typer.Argument(help="A run directory or a PEFT adapter directory.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the merged model.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
+    dtype: Annotated[str, typer.Option(
+        help="Weight dtype of the merged model: auto (the base checkpoint's), float32, bfloat16, float16.")] = "auto",
+):
+    """Fold the adapter into its base model, verify the logits are unchanged, and save it."""
+    from . import merge as merging
+
+    merging.run(source, output, force=force, dtype=dtype)
+
+
+@app.command("eval")
+def evaluate(
+    target: Annotated[str, typer.Argument(help="A run directory, an adapter, a model directory or a hub id.")],
+    data: Annotated[Optional[str], typer.Option(
+        help="Evaluation data (a local file or hub dataset); default: the run recipe's eval data.")] = None,
+    compare: Annotated[bool, typer.Option(
+        "--compare", help="Evaluate base, adapter and merged model side by side.")] = False,
+    merge: Annotated[bool, typer.Option(
+        "--merge/--no-merge", help="Evaluate an adapter merged (default) or unmerged on its base.")] = True,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the report to this JSON file.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
+    max_samples: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on at most this many rows.")] = None,
+):
+    """Measure loss, perplexity and token accuracy on held-out data."""
+    from . import evaluate as evaluation
+
+    evaluation.run(target, data_spec=data, compare=compare, merge=merge, json_file=json_file,
+                   batch_size=batch_size, max_samples=max_samples)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors exit 2 with their message; bugs keep their traceback (exit 1)."""
+    # Deprecation notices between transformers, peft and trl are theirs to fix, not the user's.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        app(args=argv, prog_name="lora-tune")
+    except UserError as exc:
+        if _debug:
+            raise
+        from rich.console import Console
+        from rich.text import Text
+
+        Console(stderr=True, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), exc.render()))
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

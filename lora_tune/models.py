@@ -1,0 +1,172 @@
+"""Base model and tokenizer loading, hardware-dependent choices, and target-module checks."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` becomes bfloat16 on GPUs that support it, float16 on other GPUs, float32 on CPU."""
+    if name != "auto":
+        return DTYPES[name]
+    if has_cuda():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def hardware_training_defaults(training: dict[str, Any]) -> dict[str, Any]:
+    """SFTConfig values chosen from the hardware; the recipe's own values win over these.
+
+    TRL defaults to bf16 autocast and gradient checkpointing. On a CPU without native bf16 that
+    makes each step many times slower, and checkpointing trades speed for memory that small
+    LoRA runs do not need, so both are opt-in here.
+    """
+    defaults: dict[str, Any] = {"gradient_checkpointing": False, "report_to": "tensorboard"}
+    if "bf16" not in training and "fp16" not in training:
+        bf16 = has_cuda() and torch.cuda.is_bf16_supported()
+        defaults |= {"bf16": bf16, "fp16": has_cuda() and not bf16}
+    if not has_cuda():
+        defaults["use_cpu"] = True
+    return defaults
+
+
+def _looks_local(model_id: str) -> bool:
+    return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or Path(model_id).exists()
+
+
+def load_config(section):
+    """The model's config (no weights). Raises UserError when the model cannot be found."""
+    from transformers import AutoConfig
+
+    if _looks_local(section.id) and not Path(section.id).expanduser().is_dir():
+        raise UserError(f"model.id: no model directory at {section.id!r}",
+                        ["give a local directory written by save_pretrained, or a hub id such as facebook/opt-350m"])
+    try:
+        return AutoConfig.from_pretrained(section.id, revision=section.revision,
+                                          trust_remote_code=section.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.id: cannot load the model config of {section.id!r}: {str(exc).splitlines()[0]}",
+                        ["check the hub id or path, the network, and HF_TOKEN for gated models"]) from None
+
+
+def meta_model(config, trust_remote_code: bool = False):
+    """The model's architecture on the meta device: module names and shapes without any weights."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise UserError(f"model.id: not a causal language model: {str(exc).splitlines()[0]}") from None
+
+
+def linear_module_names(model) -> list[str]:
+    """Full names of the layers LoRA can target (Linear and GPT-2 style Conv1D), lm_head excluded."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    return [name for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head]
+
+
+def check_target_modules(target_modules, model, model_id: str) -> None:
+    """Raise UserError when target_modules matches nothing, listing the model's linear layers.
+
+    Matching follows PEFT: a string is a regex over full module names, a list entry matches a
+    module's name or its dotted suffix.
+    """
+    if target_modules is None or target_modules == "all-linear":
+        return
+    names = linear_module_names(model)
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in names})
+    if isinstance(target_modules, str):
+        if not any(re.fullmatch(target_modules, name) for name in names):
+            raise UserError(f"lora.target_modules: the pattern {target_modules!r} matches no layer of {model_id}.",
+                            [f"its linear layers: {', '.join(suffixes)}", "or use target_modules: all-linear"])
+        return
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise UserError(f"lora.target_modules: {', '.join(missing)} not found in {model_id}.",
+                        [f"its linear layers: {', '.join(suffixes)}", "or use target_modules: all-linear"])
+
+
+def count_trainable(model, lora_config) -> tuple[int, int]:
+    """(trainable, total) parameter counts of the model with LoRA applied. Works on the meta device."""
+    from peft import get_peft_model
+
+    try:  # get_peft_model expands the config's target_modules in place: count on a copy
+        peft_model = get_peft_model(model, copy.deepcopy(lora_config))
+    except ValueError as exc:
+        raise UserError(f"lora: {exc}") from None
+    return peft_model.get_nb_trainable_parameters()
+
+
+def load_tokenizer(section, path: str | Path | None = None):
+    """The tokenizer, with a pad token.
+
+    Where the tokenizer has none, pad = eos. That is safe here: lora-tune builds the labels
+    itself and padding is masked by position, so the EOS that ends each sample stays trained.
+    """
+    from transformers import AutoTokenizer
+
+    source = str(path) if path else section.id
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=None if path else section.revision,
+                                              trust_remote_code=section.trust_remote_code)
+    if tokenizer.eos_token is None:
+        raise UserError(f"model.id: the tokenizer of {section.id!r} has no eos_token, so samples cannot be ended.",
+                        ["use a tokenizer with an end-of-sequence token"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(section, dtype: torch.dtype, source: str | None = None):
+    """The base model's weights, from a hub id or a local directory."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype, "trust_remote_code": section.trust_remote_code}
+    if section.attn_implementation:
+        kwargs["attn_implementation"] = section.attn_implementation
+    return AutoModelForCausalLM.from_pretrained(source or section.id, revision=section.revision, **kwargs)
+
+
+def load_with_adapter(adapter: Path, dtype_name: str = "auto", model_section=None):
+    """(PeftModel on its base, tokenizer, base model section) for an adapter directory.
+
+    The base comes from the adapter's own config (base_model_name_or_path, revision) unless the
+    run's recipe gives its model section. Raises UserError when the base or adapter will not load.
+    """
+    from peft import PeftConfig, PeftModel
+
+    from .recipe import ModelSection
+
+    config = PeftConfig.from_pretrained(str(adapter))
+    base = config.base_model_name_or_path
+    if model_section is None:
+        model_section = ModelSection(id=base, revision=config.revision)
+    if _looks_local(base) and not Path(base).expanduser().is_dir():
+        raise UserError(f"{adapter}: its base model {base!r} is not there any more",
+                        ["restore the base model directory, or edit base_model_name_or_path in adapter_config.json"])
+    dtype = "auto" if dtype_name == "auto" else DTYPES[dtype_name]
+    has_tokenizer = (adapter / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(model_section, adapter if has_tokenizer else None)
+    model = load_model(model_section, dtype, source=base)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UserError(f"{adapter}: the adapter does not fit its base {base}: {str(exc).strip().splitlines()[0]}",
+                        ["check that the adapter was trained on this base model"]) from None
+    return peft_model.eval(), tokenizer, model_section

@@ -1,0 +1,296 @@
+"""The recipe: YAML loading, `--set` overrides, and validation of every section.
+
+`model` and `data` are lora-tune's own pydantic schemas. `lora` and `training` are checked
+against the real `peft.LoraConfig` and `trl.SFTConfig`: their dataclass fields give the valid
+keys and the types, and the objects are then built for real so their own checks run too.
+Every problem is collected and reported at once, each with its key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from .errors import UserError, did_you_mean
+
+SECTIONS = ("model", "lora", "data", "training")
+REQUIRED_SECTIONS = ("model", "data", "training")
+SECRET_KEYS = {"hub_token", "token"}
+# SFTConfig keys that lora-tune sets itself from the `data` section: two places for one
+# setting would let them disagree.
+OWNED_TRAINING_KEYS = {
+    "max_length": "set data.max_length instead",
+    "dataset_text_field": "set data.text_field instead",
+    "completion_only_loss": "set data.train_on_prompt instead (false trains completions only)",
+    "assistant_only_loss": "set data.train_on_prompt instead",
+    "dataset_kwargs": "lora-tune tokenizes the data itself; describe it in the data section",
+}
+
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+class ModelSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="Hub id (facebook/opt-350m) or local model directory.")
+    revision: str | None = Field(None, description="Hub branch, tag or commit.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype; auto = bfloat16 on GPUs that support it, float16 on other GPUs, float32 on CPU."
+    )
+    trust_remote_code: bool = Field(False, description="Allow the model repository's own Python code to run.")
+    attn_implementation: str | None = Field(None, description="eager, sdpa or flash_attention_2; default: transformers' choice.")
+
+
+class DataSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train: str = Field(description="Hub dataset name, or a local .jsonl/.json/.csv/.parquet/.txt file.")
+    eval: str | None = Field(None, description="Held-out data, same kinds of source as train.")
+    eval_fraction: float | None = Field(None, gt=0, lt=1, description="Hold out this fraction of train instead.")
+    subset: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Hub dataset split to train on.")
+    eval_split: str | None = Field(None, description="Hub dataset split to evaluate on (when eval is the same hub dataset).")
+    revision: str | None = Field(None, description="Hub dataset branch, tag or commit.")
+    format: Literal["text", "prompt_completion", "alpaca"] = Field("text", description="How rows become training text.")
+    text_field: str = Field("text", description="Column holding the text (format: text).")
+    prompt_field: str = Field("prompt", description="Column holding the prompt (format: prompt_completion).")
+    completion_field: str = Field("completion", description="Column holding the completion (format: prompt_completion).")
+    prompt_template: str = Field(ALPACA_PROMPT, description="Alpaca prompt, with {instruction} and {input}.")
+    prompt_template_no_input: str = Field(ALPACA_PROMPT_NO_INPUT, description="Alpaca prompt for rows with an empty input.")
+    train_on_prompt: bool = Field(False, description="Also train on prompt tokens (default: completions only).")
+    max_length: int = Field(512, ge=8, description="Tokens per sample; longer samples are truncated.")
+    seed: int = Field(42, description="Seed of the eval_fraction split.")
+
+    @model_validator(mode="after")
+    def _one_eval_source(self):
+        if self.eval is not None and self.eval_fraction is not None:
+            raise ValueError("set either data.eval or data.eval_fraction, not both")
+        return self
+
+
+@dataclasses.dataclass
+class Recipe:
+    model: ModelSection
+    data: DataSection
+    lora: dict[str, Any]
+    training: dict[str, Any]
+    source: str = "<recipe>"
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.training["output_dir"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain YAML-able data, secrets masked."""
+        training = {k: ("***" if k in SECRET_KEYS and v else v) for k, v in self.training.items()}
+        return {
+            "model": self.model.model_dump(exclude_defaults=True) | {"id": self.model.id},
+            "lora": self.lora,
+            "data": self.data.model_dump(exclude_defaults=True) | {"train": self.data.train},
+            "training": training,
+        }
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe file, apply `--set` overrides and validate everything.
+
+    Raises UserError listing every problem found.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Recipe file not found: {path}", ["check the path; recipes/ holds ready examples"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{where}: the recipe is not valid YAML: {problem}",
+                        ["indent with spaces (never tabs) and quote values containing ':' or '#'"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe is a mapping with sections {', '.join(SECTIONS)}; got {type(raw).__name__}")
+    apply_overrides(raw, overrides)
+    return validate(raw, source=str(path))
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> None:
+    """Apply `key.path=value` overrides in place; values are parsed as YAML (1e-4, true, [a, b])."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected KEY.PATH=VALUE", ["for example: --set training.learning_rate=1e-4"])
+        parts = key.strip().split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def validate(raw: dict, source: str = "<recipe>") -> Recipe:
+    """Check every section; raise one UserError naming every problem, or return the Recipe."""
+    problems: list[str] = []
+    for key in raw:
+        if key not in SECTIONS:
+            problems.append(f"{key}: unknown section.{did_you_mean(str(key), SECTIONS)} Valid sections: {', '.join(SECTIONS)}.")
+    for key in REQUIRED_SECTIONS:
+        if key not in raw:
+            problems.append(f"{key}: required section missing.")
+    sections = {}
+    for key in SECTIONS:
+        value = raw.get(key)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping of keys, got {type(value).__name__}.")
+            value = {}
+        sections[key] = value
+
+    model = _pydantic_section("model", ModelSection, sections["model"], problems) if "model" in raw else None
+    data = _pydantic_section("data", DataSection, sections["data"], problems) if "data" in raw else None
+    lora = _check_lora(sections["lora"], problems)
+    training = _check_training(sections["training"], problems, "training" in raw)
+    if problems:
+        n = len(problems)
+        raise UserError(f"{source}: {n} problem{'s' if n > 1 else ''} in the recipe:", problems)
+    return Recipe(model=model, data=data, lora=lora, training=training, source=source)
+
+
+def _pydantic_section(name: str, schema: type[BaseModel], values: dict, problems: list[str]):
+    try:
+        return schema(**values)
+    except ValidationError as exc:
+        for err in exc.errors():
+            path = ".".join([name, *(str(p) for p in err["loc"])]) if err["loc"] else name
+            if err["type"] == "extra_forbidden":
+                hint = did_you_mean(str(err["loc"][-1]), schema.model_fields)
+                problems.append(f"{path}: unknown key.{hint or ' Valid keys: ' + ', '.join(schema.model_fields) + '.'}")
+            elif err["type"] == "missing":
+                problems.append(f"{path}: required key missing. {schema.model_fields[err['loc'][-1]].description}")
+            else:
+                problems.append(f"{path}: {_pydantic_message(err)}; got {err['input']!r}.")
+    return None
+
+
+def _pydantic_message(err: dict) -> str:
+    msg = err["msg"]
+    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+
+
+def _check_fields(section: str, values: dict, cls: type, problems: list[str]) -> dict | None:
+    """Check keys and value types against a config dataclass; return the coerced values or None."""
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    coerced, ok = {}, True
+    for key, value in values.items():
+        if key not in fields:
+            problems.append(f"{section}.{key}: unknown key.{did_you_mean(str(key), fields)} "
+                            f"{section} accepts the fields of {cls.__module__.split('.')[0]}.{cls.__name__}.")
+            ok = False
+            continue
+        try:
+            converted = TypeAdapter(hints[key]).validate_python(value)
+            # Keep the user's own spelling where it already fits (10, not 10.0, for a float field).
+            coerced[key] = value if converted == value else converted
+        except ValidationError:
+            problems.append(f"{section}.{key}: expected {_type_name(hints[key])}, got {value!r}.")
+            ok = False
+        except Exception:  # a type pydantic cannot describe: leave it to the real constructor
+            coerced[key] = value
+    return coerced if ok else None
+
+
+def _type_name(hint: Any) -> str:
+    text = hint.__name__ if isinstance(hint, type) else str(hint)
+    text = text.replace("NoneType", "None").replace("typing.", "")
+    return re.sub(r"\b(?:[A-Za-z_]\w*\.)+([A-Za-z_]\w*)", r"\1", text)
+
+
+def _check_lora(values: dict, problems: list[str]) -> dict:
+    from peft import LoraConfig
+
+    before = len(problems)
+    coerced = _check_fields("lora", values, LoraConfig, problems)
+    if coerced is None:
+        return {}
+    r = coerced.get("r", 8)
+    if r <= 0:
+        problems.append(f"lora.r: the rank must be a positive integer, got {r}. Typical values: 8, 16, 64.")
+    alpha = coerced.get("lora_alpha", 8)
+    if alpha <= 0:
+        problems.append(f"lora.lora_alpha: must be positive, got {alpha}. A common choice is 2 * r.")
+    dropout = coerced.get("lora_dropout", 0.0)
+    if not 0 <= dropout < 1:
+        problems.append(f"lora.lora_dropout: must be in [0, 1), got {dropout}. Typical values: 0 to 0.1.")
+    if len(problems) == before:
+        try:
+            build_lora_config(coerced)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"lora: {exc}")
+    return coerced
+
+
+def _check_training(values: dict, problems: list[str], present: bool) -> dict:
+    from trl import SFTConfig
+
+    before = len(problems)
+    for key, fix in OWNED_TRAINING_KEYS.items():
+        if key in values:
+            problems.append(f"training.{key}: not set here; {fix}.")
+    values = {k: v for k, v in values.items() if k not in OWNED_TRAINING_KEYS}
+    coerced = _check_fields("training", values, SFTConfig, problems)
+    if coerced is None:
+        return {}
+    if present and not coerced.get("output_dir"):
+        problems.append("training.output_dir: required key missing. Where the run is written, e.g. runs/my-run.")
+    if len(problems) == before and present:
+        try:
+            build_sft_config(coerced, max_length=512)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"training: {exc}")
+    return coerced
+
+
+def build_lora_config(lora: dict):
+    """The peft.LoraConfig of a recipe's `lora` section (task_type defaults to CAUSAL_LM)."""
+    from peft import LoraConfig
+
+    return LoraConfig(**({"task_type": "CAUSAL_LM"} | lora))
+
+
+def build_sft_config(training: dict, max_length: int, **extra):
+    """The trl.SFTConfig of a recipe's `training` section, hardware defaults filled in.
+
+    TRL's own defaults (bf16 autocast, gradient checkpointing) are wrong for many machines, so
+    precision and checkpointing follow the hardware unless the recipe sets them.
+    """
+    from trl import SFTConfig
+
+    from .models import hardware_training_defaults
+
+    kwargs = hardware_training_defaults(training) | training | {"max_length": max_length} | extra
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return SFTConfig(**kwargs)

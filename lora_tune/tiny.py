@@ -1,0 +1,127 @@
+"""Tiny models and learnable data, built offline, for the demo and the tests.
+
+The models have random weights and a byte-level BPE tokenizer trained here on generated
+text; they are saved with save_pretrained so they load through the same from_pretrained code
+as a hub id. The data follows fixed rules (each place has one colour and one habit), so even a
+tiny model learns it in a few hundred steps and held-out perplexity visibly drops.
+
+    python -m lora_tune.tiny OUT_DIR     # OUT_DIR/{tiny-llama,tiny-opt}/ and OUT_DIR/data/*.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+PLACES = ["river", "mountain", "garden", "city", "ocean", "forest", "desert", "island", "valley", "harbor",
+          "meadow", "castle", "village", "canyon", "glacier", "market", "library", "temple", "bridge", "tower"]
+COLOURS = ["blue", "grey", "green", "golden", "silver", "dark", "red", "white", "purple", "brown"]
+HABITS = ["sings", "sleeps", "shines", "waits", "hums", "grows", "listens", "dreams", "rests", "glows"]
+TIMES = ["morning", "evening", "night", "winter", "summer", "spring"]
+# Extra prose so the tokenizer also covers ordinary English (probe texts, user prompts).
+PROSE = (
+    "Fine-tuning adapts a pretrained language model to new data. Low-rank adapters train two small "
+    "matrices per layer while the base weights stay frozen; merging folds their product back into the "
+    "weights, and the merged model must answer exactly as the adapter did. The quick brown fox jumps over "
+    "the lazy dog. Numbers such as 1, 2, 3, 4, 5, 6, 7, 8, 9 and 10 appear in text too."
+)
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0-3, as in OPT's vocabulary
+
+
+def colour(place: str) -> str:
+    return COLOURS[PLACES.index(place) % len(COLOURS)]
+
+
+def habit(place: str) -> str:
+    return HABITS[(3 * PLACES.index(place)) % len(HABITS)]
+
+
+def sentence(rng: random.Random) -> str:
+    place = rng.choice(PLACES)
+    return f"the {place} is {colour(place)} and it {habit(place)} every {rng.choice(TIMES)}."
+
+
+def pair(rng: random.Random) -> dict[str, str]:
+    place = rng.choice(PLACES)
+    return {"prompt": f"what colour is the {place}?", "completion": f" the {place} is {colour(place)}."}
+
+
+def build_tokenizer(kind: str = "llama", vocab_size: int = 400):
+    """A byte-level BPE tokenizer. llama: bos <s>, eos </s>, no pad token. opt: bos = eos = </s>, pad <pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    corpus = [sentence(rng) for _ in range(2000)] + [pair(rng)["prompt"] + pair(rng)["completion"]
+                                                      for _ in range(500)] + [PROSE] * 20
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(corpus, trainer)
+    bos = "<s>" if kind == "llama" else "</s>"
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, SPECIALS.index(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>" if kind == "opt" else None)
+
+
+def build_config(kind: str, vocab_size: int, config_file: Path | None = None, hidden: int = 64):
+    from transformers import AutoConfig, LlamaConfig, OPTConfig
+
+    if config_file is not None:
+        return AutoConfig.from_pretrained(config_file)
+    if kind == "opt":
+        return OPTConfig(vocab_size=vocab_size, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=hidden,
+                         pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0)
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       bos_token_id=0, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False)
+
+
+def build_model(kind: str, out: Path, config_file: Path | None = None, seed: int = 0) -> Path:
+    """Save a random-weight model of `kind` (llama or opt) and its tokenizer to `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    tokenizer = build_tokenizer(kind)
+    config = build_config(kind, len(tokenizer), config_file)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                                               pad_token_id=config.pad_token_id)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def write_datasets(out: Path, n_train: int = 400, n_eval: int = 64) -> dict[str, Path]:
+    """text and prompt/completion data, train and eval, drawn from different seeds."""
+    paths = {}
+    for split, n, seed in (("train", n_train, 1), ("eval", n_eval, 2)):
+        rng = random.Random(seed)
+        paths[f"text_{split}"] = write_jsonl(out / f"text_{split}.jsonl", [{"text": sentence(rng)} for _ in range(n)])
+        paths[f"pc_{split}"] = write_jsonl(out / f"pc_{split}.jsonl", [pair(rng) for _ in range(n)])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    out = Path((argv or sys.argv[1:] or ["demo"])[0])
+    for kind in ("llama", "opt"):
+        build_model(kind, out / f"tiny-{kind}")
+    write_datasets(out / "data")
+    print(f"Built tiny-llama, tiny-opt and data under {out}/")
+
+
+if __name__ == "__main__":
+    main()

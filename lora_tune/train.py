@@ -1,0 +1,181 @@
+"""`lora-tune train`: recipe -> checked plan -> SFTTrainer with LoRA -> run directory."""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from . import data, models, runs
+from .errors import UserError
+from .recipe import Recipe, build_lora_config, build_sft_config
+
+console = Console()
+
+
+@dataclass
+class Plan:
+    """Everything checked before a weight loads."""
+
+    recipe: Recipe
+    lora_config: Any
+    sft_config: Any
+    tokenizer: Any
+    train: Any
+    eval: Any
+    trainable: int
+    total: int
+    steps: int
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_output_dir(path: Path) -> None:
+    """Raise UserError when the run directory cannot be written; create nothing."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"training.output_dir: {path} exists and is a file", ["choose a directory path"])
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"training.output_dir: cannot write under {parent}",
+                        ["choose a directory you can write, or fix its permissions"])
+
+
+def make_plan(recipe: Recipe) -> Plan:
+    """Validate the recipe against the model's config and the data; load no weights."""
+    check_output_dir(recipe.output_dir)
+    config = models.load_config(recipe.model)
+    skeleton = models.meta_model(config, recipe.model.trust_remote_code)
+    lora_config = build_lora_config(recipe.lora)
+    models.check_target_modules(lora_config.target_modules, skeleton, recipe.model.id)
+    trainable, total = models.count_trainable(skeleton, lora_config)
+    tokenizer = models.load_tokenizer(recipe.model)
+    train, evaluation = data.load_datasets(recipe.data, tokenizer)
+    sft_config = build_sft_config(recipe.training, recipe.data.max_length)
+    if sft_config.eval_strategy != "no" and evaluation is None:
+        raise UserError(f"training.eval_strategy: {sft_config.eval_strategy.value} evaluation needs eval data",
+                        ["set data.eval or data.eval_fraction, or remove training.eval_strategy"])
+    if sft_config.max_steps > 0:
+        steps = sft_config.max_steps
+    else:
+        per_step = sft_config.per_device_train_batch_size * sft_config.gradient_accumulation_steps * world_size()
+        steps = math.ceil(len(train) / per_step) * math.ceil(sft_config.num_train_epochs)
+    return Plan(recipe, lora_config, sft_config, tokenizer, train, evaluation, trainable, total, steps)
+
+
+def print_plan(plan: Plan) -> None:
+    args = plan.sft_config
+    table = Table(title="lora-tune plan", show_header=False)
+    targets = plan.lora_config.target_modules
+    rows = [
+        ("model", f"{plan.recipe.model.id} ({models.resolve_dtype(plan.recipe.model.dtype)}".replace("torch.", "") + ")"),
+        ("LoRA", f"r={plan.lora_config.r}, alpha={plan.lora_config.lora_alpha}, targets="
+                 f"{sorted(targets) if isinstance(targets, (set, list)) else targets}"),
+        ("trainable parameters", f"{plan.trainable:,} of {plan.total:,} ({100 * plan.trainable / plan.total:.3f}%)"),
+        ("train samples", f"{len(plan.train):,} from {plan.recipe.data.train}"),
+        ("eval samples", f"{len(plan.eval):,}" if plan.eval is not None else "none"),
+        ("steps", f"{plan.steps:,} (batch {args.per_device_train_batch_size} x accumulation "
+                  f"{args.gradient_accumulation_steps} x {world_size()} process(es))"),
+        ("precision", "bf16 mixed" if args.bf16 else "fp16 mixed" if args.fp16 else "fp32"),
+        ("device", "cpu" if args.use_cpu else "cuda"),
+        ("output", str(plan.recipe.output_dir)),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+
+
+def run(recipe: Recipe, dry_run: bool = False, resume: bool = True) -> dict | None:
+    """Train and write the run directory. Returns the metrics (None for a dry run)."""
+    plan = make_plan(recipe)
+    main = is_main_process()
+    if main:
+        print_plan(plan)
+    if dry_run:
+        return None
+
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTTrainer
+
+    out = recipe.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        recipe.save(out / runs.RECIPE)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / runs.LOGS))
+    dtype = models.resolve_dtype(recipe.model.dtype)
+    model = models.load_model(recipe.model, dtype)
+    trainer = SFTTrainer(model=model, args=plan.sft_config, train_dataset=plan.train, eval_dataset=plan.eval,
+                         processing_class=plan.tokenizer, peft_config=plan.lora_config)
+    checkpoint = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
+    if checkpoint and main:
+        console.print(f"Resuming from {checkpoint}")
+
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    wall = time.perf_counter() - start
+    adapter = out / runs.ADAPTER
+    trainer.save_model(str(adapter))
+    if not main:
+        return None
+    check_adapter(adapter)
+    metrics = collect_metrics(plan, trainer, result, wall, str(dtype).replace("torch.", ""))
+    runs.write_json(out / runs.METRICS, metrics)
+    console.print(f"Final train loss {metrics['final_loss']:.4f}, {metrics['tokens_per_second']:,.0f} tokens/s, "
+                  f"wall {wall:.1f} s. Adapter: {adapter}")
+    return metrics
+
+
+def check_adapter(adapter: Path) -> None:
+    """Refuse an adapter saved with empty tensors (as DeepSpeed ZeRO-3 does without gathering)."""
+    from safetensors import safe_open
+
+    with safe_open(adapter / "adapter_model.safetensors", framework="pt") as f:
+        empty = [k for k in f.keys() if 0 in f.get_slice(k).get_shape()]
+    if empty:
+        raise UserError(f"the saved adapter has {len(empty)} empty tensors (e.g. {empty[0]}): it would load as a no-op",
+                        ["under DeepSpeed ZeRO-3 set zero3_save_16bit_model / stage3_gather_16bit_weights_on_model_save"])
+
+
+def collect_metrics(plan: Plan, trainer, result, wall: float, dtype: str) -> dict:
+    import torch
+
+    state = trainer.state
+    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    # Non-padding tokens per epoch times the epochs trained: no per-step counting needed.
+    tokens_per_epoch = sum(len(ids) for ids in plan.train["input_ids"])
+    runtime = result.metrics.get("train_runtime", wall)
+    tokens = tokens_per_epoch * state.epoch * world_size()
+    metrics = {
+        "train_loss": result.training_loss,
+        "final_loss": losses[-1] if losses else result.training_loss,
+        "eval_loss": next((e["eval_loss"] for e in reversed(state.log_history) if "eval_loss" in e), None),
+        "steps": state.global_step,
+        "epochs": state.epoch,
+        "train_tokens": int(tokens),
+        "tokens_per_second": tokens / runtime if runtime else 0.0,
+        "train_runtime_s": runtime,
+        "wall_time_s": wall,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
+        "trainable_parameters": plan.trainable,
+        "total_parameters": plan.total,
+        "device": "cpu" if plan.sft_config.use_cpu else "cuda",
+        "dtype": dtype,
+        "world_size": world_size(),
+        "versions": runs.versions(),
+    }
+    return metrics
