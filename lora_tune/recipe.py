@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
 import warnings
 from pathlib import Path
@@ -199,8 +200,8 @@ def _pydantic_message(err: dict) -> str:
     return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
 
 
-def _check_fields(section: str, values: dict, cls: type, problems: list[str]) -> dict | None:
-    """Check keys and value types against a config dataclass; return the coerced values or None."""
+def _check_fields(section: str, values: dict, cls: type, problems: list[str]) -> tuple[dict, bool]:
+    """Check keys and value types against a config dataclass: (values that fit, all fitted)."""
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     coerced, ok = {}, True
@@ -219,22 +220,42 @@ def _check_fields(section: str, values: dict, cls: type, problems: list[str]) ->
             ok = False
         except Exception:  # a type pydantic cannot describe: leave it to the real constructor
             coerced[key] = value
-    return coerced if ok else None
+    return coerced, ok
 
 
-def _type_name(hint: Any) -> str:
-    text = hint.__name__ if isinstance(hint, type) else str(hint)
-    text = text.replace("NoneType", "None").replace("typing.", "")
-    return re.sub(r"\b(?:[A-Za-z_]\w*\.)+([A-Za-z_]\w*)", r"\1", text)
+SIMPLE_TYPES = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}
+
+
+def _type_name(hint: Any, top: bool = True) -> str:
+    """A readable type: 'a number', 'str | list[str] | None', 'SchedulerType | str'."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg, top=False) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is Literal:
+        return " | ".join(repr(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    text = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+    text = re.sub(r"\b(?:[A-Za-z_]\w*\.)+([A-Za-z_]\w*)", r"\1", text)
+    return SIMPLE_TYPES.get(text, text) if top else text
+
+
+def _blame(section: str, values: dict, message: str) -> str:
+    """The key path a constructor's error message is about: a key it names, else a value it quotes."""
+    for key in values:
+        if re.search(rf"(?<![\w]){re.escape(key)}(?![\w])", message):
+            return f"{section}.{key}"
+    for key, value in values.items():
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and len(str(value)) > 2 \
+                and str(value) in message:
+            return f"{section}.{key}"
+    return section
 
 
 def _check_lora(values: dict, problems: list[str]) -> dict:
     from peft import LoraConfig
 
     before = len(problems)
-    coerced = _check_fields("lora", values, LoraConfig, problems)
-    if coerced is None:
-        return {}
+    coerced, ok = _check_fields("lora", values, LoraConfig, problems)
     r = coerced.get("r", 8)
     if r <= 0:
         problems.append(f"lora.r: the rank must be a positive integer, got {r}. Typical values: 8, 16, 64.")
@@ -244,11 +265,11 @@ def _check_lora(values: dict, problems: list[str]) -> dict:
     dropout = coerced.get("lora_dropout", 0.0)
     if not 0 <= dropout < 1:
         problems.append(f"lora.lora_dropout: must be in [0, 1), got {dropout}. Typical values: 0 to 0.1.")
-    if len(problems) == before:
+    if ok and len(problems) == before:
         try:
             build_lora_config(coerced)
         except (ValueError, TypeError) as exc:
-            problems.append(f"lora: {exc}")
+            problems.append(f"{_blame('lora', coerced, str(exc))}: {' '.join(str(exc).split())}")
     return coerced
 
 
@@ -260,16 +281,14 @@ def _check_training(values: dict, problems: list[str], present: bool) -> dict:
         if key in values:
             problems.append(f"training.{key}: not set here; {fix}.")
     values = {k: v for k, v in values.items() if k not in OWNED_TRAINING_KEYS}
-    coerced = _check_fields("training", values, SFTConfig, problems)
-    if coerced is None:
-        return {}
-    if present and not coerced.get("output_dir"):
+    coerced, ok = _check_fields("training", values, SFTConfig, problems)
+    if present and not coerced.get("output_dir") and "output_dir" not in values:
         problems.append("training.output_dir: required key missing. Where the run is written, e.g. runs/my-run.")
-    if len(problems) == before and present:
+    if ok and len(problems) == before and present:
         try:
             build_sft_config(coerced, max_length=512)
         except (ValueError, TypeError) as exc:
-            problems.append(f"training: {exc}")
+            problems.append(f"{_blame('training', coerced, str(exc))}: {' '.join(str(exc).split())}")
     return coerced
 
 

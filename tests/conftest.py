@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny models and data built once per session, offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a hub: everything loads from folders built here.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "network" in item.keywords and os.environ.get("LORA_TUNE_NETWORK") != "1":
+            item.add_marker(pytest.mark.skip(reason="needs the Hugging Face Hub; set LORA_TUNE_NETWORK=1"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """A folder with tiny-llama/, tiny-opt/ (random weights, saved with save_pretrained) and data/."""
+    from lora_tune import tiny as builder
+
+    out = tmp_path_factory.mktemp("tiny")
+    builder.build_model("llama", out / "tiny-llama")
+    builder.build_model("opt", out / "tiny-opt")
+    builder.write_datasets(out / "data")
+    return out

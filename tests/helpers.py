@@ -1,0 +1,34 @@
+"""Helpers for the tests: recipes on the tiny models, and the CLI run in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+
+def write_recipe(path: Path, tiny: Path, out: Path, **sections) -> Path:
+    """A small recipe on the tiny Llama; keyword sections update the defaults."""
+    recipe = {
+        "model": {"id": str(tiny / "tiny-llama")},
+        "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0},
+        "data": {"train": str(tiny / "data" / "text_train.jsonl"), "eval": str(tiny / "data" / "text_eval.jsonl"),
+                 "max_length": 64},
+        "training": {"output_dir": str(out), "num_train_epochs": 3, "per_device_train_batch_size": 8,
+                     "learning_rate": 3e-3, "logging_steps": 10, "save_steps": 100, "seed": 0},
+    }
+    for name, values in sections.items():
+        recipe[name] = {**recipe.get(name, {}), **values}
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str) -> int:
+    """Run `lora-tune ARGS` in this process; return its exit code."""
+    from lora_tune.cli import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        return exc.code or 0
+    return 0

@@ -1,0 +1,221 @@
+"""The whole loop through the CLI: train -> eval -> merge -> reload with plain transformers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import run_cli, write_recipe
+from safetensors.torch import load_file, save_file
+
+from lora_tune import evaluate, merge, runs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny, tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("run")
+    out = base / "run"
+    path = write_recipe(base / "recipe.yaml", tiny, out)
+    assert run_cli("train", path, "--set", "training.learning_rate=4e-3") == 0
+    return out
+
+
+def test_run_directory(run_dir, tiny):
+    assert {p.name for p in (run_dir / "adapter").iterdir()} >= {
+        "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    weights = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert len(weights) == 2 * 7 * 2  # A and B for 7 linear layers in 2 blocks
+    assert all(t.numel() > 0 and torch.isfinite(t).all() for t in weights.values())
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny / "tiny-llama")
+    assert (config["r"], config["lora_alpha"]) == (8, 16)
+    resolved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    assert resolved["training"]["learning_rate"] == 4e-3  # the --set override, not the file's 3e-3
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 150  # 400 samples / batch 8 * 3 epochs
+    assert math.isfinite(metrics["final_loss"]) and metrics["final_loss"] < metrics["train_loss"] + 1
+    assert metrics["tokens_per_second"] > 0 and metrics["train_tokens"] > 400 * 3 * 8
+    assert metrics["peak_rss_bytes"] > 10_000_000 and metrics["wall_time_s"] > 0
+    assert (metrics["device"], metrics["dtype"], metrics["trainable_parameters"]) == ("cpu", "float32", 16384)
+    assert {"torch", "transformers", "peft", "trl", "datasets", "accelerate"} <= metrics["versions"].keys()
+    assert list((run_dir / "checkpoint-150").glob("optimizer.pt"))
+    assert list((run_dir / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_eval_compare_shows_improvement_and_merged_equals_adapter(run_dir, tmp_path, capsys):
+    report_file = tmp_path / "report.json"
+    assert run_cli("eval", run_dir, "--compare", "--json", report_file) == 0
+    out = capsys.readouterr().out
+    assert "merged vs adapter: equal within tolerance" in out
+    report = json.loads(report_file.read_text())
+    results = report["results"]
+    assert list(results) == ["base", "adapter", "merged"]
+    assert report["samples"] == 64
+    # Fine-tuning on rule-following text must cut held-out perplexity by far.
+    assert results["adapter"]["perplexity"] < 0.6 * results["base"]["perplexity"]
+    assert results["adapter"]["token_accuracy"] > results["base"]["token_accuracy"] + 0.3
+    assert results["merged"]["loss"] == pytest.approx(results["adapter"]["loss"], abs=1e-5)
+    assert report["merged_vs_adapter"]["ok"] and report["merged_vs_adapter"]["max_abs_diff"] < 1e-4
+
+
+def test_eval_loss_is_token_weighted(run_dir, tiny):
+    """Batch size and padding must not change the numbers."""
+    from lora_tune import data, models
+
+    model, tokenizer, _ = models.load_with_adapter(run_dir / "adapter")
+    dataset = data.load_eval(str(tiny / "data" / "pc_eval.jsonl"), None, tokenizer)
+    one, _ = evaluate.measure(model, evaluate.batches(dataset, 1, tokenizer.pad_token_id, "cpu"))
+    seven, _ = evaluate.measure(model, evaluate.batches(dataset, 7, tokenizer.pad_token_id, "cpu"))
+    assert one["tokens"] == seven["tokens"] == sum(sum(l != -100 for l in row[1:]) for row in dataset["labels"])
+    assert seven["loss"] == pytest.approx(one["loss"], abs=1e-5)
+    assert seven["token_accuracy"] == one["token_accuracy"]
+
+
+def test_eval_default_is_merged_and_no_merge_is_adapter(run_dir, tiny, tmp_path):
+    merged = evaluate.run(str(run_dir), json_file=tmp_path / "m.json")
+    unmerged = evaluate.run(str(run_dir), merge=False, data_spec=str(tiny / "data" / "text_eval.jsonl"))
+    assert list(merged["results"]) == ["merged"] and list(unmerged["results"]) == ["adapter"]
+    assert merged["results"]["merged"]["loss"] == pytest.approx(unmerged["results"]["adapter"]["loss"], abs=1e-5)
+
+
+def test_eval_plain_model_directory(tiny):
+    report = evaluate.run(str(tiny / "tiny-opt"), data_spec=str(tiny / "data" / "text_eval.jsonl"))
+    assert list(report["results"]) == ["model"]
+    # A random model knows nothing: its perplexity is near the vocabulary size.
+    assert 200 < report["results"]["model"]["perplexity"] < 800
+
+
+def test_eval_errors(tiny, tmp_path, capsys):
+    assert run_cli("eval", tiny / "tiny-llama", "--compare") == 2
+    assert "--compare needs an adapter" in capsys.readouterr().err
+    assert run_cli("eval", tiny / "tiny-llama") == 2
+    assert "no evaluation data" in capsys.readouterr().err
+    assert run_cli("eval", tmp_path / "nothing-here", "--data", tiny / "data" / "text_eval.jsonl") == 2
+    assert "model.id: no model directory at" in capsys.readouterr().err
+
+
+def test_merge_writes_a_plain_transformers_model_with_the_adapters_logits(run_dir, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert run_cli("merge", run_dir, "-o", out) == 0
+    assert "Merged vs adapter logits: max |diff|" in capsys.readouterr().out
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "merge_report.json"} <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["ok"] and report["max_abs_diff"] < 1e-4
+    assert not list(tmp_path.glob(".merged.*"))
+
+    # Adapter-on-base logits here; the merged model's in a fresh process without peft or lora_tune.
+    from lora_tune import models
+
+    model, tokenizer, _ = models.load_with_adapter(run_dir / "adapter")
+    batch = merge.probe_batch(tokenizer, "cpu")
+    expected = merge.logits_of(model, batch)
+    torch.save(batch, tmp_path / "batch.pt")
+    code = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()
+AutoTokenizer.from_pretrained({str(out)!r})
+batch = torch.load({str(tmp_path / 'batch.pt')!r})
+with torch.no_grad():
+    torch.save(model(**batch).logits[batch['attention_mask'].bool()], {str(tmp_path / 'logits.pt')!r})
+print('imported:', [m for m in ('peft', 'lora_tune', 'trl') if m in sys.modules])
+"""
+    env = {**os.environ, "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "imported: []" in result.stdout
+    reloaded = torch.load(tmp_path / "logits.pt")
+    assert (reloaded - expected).abs().max().item() < 1e-4
+    # And the adapter really changed the model: base logits differ.
+    with model.disable_adapter():
+        base = merge.logits_of(model, batch)
+    assert (base - expected).abs().max().item() > 1e-2
+
+
+def test_merge_refuses_to_overwrite_without_force(run_dir, tmp_path, capsys):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert run_cli("merge", run_dir, "-o", out) == 2
+    assert f"error: {out} already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert run_cli("merge", run_dir, "-o", out, "--force") == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_merge_crash_mid_write_leaves_no_output(run_dir, tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerBase
+
+    def crash(self, *args, **kwargs):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", crash)
+    out = tmp_path / "merged"
+    with pytest.raises(KeyboardInterrupt):
+        merge.run(run_dir, out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_refuses_a_broken_adapter(run_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in (run_dir / "adapter").iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    weights = load_file(broken / "adapter_model.safetensors")
+    name = next(k for k in weights if "lora_B" in k)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, broken / "adapter_model.safetensors")
+    out = tmp_path / "merged"
+    assert run_cli("merge", broken, "-o", out) == 2
+    err = capsys.readouterr().err
+    assert "merge refused" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_merge_input_errors(tmp_path, capsys):
+    assert run_cli("merge", tmp_path, "-o", tmp_path / "out") == 2
+    assert "not a run directory or PEFT adapter (no adapter_config.json)" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny, out, lora={"target_modules": ["q_proj", "v_proj"]})
+    assert run_cli("train", path, "--dry-run") == 0
+    text = capsys.readouterr().out
+    # q_proj 64->64 and v_proj 64->32 (2 kv heads) at r=8, in 2 layers: 2 * (8*(64+64) + 8*(64+32))
+    assert "3,584 of" in text and "400 from" in text and "150 (batch 8" in text and "fp32" in text
+    assert not out.exists()
+
+
+def test_unknown_target_module_lists_the_real_ones(tiny, tmp_path, capsys):
+    path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", lora={"target_modules": ["q_proj", "query"]})
+    assert run_cli("train", path) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: lora.target_modules: query not found in {tiny / 'tiny-llama'}.",
+        "  - its linear layers: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
+        "  - or use target_modules: all-linear",
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_through_accelerate(tiny, tmp_path):
+    out = tmp_path / "ddp"
+    path = write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 6, "save_steps": 3})
+    result = subprocess.run([sys.executable, "-m", "lora_tune.cli", "train", str(path), "--num-processes", "2"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["world_size"], metrics["steps"]) == (2, 6)
+    assert runs.is_run(out)
+    assert result.stdout.count("lora-tune plan") == 1  # printed by rank 0 only
