@@ -83,15 +83,19 @@ def build_config(kind: str, vocab_size: int, config_file: Path | None = None, hi
                        bos_token_id=0, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False)
 
 
-def build_model(kind: str, out: Path, config_file: Path | None = None, seed: int = 0) -> Path:
-    """Save a random-weight model of `kind` (llama or opt) and its tokenizer to `out`."""
+def build_model(kind: str, out: Path, config_file: Path | None = None, seed: int = 0,
+                dtype: str = "float32") -> Path:
+    """Save a random-weight model of `kind` (llama or opt) and its tokenizer to `out`.
+
+    config_file gives a real architecture (e.g. facebook/opt-350m's config.json) instead of the tiny one.
+    """
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     tokenizer = build_tokenizer(kind)
     config = build_config(kind, len(tokenizer), config_file)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                                                pad_token_id=config.pad_token_id)
     model.save_pretrained(out)

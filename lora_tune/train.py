@@ -80,6 +80,8 @@ def make_plan(recipe: Recipe) -> Plan:
 def print_plan(plan: Plan) -> None:
     args = plan.sft_config
     table = Table(title="lora-tune plan", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
     targets = plan.lora_config.target_modules
     rows = [
         ("model", f"{plan.recipe.model.id} ({models.resolve_dtype(plan.recipe.model.dtype)}".replace("torch.", "") + ")"),

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-# Tests never reach a hub: everything loads from folders built here.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Tests never reach a hub unless asked to: everything loads from folders built here.
+if not (os.environ.get("LORA_TUNE_NETWORK") == "1" or os.environ.get("LORA_TUNE_SMOKE_MODEL")):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]

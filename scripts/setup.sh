@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs lora-tune with its test tools into it.
+# Sourced by demo.sh and test.sh. TORCH_SPEC picks the torch build (default: torch==2.13.0,
+# installed first so no other requirement can pull a different multi-GB build).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ ! -x .venv/bin/python ]; then
+    "${PYTHON:-python3}" -m venv .venv
+fi
+# shellcheck disable=SC1091
+source .venv/bin/activate
+python -m pip install --quiet --upgrade pip 2>/dev/null
+python -c "import torch" 2>/dev/null || python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+python -m pip install --quiet -e ".[test]"
