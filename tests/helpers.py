@@ -8,9 +8,13 @@ import yaml
 
 
 def write_recipe(path: Path, tiny: Path, out: Path, **sections) -> Path:
-    """A small recipe on the tiny Llama; keyword sections update the defaults."""
+    """A small recipe on the tiny Llama; keyword sections update the defaults.
+
+    Weights stay float32 on every device so that numbers compare exactly; test_gpu.py covers
+    the automatic bf16 choice.
+    """
     recipe = {
-        "model": {"id": str(tiny / "tiny-llama")},
+        "model": {"id": str(tiny / "tiny-llama"), "dtype": "float32"},
         "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0},
         "data": {"train": str(tiny / "data" / "text_train.jsonl"), "eval": str(tiny / "data" / "text_eval.jsonl"),
                  "max_length": 64},
