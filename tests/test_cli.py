@@ -131,8 +131,7 @@ with torch.no_grad():
     torch.save(model(**batch).logits[batch['attention_mask'].bool()], {str(tmp_path / 'logits.pt')!r})
 print('imported:', [m for m in ('peft', 'lora_tune', 'trl') if m in sys.modules])
 """
-    env = {**os.environ, "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "imported: []" in result.stdout
     reloaded = torch.load(tmp_path / "logits.pt")
