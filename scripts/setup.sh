@@ -10,5 +10,7 @@ fi
 # shellcheck disable=SC1091
 source .venv/bin/activate
 python -m pip install --quiet --upgrade pip 2>/dev/null
-python -c "import torch" 2>/dev/null || python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+# TORCH_SPEC may hold pip options too (an --index-url), so it is split into words on purpose.
+# shellcheck disable=SC2086
+python -c "import torch" 2>/dev/null || python -m pip install --quiet ${TORCH_SPEC:-torch==2.13.0}
 python -m pip install --quiet -e ".[test]"

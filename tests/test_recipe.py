@@ -178,3 +178,12 @@ def test_accelerate_config_check_rejects_unknown_keys(tmp_path):
     bad.write_text((ROOT / "configs" / "ddp.yaml").read_text() + "num_proceses: 2\n")
     with pytest.raises(ValueError, match="num_proceses"):
         load_config_from_file(str(bad))
+
+
+@pytest.mark.parametrize("schema, section", [(recipes.ModelSection, "model"), (recipes.DataSection, "data")])
+def test_readme_reference_matches_the_schema(schema, section):
+    """The README's key tables repeat the schema's descriptions word for word, and miss none."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split(f"### {section}\n", 1)[1].split("\n\n", 1)[0].strip()
+    rows = {line.split("|")[1].strip(" `"): line.split("|")[3].strip() for line in table.splitlines()[2:]}
+    assert rows == {name: field.description for name, field in schema.model_fields.items()}
