@@ -14,7 +14,7 @@ from . import data, models, runs
 from .errors import UserError
 from .merge import compare_logits
 
-console = Console()
+console = Console(soft_wrap=True)  # never break paths in messages
 
 
 def batches(dataset, batch_size: int, pad_id: int, device) -> list[dict[str, torch.Tensor]]:

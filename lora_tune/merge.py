@@ -12,7 +12,7 @@ from rich.console import Console
 from . import models, runs
 from .errors import UserError
 
-console = Console()
+console = Console(soft_wrap=True)  # never break paths in messages
 # Largest allowed |merged - adapter| logit difference, relative to the largest |logit| (at
 # least 1). Merging rounds W + scale * B @ A once to the weight dtype, so the bound follows it.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}

@@ -216,7 +216,9 @@ def _check_fields(section: str, values: dict, cls: type, problems: list[str]) ->
             # Keep the user's own spelling where it already fits (10, not 10.0, for a float field).
             coerced[key] = value if converted == value else converted
         except ValidationError:
-            problems.append(f"{section}.{key}: expected {_type_name(hints[key])}, got {value!r}.")
+            hint = (" YAML reads a bare no/yes/off/on as false/true: quote it, e.g. \"no\"."
+                    if isinstance(value, bool) else "")
+            problems.append(f"{section}.{key}: expected {_type_name(hints[key])}, got {value!r}.{hint}")
             ok = False
         except Exception:  # a type pydantic cannot describe: leave it to the real constructor
             coerced[key] = value

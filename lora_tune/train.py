@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -17,7 +18,7 @@ from . import data, models, runs
 from .errors import UserError
 from .recipe import Recipe, build_lora_config, build_sft_config
 
-console = Console()
+console = Console(soft_wrap=True)  # never break paths in messages
 
 
 @dataclass
@@ -123,8 +124,11 @@ def run(recipe: Recipe, dry_run: bool = False, resume: bool = True) -> dict | No
     trainer = SFTTrainer(model=model, args=plan.sft_config, train_dataset=plan.train, eval_dataset=plan.eval,
                          processing_class=plan.tokenizer, peft_config=plan.lora_config)
     checkpoint = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
-    if checkpoint and main:
-        console.print(f"Resuming from {checkpoint}")
+    start_epoch = 0.0
+    if checkpoint:
+        start_epoch = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("epoch") or 0.0
+        if main:
+            console.print(f"Resuming from {checkpoint} (epoch {start_epoch:.2f})")
 
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -134,7 +138,7 @@ def run(recipe: Recipe, dry_run: bool = False, resume: bool = True) -> dict | No
     if not main:
         return None
     check_adapter(adapter)
-    metrics = collect_metrics(plan, trainer, result, wall, str(dtype).replace("torch.", ""))
+    metrics = collect_metrics(plan, trainer, result, wall, str(dtype).replace("torch.", ""), start_epoch)
     runs.write_json(out / runs.METRICS, metrics)
     console.print(f"Final train loss {metrics['final_loss']:.4f}, {metrics['tokens_per_second']:,.0f} tokens/s, "
                   f"wall {wall:.1f} s. Adapter: {adapter}")
@@ -152,15 +156,16 @@ def check_adapter(adapter: Path) -> None:
                         ["under DeepSpeed ZeRO-3 set zero3_save_16bit_model / stage3_gather_16bit_weights_on_model_save"])
 
 
-def collect_metrics(plan: Plan, trainer, result, wall: float, dtype: str) -> dict:
+def collect_metrics(plan: Plan, trainer, result, wall: float, dtype: str, start_epoch: float) -> dict:
     import torch
 
     state = trainer.state
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
-    # Non-padding tokens per epoch times the epochs trained: no per-step counting needed.
+    # Non-padding tokens per epoch times the epochs this invocation trained (a resumed run
+    # starts part-way): no per-step counting, which would cost a sync in every step.
     tokens_per_epoch = sum(len(ids) for ids in plan.train["input_ids"])
     runtime = result.metrics.get("train_runtime", wall)
-    tokens = tokens_per_epoch * state.epoch * world_size()
+    tokens = tokens_per_epoch * (state.epoch - start_epoch)  # an epoch spans all processes
     metrics = {
         "train_loss": result.training_loss,
         "final_loss": losses[-1] if losses else result.training_loss,

@@ -221,3 +221,21 @@ def test_two_processes_through_accelerate(tiny, tmp_path):
     assert (metrics["world_size"], metrics["steps"]) == (2, 6)
     assert runs.is_run(out)
     assert result.stdout.count("lora-tune plan") == 1  # printed by rank 0 only
+
+
+def test_train_resumes_from_the_latest_checkpoint(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 20, "save_steps": 10})
+    assert run_cli("train", path) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    assert run_cli("train", path, "--set", "training.max_steps=30") == 0
+    assert f"Resuming from {out / 'checkpoint-20'} (epoch 0.40)" in capsys.readouterr().out
+    second = json.loads((out / "metrics.json").read_text())
+    assert second["steps"] == 30 and second["epochs"] == pytest.approx(0.6)
+    # Tokens of this invocation only: 10 steps, half of the first run's 20.
+    assert second["train_tokens"] == pytest.approx(first["train_tokens"] / 2, rel=0.1)
+    assert run_cli("train", path, "--set", "training.max_steps=30", "--no-resume", "--set",
+                   "training.save_strategy='no'") == 0
+    assert json.loads((out / "metrics.json").read_text())["train_tokens"] == pytest.approx(
+        first["train_tokens"] * 1.5, rel=0.1)

@@ -74,6 +74,8 @@ trainig: {{}}
     ("training.per_device_train_batch_size=big", "training.per_device_train_batch_size: expected an integer, "
                                                  "got 'big'."),
     ("training.lr_scheduler_type=cosinee", "training.lr_scheduler_type: cosinee is not a valid SchedulerType"),
+    ("training.save_strategy=no", "training.save_strategy: expected SaveStrategy | str, got False. YAML reads a "
+                                  "bare no/yes/off/on as false/true: quote it, e.g. \"no\"."),
     ("training.bf16=true", None),
 ])
 def test_single_mistakes(tmp_path, tiny, override, expected):
