@@ -58,6 +58,20 @@ def train(
     training.run(loaded, dry_run=dry_run, resume=resume)
 
 
+@app.command("data")
+def data_preview(
+    recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a recipe key, e.g. --set data.max_length=1024 (repeatable).")] = None,
+    samples: Annotated[int, typer.Option("--samples", "-n", min=0, help="How many samples to show.")] = 3,
+):
+    """Show the training samples with trained tokens highlighted, and the data statistics."""
+    from . import preview
+    from . import recipe as recipes
+
+    preview.run(recipes.load(recipe, set_ or []), samples)
+
+
 @app.command()
 def merge(
     source: Annotated[Path, typer.Argument(help="A run directory or a PEFT adapter directory.")],

@@ -1,16 +1,52 @@
-"""Datasets: sources (hub or local file), formats, and tokenization with the labels to train.
+"""Datasets: sources, formats, and tokenization with exactly the labels to train.
 
-lora-tune tokenizes the data itself and hands SFTTrainer `input_ids` and `labels`, so training
-and `lora-tune eval` see exactly the same tokens and the same loss mask.
+lora-tune tokenizes the data itself and hands SFTTrainer `input_ids` and `labels`, so training,
+`lora-tune data` and `lora-tune eval` see the same tokens and the same loss mask:
+
+- text: every token; prompt_completion and alpaca: the completion only; messages: the
+  assistant turns only (unless data.train_on_prompt).
+- The EOS that ends a sample is always a label. Padding is masked by position later, never by
+  token id, so this holds when the tokenizer pads with EOS too.
+- Rows with nothing to train (empty text, a chat without an assistant turn, a prompt that fills
+  max_length) are skipped and counted; rows longer than max_length are truncated and counted.
 """
 
 from __future__ import annotations
 
+import statistics
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UserError
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+SKIP_REASONS = ("empty", "no assistant turn", "nothing left to train after truncation")
+
+
+@dataclass
+class DataStats:
+    """What tokenization kept, skipped and cut, for the preview and metrics.json."""
+
+    rows: int = 0
+    samples: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    trained_tokens: int = 0
+    lengths: list[int] = field(default_factory=list, repr=False)
+
+    def add(self, other: DataStats) -> DataStats:
+        skipped = {k: self.skipped.get(k, 0) + other.skipped.get(k, 0) for k in {*self.skipped, *other.skipped}}
+        return DataStats(self.rows + other.rows, self.samples + other.samples, skipped,
+                         self.truncated + other.truncated, self.trained_tokens + other.trained_tokens,
+                         self.lengths + other.lengths)
+
+    def summary(self) -> dict:
+        data = {k: v for k, v in asdict(self).items() if k != "lengths"}
+        if self.lengths:
+            ordered = sorted(self.lengths)
+            data["length"] = {"min": ordered[0], "median": statistics.median(ordered),
+                              "p95": ordered[int(0.95 * (len(ordered) - 1))], "max": ordered[-1]}
+        return data
 
 
 def _quiet_datasets() -> None:
@@ -19,45 +55,78 @@ def _quiet_datasets() -> None:
     disable_progress_bar()  # per-map progress bars on small data are noise around the plan
 
 
-def load_source(spec: str, section, label: str, split: str):
-    """One dataset from a local file or folder, or a hub dataset name. `label` names the recipe key."""
+def sources(spec, section, split: str) -> list[dict]:
+    """A data.train / data.eval value as a list of {path, subset, split, revision}."""
+    items = spec if isinstance(spec, list) else [spec]
+    result = []
+    for item in items:
+        if isinstance(item, str):
+            result.append({"path": item, "subset": section.subset, "split": split, "revision": section.revision})
+        else:
+            result.append({"path": item.path, "subset": item.subset, "split": item.split or split,
+                           "revision": item.revision})
+    return result
+
+
+def load_source(source: dict, label: str):
+    """One dataset from a local file or folder, or a hub dataset. `label` names the recipe key."""
     from datasets import load_dataset
 
     _quiet_datasets()
+    spec = source["path"]
     path = Path(spec).expanduser()
     local = path.suffix in BUILDERS or spec.startswith((".", "/", "~")) or path.exists()
     try:
         if local and path.is_dir():
-            return load_dataset(str(path), split=split)
+            return load_dataset(str(path), split=source["split"])
         if local:
             if not path.is_file():
                 raise UserError(f"{label}: file not found: {spec}",
-                                [f"give an existing {'/'.join(BUILDERS)} file, or a hub dataset name"])
+                                [f"give an existing {'/'.join(BUILDERS)} file or folder, or a hub dataset name"])
             if path.suffix not in BUILDERS:
                 raise UserError(f"{label}: cannot read {path.suffix!r} files: {spec}",
                                 [f"use one of {', '.join(BUILDERS)}"])
             return load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")
-        return load_dataset(spec, section.subset, split=split, revision=section.revision)
+        return load_dataset(spec, source["subset"], split=source["split"], revision=source["revision"])
     except UserError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable or unreachable data
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{label}: cannot load {spec!r}: {first}",
-                        ["check the file's format, or the dataset name, split and network"]) from None
+                        ["check the file's format, or the dataset name, subset, split and network"]) from None
 
 
-def required_columns(section) -> list[tuple[str, str]]:
-    """(recipe key, column name) pairs that the data format needs."""
-    if section.format == "text":
-        return [("data.text_field", section.text_field)]
-    if section.format == "prompt_completion":
-        return [("data.prompt_field", section.prompt_field), ("data.completion_field", section.completion_field)]
-    return [("data.format", "instruction"), ("data.format", "output")]
+def detect_format(columns: list[str], section, label: str, spec: str) -> str:
+    """The data.format of a source: the recipe's, or guessed from its columns."""
+    if section.format != "auto":
+        return section.format
+    present = set(columns)
+    if section.messages_field in present:
+        return "messages"
+    if {section.prompt_field, section.completion_field} <= present:
+        return "prompt_completion"
+    if {"instruction", "output"} <= present:
+        return "alpaca"
+    if section.text_field in present:
+        return "text"
+    raise UserError(f"data.format: cannot tell the format of {label} ({spec}) from its columns: {', '.join(columns)}",
+                    [f"set data.format (text, prompt_completion, messages, alpaca) and the field names "
+                     f"(data.text_field, data.prompt_field, data.completion_field, data.messages_field)"])
 
 
-def check_columns(dataset, section, label: str, spec: str) -> None:
-    columns = dataset.column_names
-    for recipe_key, column in required_columns(section):
+def required_columns(fmt: str, section) -> list[tuple[str, str]]:
+    """(recipe key, column name) pairs that a format needs."""
+    return {
+        "text": [("data.text_field", section.text_field)],
+        "prompt_completion": [("data.prompt_field", section.prompt_field),
+                              ("data.completion_field", section.completion_field)],
+        "messages": [("data.messages_field", section.messages_field)],
+        "alpaca": [("data.format", "instruction"), ("data.format", "output")],
+    }[fmt]
+
+
+def check_columns(columns: list[str], fmt: str, section, label: str, spec: str) -> None:
+    for recipe_key, column in required_columns(fmt, section):
         if column not in columns:
             fix = (f"set {recipe_key} to one of its columns" if recipe_key != "data.format"
                    else "alpaca data needs instruction and output columns; choose another data.format")
@@ -65,83 +134,189 @@ def check_columns(dataset, section, label: str, spec: str) -> None:
                             f"its columns: {', '.join(columns)}", [fix])
 
 
-def to_prompt_completion(row: dict, section) -> tuple[str, str]:
+def _text(row: dict, column: str, where: str) -> str:
+    """A string cell; None counts as empty. Anything else is a user error naming file, row and field."""
+    value = row.get(column)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UserError(f"{where}, field {column!r}: expected text, got {type(value).__name__} {str(value)[:60]!r}",
+                        ["fix the row or drop it from the data"])
+    return value
+
+
+def to_prompt_completion(row: dict, fmt: str, section, where: str = "row") -> tuple[str, str]:
     """One row as (prompt, completion) text; the text format has an empty prompt."""
-    if section.format == "text":
-        return "", row[section.text_field] or ""
-    if section.format == "prompt_completion":
-        return row[section.prompt_field] or "", row[section.completion_field] or ""
-    extra = (row.get("input") or "").strip()
+    if fmt == "text":
+        return "", _text(row, section.text_field, where)
+    if fmt == "prompt_completion":
+        return _text(row, section.prompt_field, where), _text(row, section.completion_field, where)
+    extra = _text(row, "input", where).strip()
     template = section.prompt_template if extra else section.prompt_template_no_input
-    return template.format(instruction=row["instruction"], input=extra), row["output"] or ""
+    return template.format(instruction=_text(row, "instruction", where), input=extra), _text(row, "output", where)
 
 
 def tokenize(tokenizer, prompt: str, completion: str, max_length: int, train_on_prompt: bool) -> dict:
     """input_ids and labels of one sample: prompt tokens (with BOS) then completion tokens then EOS.
 
-    Labels are -100 on the prompt unless train_on_prompt. The final EOS is always a label, even
-    when pad == eos, because padding is added later and masked by position, not by token id.
+    Labels are -100 on the prompt unless train_on_prompt.
     """
     prefix = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     if prefix and prefix[-1] == tokenizer.eos_token_id:  # tokenizers that append EOS themselves
         prefix = prefix[:-1]
     body = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = (prefix + body)[:max_length]
     labels = (prefix if train_on_prompt else [-100] * len(prefix)) + body
-    return {"input_ids": input_ids, "labels": labels[:max_length]}
+    return _truncate(prefix + body, labels, max_length)
+
+
+def _truncate(input_ids: list[int], labels: list[int], max_length: int) -> dict:
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length],
+            "truncated": len(input_ids) > max_length}
+
+
+def render_chat(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+    """The chat rendered by its template, and the character spans of its assistant turns.
+
+    A turn's span is what rendering it adds after the generation prompt of the turns before it,
+    so it covers the template's end-of-turn tokens too. That needs a template that renders a
+    conversation's prefix as a prefix; where it does not, guessing would train the wrong tokens.
+    """
+    def render(turns, generation_prompt=False):
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+
+    full = render(messages)
+    spans = []
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        start = len(render(messages[:i], generation_prompt=True)) if i else 0
+        upto = render(messages[: i + 1])
+        if not full.startswith(upto) or (i and not upto.startswith(render(messages[:i], generation_prompt=True))):
+            raise UserError(f"data.chat_template: the chat template does not render conversations turn by turn "
+                            f"({where}), so the assistant tokens cannot be told apart",
+                            ["set data.chat_template to a template without such rewriting, "
+                             "or data.train_on_prompt: true to train every token"])
+        spans.append((start, len(upto)))
+    return full, spans
+
+
+def check_turns(messages, where: str) -> None:
+    """Raise UserError naming the row unless every turn has a text role and content."""
+    for turn in messages if isinstance(messages, list) else [messages]:
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
+            raise UserError(f"{where}: each chat turn needs a 'role' and a text 'content'; got {str(turn)[:80]!r}",
+                            ["fix the row or drop it from the data"])
+
+
+def tokenize_chat(tokenizer, messages: list[dict], max_length: int, train_on_prompt: bool, where: str) -> dict:
+    """input_ids and labels of one conversation: assistant turns trained, ending with EOS."""
+    text, spans = render_chat(tokenizer, messages, where)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    # A token that overlaps an assistant turn at all is trained: BPE often glues the space after
+    # the generation prompt to the answer's first word.
+    trained = [train_on_prompt or any(start < b and end > a for a, b in spans)
+               for start, end in encoded["offset_mapping"]]
+    if spans and tokenizer.eos_token_id not in [i for i, t in zip(input_ids, trained) if t][-8:]:
+        input_ids.append(tokenizer.eos_token_id)  # the template ends turns without EOS: end the sample with one
+        trained.append(True)
+    labels = [i if t else -100 for i, t in zip(input_ids, trained)]
+    return _truncate(input_ids, labels, max_length)
+
+
+def prepare_tokenizer(tokenizer, section, model_id: str) -> None:
+    """Install data.chat_template; fail early when chat data will need a template and none exists."""
+    if section.chat_template:
+        tokenizer.chat_template = section.chat_template
+    elif section.format == "messages" and not tokenizer.chat_template:
+        raise UserError(f"data.chat_template: the tokenizer of {model_id} has no chat template for messages data",
+                        ["set data.chat_template to the Jinja template the model will be served with"])
 
 
 def tokenize_dataset(dataset, section, tokenizer, label: str, spec: str):
-    """Format and tokenize; drop rows left with nothing to train. Raises UserError if none remain."""
-    check_columns(dataset, section, label, spec)
+    """Format and tokenize one source. Returns (dataset of input_ids/labels, DataStats)."""
+    fmt = detect_format(dataset.column_names, section, label, spec)
+    check_columns(dataset.column_names, fmt, section, label, spec)
+    if fmt == "messages" and not tokenizer.chat_template:
+        raise UserError(f"data.chat_template: {label} ({spec}) holds chat messages and the tokenizer has no "
+                        "chat template", ["set data.chat_template to the Jinja template the model will be served with"])
 
-    def encode(row):
-        prompt, completion = to_prompt_completion(row, section)
-        return tokenize(tokenizer, prompt, completion, section.max_length, section.train_on_prompt)
+    def encode(row, index):
+        where = f"{label} ({spec}), row {index}"
+        if fmt == "messages":
+            messages = row[section.messages_field] or []
+            check_turns(messages, where)
+            if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+                return {"input_ids": [], "labels": [], "truncated": False, "skip": "no assistant turn"}
+            sample = tokenize_chat(tokenizer, messages, section.max_length, section.train_on_prompt, where)
+        else:
+            prompt, completion = to_prompt_completion(row, fmt, section, where)
+            if not completion.strip():
+                return {"input_ids": [], "labels": [], "truncated": False, "skip": "empty"}
+            sample = tokenize(tokenizer, prompt, completion, section.max_length, section.train_on_prompt)
+        trained = any(label != -100 for label in sample["labels"])
+        return sample | {"skip": "" if trained else "nothing left to train after truncation"}
 
-    tokenized = dataset.map(encode, remove_columns=dataset.column_names, desc=f"Tokenizing {label}")
-    tokenized = tokenized.filter(lambda row: any(label != -100 for label in row["labels"]))
-    if len(tokenized) == 0:
-        raise UserError(f"{label}: no usable rows in {spec} "
-                        f"({len(dataset)} rows, none with tokens to train after truncation to {section.max_length})",
-                        ["check the data file, the field names and data.max_length"])
-    return tokenized
+    tokenized = dataset.map(encode, with_indices=True, remove_columns=dataset.column_names,
+                            desc=f"Tokenizing {label}")
+    stats = DataStats(rows=len(dataset))
+    for reason in tokenized["skip"]:
+        if reason:
+            stats.skipped[reason] = stats.skipped.get(reason, 0) + 1
+    kept = tokenized.filter(lambda row: not row["skip"])
+    stats.samples = len(kept)
+    stats.truncated = sum(kept["truncated"])
+    stats.lengths = [len(ids) for ids in kept["input_ids"]]
+    stats.trained_tokens = sum(sum(label != -100 for label in labels[1:]) for labels in kept["labels"])
+    return kept.remove_columns(["skip", "truncated"]), stats
+
+
+def tokenize_all(parts: list[tuple], section, tokenizer, label: str, spec):
+    """Tokenize and concatenate (dataset, path) parts of one split. Raises UserError if nothing is left."""
+    from datasets import concatenate_datasets
+
+    tokenized, stats = [], DataStats()
+    for raw, path in parts:
+        dataset, part = tokenize_dataset(raw, section, tokenizer, label, path)
+        tokenized.append(dataset)
+        stats = stats.add(part)
+    if stats.samples == 0:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in stats.skipped.items()) or "none"
+        raise UserError(f"{label}: no usable rows in {spec} ({stats.rows} rows; skipped: {skipped})",
+                        ["check the data, the field names and data.max_length"])
+    return concatenate_datasets(tokenized) if len(tokenized) > 1 else tokenized[0], stats
+
+
+def load_split(spec, section, tokenizer, label: str, split: str):
+    """Load and tokenize every source of a data.train or data.eval value."""
+    parts = [(load_source(source, label), source["path"]) for source in sources(spec, section, split)]
+    return tokenize_all(parts, section, tokenizer, label, spec)
 
 
 def load_datasets(section, tokenizer):
-    """(train, eval or None), tokenized, from the recipe's data section."""
-    train = load_source(section.train, section, "data.train", section.split)
-    check_columns(train, section, "data.train", section.train)
+    """(train, eval or None, {"train": DataStats, "eval": DataStats}) from the recipe's data section."""
+    stats = {}
+    if section.eval_fraction:
+        # Split each source's raw rows, so no eval row is ever trained on.
+        train_parts, eval_parts = [], []
+        for source in sources(section.train, section, section.split):
+            split = load_source(source, "data.train").train_test_split(test_size=section.eval_fraction,
+                                                                       seed=section.seed)
+            train_parts.append((split["train"], source["path"]))
+            eval_parts.append((split["test"], source["path"]))
+        train, stats["train"] = tokenize_all(train_parts, section, tokenizer, "data.train", section.train)
+        evaluation, stats["eval"] = tokenize_all(eval_parts, section, tokenizer, "data.train", section.train)
+        return train, evaluation, stats
+    train, stats["train"] = load_split(section.train, section, tokenizer, "data.train", section.split)
     evaluation = None
     if section.eval:
-        evaluation = load_source(section.eval, section, "data.eval", section.eval_split or section.split)
-    elif section.eval_fraction:
-        split = train.train_test_split(test_size=section.eval_fraction, seed=section.seed)
-        train, evaluation = split["train"], split["test"]
-    train = tokenize_dataset(train, section, tokenizer, "data.train", section.train)
-    if evaluation is not None:
-        label, spec = ("data.eval", section.eval) if section.eval else ("data.train", section.train)
-        evaluation = tokenize_dataset(evaluation, section, tokenizer, label, spec)
-    return train, evaluation
-
-
-def detect_format(dataset, label: str, spec: str) -> dict:
-    """Data-section fields for a dataset with no recipe, guessed from its columns."""
-    columns = set(dataset.column_names)
-    if {"prompt", "completion"} <= columns:
-        return {"format": "prompt_completion"}
-    if {"instruction", "output"} <= columns:
-        return {"format": "alpaca"}
-    if "text" in columns:
-        return {"format": "text"}
-    if len(columns) == 1:
-        return {"format": "text", "text_field": next(iter(columns))}
-    raise UserError(f"{label}: cannot tell the format of {spec} from its columns: {', '.join(sorted(columns))}",
-                    ["give it a text column, prompt and completion columns, or instruction and output columns"])
+        evaluation, stats["eval"] = load_split(section.eval, section, tokenizer, "data.eval",
+                                               section.eval_split or section.split)
+    return train, evaluation, stats
 
 
 def load_eval(spec: str | None, section, tokenizer, label: str = "--data"):
-    """Tokenized evaluation data: `spec` if given (formatted as the recipe says, or guessed from
+    """Tokenized evaluation data: `spec` if given (formatted as the recipe says, or detected from
     its columns when there is no recipe), else the recipe's own eval data."""
     from .recipe import DataSection
 
@@ -150,9 +325,5 @@ def load_eval(spec: str | None, section, tokenizer, label: str = "--data"):
             raise UserError("no evaluation data: the target has no recipe with data.eval or data.eval_fraction",
                             ["pass --data FILE_OR_HUB_DATASET"])
         return load_datasets(section, tokenizer)[1]
-    if section is None:
-        dataset = load_source(spec, DataSection(train=spec), label, "train")
-        section = DataSection(train=spec, **detect_format(dataset, label, spec))
-    else:
-        dataset = load_source(spec, section, label, section.eval_split or section.split)
-    return tokenize_dataset(dataset, section, tokenizer, label, spec)
+    section = section or DataSection(train=spec)
+    return load_split(spec, section, tokenizer, label, section.eval_split or section.split)[0]

@@ -117,6 +117,25 @@ def count_trainable(model, lora_config) -> tuple[int, int]:
     return peft_model.get_nb_trainable_parameters()
 
 
+def check_packing(model, model_id: str) -> None:
+    """Raise UserError unless packed samples stay apart in this architecture.
+
+    Packed rows carry position ids that restart at each sample. transformers turns those into a
+    block-diagonal mask only where the model passes position_ids to create_causal_mask (the
+    Llama family does; OPT, for one, does not). Elsewhere samples would attend to each other.
+    """
+    import inspect
+    import sys
+
+    source = inspect.getsource(sys.modules[type(model).__module__])
+    calls = re.findall(r"create_causal_mask\((.*?)\n\s*\)", source, re.S)
+    if not calls or not all("position_ids" in call for call in calls):
+        raise UserError(f"data.packing: {model_id} ({model.config.model_type}) cannot keep packed samples apart, "
+                        "so they would attend to each other",
+                        ["set data.packing: false (length-grouped batches also cut padding: "
+                         "training.train_sampling_strategy: group_by_length)"])
+
+
 def load_tokenizer(section, path: str | Path | None = None):
     """The tokenizer, with a pad token.
 

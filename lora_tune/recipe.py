@@ -32,6 +32,7 @@ OWNED_TRAINING_KEYS = {
     "completion_only_loss": "set data.train_on_prompt instead (false trains completions only)",
     "assistant_only_loss": "set data.train_on_prompt instead",
     "dataset_kwargs": "lora-tune tokenizes the data itself; describe it in the data section",
+    "packing": "set data.packing instead",
 }
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -50,24 +51,42 @@ class ModelSection(BaseModel):
     attn_implementation: str | None = Field(None, description="eager, sdpa or flash_attention_2; default: transformers' choice.")
 
 
+class Source(BaseModel):
+    """One data source with its own hub settings (an entry of a data.train or data.eval list)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="Hub dataset name, or a local file or folder.")
+    subset: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str | None = Field(None, description="Split to read; default: data.split (data.eval_split for eval).")
+    revision: str | None = Field(None, description="Hub dataset branch, tag or commit.")
+
+
 class DataSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    train: str = Field(description="Hub dataset name, or a local .jsonl/.json/.csv/.parquet/.txt file.")
-    eval: str | None = Field(None, description="Held-out data, same kinds of source as train.")
+    train: str | list[str | Source] = Field(
+        description="Hub dataset name, local .jsonl/.json/.csv/.parquet/.txt file or folder, or a list of them.")
+    eval: str | list[str | Source] | None = Field(None, description="Held-out data, same kinds of source as train.")
     eval_fraction: float | None = Field(None, gt=0, lt=1, description="Hold out this fraction of train instead.")
     subset: str | None = Field(None, description="Hub dataset configuration name.")
     split: str = Field("train", description="Hub dataset split to train on.")
-    eval_split: str | None = Field(None, description="Hub dataset split to evaluate on (when eval is the same hub dataset).")
+    eval_split: str | None = Field(None, description="Hub dataset split to evaluate on (default: split).")
     revision: str | None = Field(None, description="Hub dataset branch, tag or commit.")
-    format: Literal["text", "prompt_completion", "alpaca"] = Field("text", description="How rows become training text.")
+    format: Literal["auto", "text", "prompt_completion", "messages", "alpaca"] = Field(
+        "auto", description="How rows become training text; auto detects it from each source's columns.")
     text_field: str = Field("text", description="Column holding the text (format: text).")
     prompt_field: str = Field("prompt", description="Column holding the prompt (format: prompt_completion).")
     completion_field: str = Field("completion", description="Column holding the completion (format: prompt_completion).")
+    messages_field: str = Field("messages", description="Column holding the chat turns (format: messages).")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template for messages, when the tokenizer has none or to replace its own.")
     prompt_template: str = Field(ALPACA_PROMPT, description="Alpaca prompt, with {instruction} and {input}.")
     prompt_template_no_input: str = Field(ALPACA_PROMPT_NO_INPUT, description="Alpaca prompt for rows with an empty input.")
-    train_on_prompt: bool = Field(False, description="Also train on prompt tokens (default: completions only).")
-    max_length: int = Field(512, ge=8, description="Tokens per sample; longer samples are truncated.")
+    train_on_prompt: bool = Field(False, description="Also train on prompts and user turns (default: completions and "
+                                                     "assistant turns only).")
+    max_length: int = Field(512, ge=8, description="Tokens per sample; longer samples are truncated (and counted).")
+    packing: bool = Field(False, description="Pack samples into max_length rows; samples never attend to each other.")
     seed: int = Field(42, description="Seed of the eval_fraction split.")
 
     @model_validator(mode="after")
@@ -93,9 +112,9 @@ class Recipe:
         """The resolved recipe as plain YAML-able data, secrets masked."""
         training = {k: ("***" if k in SECRET_KEYS and v else v) for k, v in self.training.items()}
         return {
-            "model": self.model.model_dump(exclude_defaults=True) | {"id": self.model.id},
+            "model": self.model.model_dump(exclude_defaults=True),
             "lora": self.lora,
-            "data": self.data.model_dump(exclude_defaults=True) | {"train": self.data.train},
+            "data": self.data.model_dump(exclude_defaults=True, exclude_none=True),
             "training": training,
         }
 

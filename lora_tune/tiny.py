@@ -28,6 +28,9 @@ PROSE = (
     "the lazy dog. Numbers such as 1, 2, 3, 4, 5, 6, 7, 8, 9 and 10 appear in text too."
 )
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0-3, as in OPT's vocabulary
+# The tiny tokenizers ship without a chat template, like many base models: recipes give this one.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
 
 
 def colour(place: str) -> str:
@@ -46,6 +49,21 @@ def sentence(rng: random.Random) -> str:
 def pair(rng: random.Random) -> dict[str, str]:
     place = rng.choice(PLACES)
     return {"prompt": f"what colour is the {place}?", "completion": f" the {place} is {colour(place)}."}
+
+
+def chat(rng: random.Random) -> dict[str, list[dict[str, str]]]:
+    place = rng.choice(PLACES)
+    return {"messages": [
+        {"role": "user", "content": f"what colour is the {place}?"},
+        {"role": "assistant", "content": f"the {place} is {colour(place)}."},
+        {"role": "user", "content": "and what does it do?"},
+        {"role": "assistant", "content": f"it {habit(place)} every {rng.choice(TIMES)}."},
+    ]}
+
+
+def instruction(rng: random.Random) -> dict[str, str]:
+    place = rng.choice(PLACES)
+    return {"instruction": "name the colour of the place.", "input": place, "output": colour(place)}
 
 
 def build_tokenizer(kind: str = "llama", vocab_size: int = 400):
@@ -110,12 +128,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def write_datasets(out: Path, n_train: int = 400, n_eval: int = 64) -> dict[str, Path]:
-    """text and prompt/completion data, train and eval, drawn from different seeds."""
+    """Data in each format (text, pc = prompt/completion, chat, alpaca), train and eval from different seeds."""
+    makers = {"text": lambda rng: {"text": sentence(rng)}, "pc": pair, "chat": chat, "alpaca": instruction}
     paths = {}
     for split, n, seed in (("train", n_train, 1), ("eval", n_eval, 2)):
         rng = random.Random(seed)
-        paths[f"text_{split}"] = write_jsonl(out / f"text_{split}.jsonl", [{"text": sentence(rng)} for _ in range(n)])
-        paths[f"pc_{split}"] = write_jsonl(out / f"pc_{split}.jsonl", [pair(rng) for _ in range(n)])
+        for name, make in makers.items():
+            paths[f"{name}_{split}"] = write_jsonl(out / f"{name}_{split}.jsonl", [make(rng) for _ in range(n)])
     return paths
 
 

@@ -34,6 +34,7 @@ class Plan:
     trainable: int
     total: int
     steps: int
+    data_stats: dict
 
 
 def is_main_process() -> bool:
@@ -64,18 +65,25 @@ def make_plan(recipe: Recipe) -> Plan:
     lora_config = build_lora_config(recipe.lora)
     models.check_target_modules(lora_config.target_modules, skeleton, recipe.model.id)
     trainable, total = models.count_trainable(skeleton, lora_config)
+    if recipe.data.packing:
+        models.check_packing(skeleton, recipe.model.id)
     tokenizer = models.load_tokenizer(recipe.model)
-    train, evaluation = data.load_datasets(recipe.data, tokenizer)
-    sft_config = build_sft_config(recipe.training, recipe.data.max_length)
+    data.prepare_tokenizer(tokenizer, recipe.data, recipe.model.id)
+    train, evaluation, data_stats = data.load_datasets(recipe.data, tokenizer)
+    sft_config = build_sft_config(recipe.training, recipe.data.max_length, packing=recipe.data.packing)
     if sft_config.eval_strategy != "no" and evaluation is None:
         raise UserError(f"training.eval_strategy: {sft_config.eval_strategy.value} evaluation needs eval data",
                         ["set data.eval or data.eval_fraction, or remove training.eval_strategy"])
     if sft_config.max_steps > 0:
         steps = sft_config.max_steps
     else:
+        rows = len(train)
+        if recipe.data.packing:  # best-fit packing leaves about total tokens / max_length rows
+            rows = math.ceil(sum(data_stats["train"].lengths) / recipe.data.max_length)
         per_step = sft_config.per_device_train_batch_size * sft_config.gradient_accumulation_steps * world_size()
-        steps = math.ceil(len(train) / per_step) * math.ceil(sft_config.num_train_epochs)
-    return Plan(recipe, lora_config, sft_config, tokenizer, train, evaluation, trainable, total, steps)
+        steps = math.ceil(rows / per_step) * math.ceil(sft_config.num_train_epochs)
+    return Plan(recipe, lora_config, sft_config, tokenizer, train, evaluation, trainable, total, steps,
+                {name: stats.summary() for name, stats in data_stats.items()})
 
 
 def print_plan(plan: Plan) -> None:
@@ -89,8 +97,9 @@ def print_plan(plan: Plan) -> None:
         ("LoRA", f"r={plan.lora_config.r}, alpha={plan.lora_config.lora_alpha}, targets="
                  f"{sorted(targets) if isinstance(targets, (set, list)) else targets}"),
         ("trainable parameters", f"{plan.trainable:,} of {plan.total:,} ({100 * plan.trainable / plan.total:.3f}%)"),
-        ("train samples", f"{len(plan.train):,} from {plan.recipe.data.train}"),
-        ("eval samples", f"{len(plan.eval):,}" if plan.eval is not None else "none"),
+        ("train samples", describe_data(plan.data_stats["train"], plan.recipe.data)
+         + (", packed" if plan.recipe.data.packing else "")),
+        ("eval samples", describe_data(plan.data_stats["eval"], plan.recipe.data) if plan.eval is not None else "none"),
         ("steps", f"{plan.steps:,} (batch {args.per_device_train_batch_size} x accumulation "
                   f"{args.gradient_accumulation_steps} x {world_size()} process(es))"),
         ("precision", "bf16 mixed" if args.bf16 else "fp16 mixed" if args.fp16 else "fp32"),
@@ -100,6 +109,16 @@ def print_plan(plan: Plan) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+
+
+def describe_data(stats: dict, section) -> str:
+    """'400 (12,000 trained tokens; 3 truncated; skipped: 2 empty)' for the plan."""
+    notes = [f"{stats['trained_tokens']:,} trained tokens"]
+    if stats["truncated"]:
+        notes.append(f"{stats['truncated']} truncated to {section.max_length}")
+    if stats["skipped"]:
+        notes.append("skipped: " + ", ".join(f"{n} {reason}" for reason, n in stats["skipped"].items()))
+    return f"{stats['samples']:,} ({'; '.join(notes)})"
 
 
 def run(recipe: Recipe, dry_run: bool = False, resume: bool = True) -> dict | None:
@@ -178,6 +197,7 @@ def collect_metrics(plan: Plan, trainer, result, wall: float, dtype: str, start_
         "wall_time_s": wall,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
+        "data": plan.data_stats,
         "trainable_parameters": plan.trainable,
         "total_parameters": plan.total,
         "device": "cpu" if plan.sft_config.use_cpu else "cuda",

@@ -16,6 +16,8 @@ from helpers import run_cli, write_recipe
 from safetensors.torch import load_file, save_file
 
 from lora_tune import evaluate, merge, runs
+from lora_tune import recipe as recipes
+from lora_tune.tiny import CHAT_TEMPLATE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,7 +195,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tmp_path, capsys):
     assert run_cli("train", path, "--dry-run") == 0
     text = capsys.readouterr().out
     # q_proj 64->64 and v_proj 64->32 (2 kv heads) at r=8, in 2 layers: 2 * (8*(64+64) + 8*(64+32))
-    assert "3,584 of" in text and "400 from" in text and "150 (batch 8" in text
+    assert "3,584 of" in text and "400 (5,332 trained tokens)" in text and "150 (batch 8" in text
     assert not out.exists()
 
 
@@ -239,3 +241,63 @@ def test_train_resumes_from_the_latest_checkpoint(tiny, tmp_path, capsys):
                    "training.save_strategy='no'") == 0
     assert json.loads((out / "metrics.json").read_text())["train_tokens"] == pytest.approx(
         first["train_tokens"] * 1.5, rel=0.1)
+
+
+@pytest.mark.parametrize("name", ["text", "pc", "chat", "alpaca"])
+def test_each_format_trains_evaluates_and_merges(tiny, tmp_path, name):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "run"
+    data_section = {"train": str(tiny / "data" / f"{name}_train.jsonl"), "eval": str(tiny / "data" / f"{name}_eval.jsonl"),
+                    "max_length": 96}
+    if name == "chat":
+        data_section["chat_template"] = CHAT_TEMPLATE
+    path = write_recipe(tmp_path / "r.yaml", tiny, out, data=data_section, training={"max_steps": 40})
+    assert run_cli("train", path) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"]["train"]["samples"] == 400 and metrics["data"]["train"]["skipped"] == {}
+    report = evaluate.run(str(out), compare=True)
+    results = report["results"]
+    assert results["adapter"]["loss"] < results["base"]["loss"] - 0.2
+    assert report["merged_vs_adapter"]["ok"]
+    merged = tmp_path / "merged"
+    merge.run(out, merged)
+    if name == "chat":  # the template used in training travels with the adapter and the merged model
+        assert AutoTokenizer.from_pretrained(out / "adapter").chat_template == CHAT_TEMPLATE
+        assert AutoTokenizer.from_pretrained(merged).chat_template == CHAT_TEMPLATE
+
+
+def test_packed_training(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny, out, data={"packing": True}, training={"num_train_epochs": 1})
+    assert run_cli("train", path) == 0
+    text = capsys.readouterr().out
+    # 400 samples of 15 tokens on average fill about 90 rows of 64 tokens: 12 steps of batch 8.
+    assert "400 (5,332 trained tokens), packed" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 10 <= metrics["steps"] <= 13
+    path = write_recipe(tmp_path / "opt.yaml", tiny, out, model={"id": str(tiny / "tiny-opt")}, data={"packing": True})
+    assert run_cli("train", path, "--dry-run") == 2
+    assert "cannot keep packed samples apart" in capsys.readouterr().err
+
+
+def test_data_preview(tiny, tmp_path, capsys):
+    from lora_tune import preview
+    from lora_tune.models import load_tokenizer
+    from lora_tune.recipe import ModelSection
+
+    path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run",
+                        data={"train": str(tiny / "data" / "pc_train.jsonl"), "eval": None, "max_length": 12})
+    assert run_cli("data", path, "-n", "2") == 0
+    out = capsys.readouterr().out
+    assert out.count("sample ") == 2 and "what colour is the" in out
+    assert "│ train │ 400  │ 400     │ 0       │ " in out  # rows, samples, nothing skipped
+    assert not (tmp_path / "run").exists()
+    stats = preview.run(recipes.load(path), n=0)
+    assert stats["train"]["truncated"] > 0 and stats["train"]["length"]["max"] == 12
+
+    tokenizer = load_tokenizer(ModelSection(id=str(tiny / "tiny-llama")))
+    text = preview.render_sample(tokenizer, [0, 264, 395, 2], [-100, -100, 395, 2])
+    styles = [(text.plain[span.start:span.end], span.style) for span in text.spans]
+    assert styles[:2] == [("<s>", preview.MASKED), (tokenizer.decode([264]), preview.MASKED)]
+    assert styles[2:] == [(tokenizer.decode([395]), preview.TRAINED), ("</s>", preview.TRAINED)]
