@@ -284,3 +284,17 @@ def test_format_detection_for_eval_without_recipe(tiny, llama_tokenizer):
     evaluation = data.load_eval(str(tiny / "data" / "pc_eval.jsonl"), None, llama_tokenizer)
     assert len(evaluation) == 64
     assert evaluation[0]["labels"][0] == -100  # prompt masked: detected as prompt_completion
+
+
+def test_a_folder_of_files_and_a_file_that_does_not_parse(tmp_path, llama_tokenizer):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_rows(folder / "a.jsonl", [{"text": "the river is blue."}] * 3)
+    write_rows(folder / "b.jsonl", [{"text": "the city is red."}] * 2)
+    train, _, _ = data.load_datasets(DataSection(train=str(folder)), llama_tokenizer)
+    assert len(train) == 5
+    corrupt = tmp_path / "corrupt.jsonl"
+    corrupt.write_text('{"text": "fine"}\n{"text": "broken\n')
+    with pytest.raises(UserError) as info:
+        data.load_datasets(DataSection(train=str(corrupt)), llama_tokenizer)
+    assert info.value.headline.startswith(f"data.train: cannot load '{corrupt}': ")
