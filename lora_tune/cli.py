@@ -22,6 +22,7 @@ app = typer.Typer(
     add_completion=False,
 )
 _debug = False
+ALLOW_PICKLE = "Also load pickle-based .bin weights, which can run code when loaded (default: safetensors only)."
 
 
 @app.callback()
@@ -38,8 +39,9 @@ def train(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Check recipe, data and target modules against the model's config and print the plan; "
                           "load no weights, write nothing.")] = False,
-    resume: Annotated[bool, typer.Option(
-        "--resume/--no-resume", help="Continue from the run directory's latest checkpoint, if any.")] = True,
+    resume: Annotated[str, typer.Option(
+        "--resume", help="auto: continue from the run directory's latest complete checkpoint, if any; "
+                         "never: start over; or a checkpoint folder.")] = "auto",
     num_processes: Annotated[int, typer.Option(
         "--num-processes", "-n", min=1, help="Launch this many processes through accelerate (one per GPU).")] = 1,
     accelerate_config: Annotated[Optional[Path], typer.Option(
@@ -79,11 +81,12 @@ def merge(
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
     dtype: Annotated[str, typer.Option(
         help="Weight dtype of the merged model: auto (the base checkpoint's), float32, bfloat16, float16.")] = "auto",
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE)] = False,
 ):
     """Fold the adapter into its base model, verify the logits are unchanged, and save it."""
     from . import merge as merging
 
-    merging.run(source, output, force=force, dtype=dtype)
+    merging.run(source, output, force=force, dtype=dtype, allow_pickle=allow_pickle)
 
 
 @app.command("eval")
@@ -98,12 +101,13 @@ def evaluate(
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the report to this JSON file.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
     max_samples: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on at most this many rows.")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE)] = False,
 ):
     """Measure loss, perplexity and token accuracy on held-out data."""
     from . import evaluate as evaluation
 
     evaluation.run(target, data_spec=data, compare=compare, merge=merge, json_file=json_file,
-                   batch_size=batch_size, max_samples=max_samples)
+                   batch_size=batch_size, max_samples=max_samples, allow_pickle=allow_pickle)
 
 
 def main(argv: list[str] | None = None) -> None:

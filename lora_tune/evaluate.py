@@ -63,7 +63,8 @@ def measure(model, batch_list) -> tuple[dict, torch.Tensor]:
 
 
 def run(target: str, data_spec: str | None = None, compare: bool = False, merge: bool = True,
-        json_file: Path | None = None, batch_size: int = 8, max_samples: int | None = None) -> dict:
+        json_file: Path | None = None, batch_size: int = 8, max_samples: int | None = None,
+        allow_pickle: bool = False) -> dict:
     """Evaluate TARGET; print a table; return (and optionally write) the report."""
     path = Path(target)
     adapter = runs.adapter_dir(path) if path.is_dir() else None
@@ -73,11 +74,12 @@ def run(target: str, data_spec: str | None = None, compare: bool = False, merge:
                         ["--compare needs an adapter to compare with its base"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if adapter is not None:
-        model, tokenizer, section = models.load_with_adapter(adapter, "auto", recipe.model if recipe else None)
+        model, tokenizer, section = models.load_with_adapter(adapter, "auto", recipe.model if recipe else None,
+                                                             allow_pickle)
     else:
         from .recipe import ModelSection
 
-        section = ModelSection(id=target)
+        section = ModelSection(id=target, allow_pickle=allow_pickle)
         models.load_config(section)  # a clear error for a path or id that is not a model
         tokenizer = models.load_tokenizer(section)
         model = models.load_model(section, "auto").eval()

@@ -14,7 +14,7 @@ def should_launch(num_processes: int, config_file: Path | None) -> bool:
 
 
 def command(recipe: Path, overrides: list[str], num_processes: int, config_file: Path | None,
-            resume: bool) -> list[str]:
+            resume: str) -> list[str]:
     """The accelerate launch command line that runs `lora-tune train` in every process."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file is not None:
@@ -24,13 +24,13 @@ def command(recipe: Path, overrides: list[str], num_processes: int, config_file:
     if config_file is None:
         # --multi_gpu means DDP; on a machine without CUDA it runs over gloo on the CPU.
         cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd += ["-m", "lora_tune.cli", "train", str(recipe), "--resume" if resume else "--no-resume"]
+    cmd += ["-m", "lora_tune.cli", "train", str(recipe), "--resume", resume]
     for item in overrides:
         cmd += ["--set", item]
     return cmd
 
 
 def relaunch(recipe: Path, overrides: list[str], num_processes: int, config_file: Path | None,
-             resume: bool) -> int:
+             resume: str) -> int:
     """Run the training under accelerate; return its exit code."""
     return subprocess.run(command(recipe, overrides, num_processes, config_file, resume)).returncode

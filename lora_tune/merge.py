@@ -51,7 +51,7 @@ def compare_logits(reference: torch.Tensor, other: torch.Tensor, dtype: torch.dt
             "ok": finite and max_diff <= tolerance}
 
 
-def run(source: Path, output: Path, force: bool = False, dtype: str = "auto") -> dict:
+def run(source: Path, output: Path, force: bool = False, dtype: str = "auto", allow_pickle: bool = False) -> dict:
     """Merge, verify and write OUTPUT atomically. Returns the verification report."""
     adapter = runs.adapter_dir(source)
     if adapter is None:
@@ -62,7 +62,8 @@ def run(source: Path, output: Path, force: bool = False, dtype: str = "auto") ->
     if dtype not in ("auto", *models.DTYPES):
         raise UserError(f"--dtype: unknown dtype {dtype!r}", ["use auto, float32, bfloat16 or float16"])
     recipe = runs.run_recipe(adapter)
-    model, tokenizer, section = models.load_with_adapter(adapter, dtype, recipe.model if recipe else None)
+    model, tokenizer, section = models.load_with_adapter(adapter, dtype, recipe.model if recipe else None,
+                                                         allow_pickle)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     weight_dtype = model.get_base_model().dtype

@@ -36,8 +36,9 @@ def hardware_training_defaults(training: dict[str, Any]) -> dict[str, Any]:
     """
     # Every LoRA parameter takes part in each forward pass, so DDP need not search for unused
     # ones (the search costs a graph traversal per step).
+    # A NaN loss must show in the logs (and stop the run), not be averaged away.
     defaults: dict[str, Any] = {"gradient_checkpointing": False, "report_to": "tensorboard",
-                                "ddp_find_unused_parameters": False}
+                                "ddp_find_unused_parameters": False, "logging_nan_inf_filter": False}
     if "bf16" not in training and "fp16" not in training:
         bf16 = has_cuda() and torch.cuda.is_bf16_supported()
         defaults |= {"bf16": bf16, "fp16": has_cuda() and not bf16}
@@ -155,17 +156,38 @@ def load_tokenizer(section, path: str | Path | None = None):
     return tokenizer
 
 
-def load_model(section, dtype: torch.dtype, source: str | None = None):
-    """The base model's weights, from a hub id or a local directory."""
+def load_model(section, dtype, source: str | None = None):
+    """The base model's weights, from a hub id or a local directory.
+
+    Only safetensors unless model.allow_pickle: a pickled .bin file can run code when loaded.
+    Raises UserError for missing, pickle-only or unreadable weights.
+    """
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype, "trust_remote_code": section.trust_remote_code}
+    source = source or section.id
+    kwargs = {"dtype": dtype, "trust_remote_code": section.trust_remote_code,
+              "use_safetensors": None if section.allow_pickle else True}
     if section.attn_implementation:
         kwargs["attn_implementation"] = section.attn_implementation
-    return AutoModelForCausalLM.from_pretrained(source or section.id, revision=section.revision, **kwargs)
+    local = Path(source).expanduser()
+    if local.is_dir() and not section.allow_pickle and not list(local.glob("*.safetensors")):
+        raise UserError(f"model.id: {source} has no .safetensors weights",
+                        ["pickle (.bin) weights can run code when loaded: convert them to safetensors, "
+                         "or set model.allow_pickle: true (--allow-pickle) if you trust their source"])
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, revision=section.revision, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"model.id: cannot load the weights of {source}: {_first_line(exc)}",
+                        ["check that the download or copy is complete (re-download corrupt or truncated files)"]) \
+            from None
 
 
-def load_with_adapter(adapter: Path, dtype_name: str = "auto", model_section=None):
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_with_adapter(adapter: Path, dtype_name: str = "auto", model_section=None, allow_pickle: bool = False):
     """(PeftModel on its base, tokenizer, base model section) for an adapter directory.
 
     The base comes from the adapter's own config (base_model_name_or_path, revision) unless the
@@ -175,20 +197,32 @@ def load_with_adapter(adapter: Path, dtype_name: str = "auto", model_section=Non
 
     from .recipe import ModelSection
 
-    config = PeftConfig.from_pretrained(str(adapter))
+    try:
+        config = PeftConfig.from_pretrained(str(adapter))
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"{adapter}: unreadable adapter_config.json: {_first_line(exc)}",
+                        ["restore the file from the run, or retrain"]) from None
     base = config.base_model_name_or_path
     if model_section is None:
         model_section = ModelSection(id=base, revision=config.revision)
+    if allow_pickle:
+        model_section = model_section.model_copy(update={"allow_pickle": True})
     if _looks_local(base) and not Path(base).expanduser().is_dir():
         raise UserError(f"{adapter}: its base model {base!r} is not there any more",
                         ["restore the base model directory, or edit base_model_name_or_path in adapter_config.json"])
     dtype = "auto" if dtype_name == "auto" else DTYPES[dtype_name]
+    if not (adapter / "adapter_model.safetensors").is_file() and not model_section.allow_pickle:
+        raise UserError(f"{adapter}: no adapter_model.safetensors",
+                        ["pickle (.bin) adapters can run code when loaded: pass --allow-pickle if you trust it"])
     has_tokenizer = (adapter / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(model_section, adapter if has_tokenizer else None)
     model = load_model(model_section, dtype, source=base)
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter))
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise UserError(f"{adapter}: the adapter does not fit its base {base}: {str(exc).strip().splitlines()[0]}",
-                        ["check that the adapter was trained on this base model"]) from None
+    except Exception as exc:  # safetensors, torch and peft each raise their own types here
+        mismatch = "size mismatch" in str(exc)
+        raise UserError(f"{adapter}: {'the adapter does not fit its base ' + base if mismatch else 'cannot read the adapter'}"
+                        f": {_first_line(exc)[:300]}",
+                        ["check that the adapter was trained on this base model" if mismatch
+                         else "the adapter file is truncated or corrupt: use an earlier checkpoint or retrain"]) from None
     return peft_model.eval(), tokenizer, model_section

@@ -23,9 +23,8 @@ from .errors import UserError, did_you_mean
 
 SECTIONS = ("model", "lora", "data", "training")
 REQUIRED_SECTIONS = ("model", "data", "training")
-SECRET_KEYS = {"hub_token", "token"}
-# SFTConfig keys that lora-tune sets itself from the `data` section: two places for one
-# setting would let them disagree.
+# SFTConfig keys that lora-tune sets itself from the `data` section (two places for one
+# setting would let them disagree), and secrets, which must not be saved with the run.
 OWNED_TRAINING_KEYS = {
     "max_length": "set data.max_length instead",
     "dataset_text_field": "set data.text_field instead",
@@ -33,6 +32,8 @@ OWNED_TRAINING_KEYS = {
     "assistant_only_loss": "set data.train_on_prompt instead",
     "dataset_kwargs": "lora-tune tokenizes the data itself; describe it in the data section",
     "packing": "set data.packing instead",
+    "hub_token": "never put a token in a recipe, where it would be saved with the run; "
+                 "set the HF_TOKEN environment variable instead",
 }
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -48,6 +49,8 @@ class ModelSection(BaseModel):
         "auto", description="Weight dtype; auto = bfloat16 on GPUs that support it, float16 on other GPUs, float32 on CPU."
     )
     trust_remote_code: bool = Field(False, description="Allow the model repository's own Python code to run.")
+    allow_pickle: bool = Field(False, description="Allow pickle-based .bin weights, which can run code when loaded; "
+                                                  "default: safetensors only.")
     attn_implementation: str | None = Field(None, description="eager, sdpa or flash_attention_2; default: transformers' choice.")
 
 
@@ -109,13 +112,12 @@ class Recipe:
         return Path(self.training["output_dir"])
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved recipe as plain YAML-able data, secrets masked."""
-        training = {k: ("***" if k in SECRET_KEYS and v else v) for k, v in self.training.items()}
+        """The resolved recipe as plain YAML-able data (recipes hold no secrets: hub_token is refused)."""
         return {
             "model": self.model.model_dump(exclude_defaults=True),
             "lora": self.lora,
             "data": self.data.model_dump(exclude_defaults=True, exclude_none=True),
-            "training": training,
+            "training": self.training,
         }
 
     def save(self, path: Path) -> None:

@@ -3,7 +3,7 @@
     runs/NAME/
       recipe.yaml     the resolved recipe
       adapter/        PEFT adapter (adapter_config.json, adapter_model.safetensors) + tokenizer
-      checkpoint-*/   trainer checkpoints, for resume
+      checkpoint-*/   trainer checkpoints, for resume; COMPLETE marks one whose writing finished
       metrics.json    final metrics, throughput, memory, wall time, versions
       logs/           TensorBoard event files
 """
@@ -11,12 +11,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 RECIPE = "recipe.yaml"
 ADAPTER = "adapter"
 METRICS = "metrics.json"
 LOGS = "logs"
+COMPLETE = "lora-tune-complete"
 
 
 def is_adapter(path: Path) -> bool:
@@ -40,6 +42,22 @@ def run_recipe(adapter: Path):
 
     path = adapter.parent / RECIPE
     return recipe.load(path) if adapter.name == ADAPTER and path.is_file() else None
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """True for a checkpoint whose saving finished: the marker is written after everything else."""
+    return checkpoint_step(path) is not None and (path / COMPLETE).is_file()
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The complete checkpoint with the highest step; one cut short by a crash is never chosen."""
+    done = [p for p in run.glob("checkpoint-*") if is_complete_checkpoint(p)] if run.is_dir() else []
+    return max(done, key=checkpoint_step, default=None)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -6,13 +6,16 @@ import json
 import math
 import os
 import resource
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
+from transformers import TrainerCallback
 
 from . import data, models, runs
 from .errors import UserError
@@ -46,15 +49,26 @@ def world_size() -> int:
 
 
 def check_output_dir(path: Path) -> None:
-    """Raise UserError when the run directory cannot be written; create nothing."""
+    """Raise UserError when the run directory cannot be written; leave nothing behind.
+
+    Writes and removes a probe file in the nearest existing folder, which also catches
+    read-only and full filesystems (where permission bits alone say nothing, e.g. for root).
+    """
     if path.exists() and not path.is_dir():
         raise UserError(f"training.output_dir: {path} exists and is a file", ["choose a directory path"])
     parent = path
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"training.output_dir: cannot write under {parent}",
-                        ["choose a directory you can write, or fix its permissions"])
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(f"{parent} is a file")
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".lora-tune-probe-") as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise UserError(f"training.output_dir: cannot write {path}: {exc.strerror or exc}",
+                        ["choose a directory on a writable disk with free space, or fix its permissions"]) from None
 
 
 def make_plan(recipe: Recipe) -> Plan:
@@ -104,8 +118,10 @@ def print_plan(plan: Plan) -> None:
                   f"{args.gradient_accumulation_steps} x {world_size()} process(es))"),
         ("precision", "bf16 mixed" if args.bf16 else "fp16 mixed" if args.fp16 else "fp32"),
         ("device", "cpu" if args.use_cpu else "cuda"),
-        ("output", str(plan.recipe.output_dir)),
+        ("output", str(plan.recipe.output_dir.resolve())),
     ]
+    if plan.recipe.model.trust_remote_code:
+        rows.insert(1, ("remote code", "ALLOWED: the model repository's own Python code runs (model.trust_remote_code)"))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
@@ -121,47 +137,96 @@ def describe_data(stats: dict, section) -> str:
     return f"{stats['samples']:,} ({'; '.join(notes)})"
 
 
-def run(recipe: Recipe, dry_run: bool = False, resume: bool = True) -> dict | None:
+def resume_checkpoint(out: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: `auto` (the latest complete one, if any), `never`, or a path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return runs.latest_checkpoint(out)
+    path = Path(resume)
+    if not runs.is_complete_checkpoint(path):
+        raise UserError(f"--resume: {resume} is not a complete lora-tune checkpoint",
+                        [f"give a checkpoint-N folder that holds {runs.COMPLETE}, or --resume auto|never"])
+    return path
+
+
+def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | None:
     """Train and write the run directory. Returns the metrics (None for a dry run)."""
     plan = make_plan(recipe)
+    out = recipe.output_dir
+    checkpoint = resume_checkpoint(out, resume)
     main = is_main_process()
     if main:
         print_plan(plan)
     if dry_run:
         return None
 
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
-    out = recipe.output_dir
     out.mkdir(parents=True, exist_ok=True)
     if main:
         recipe.save(out / runs.RECIPE)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / runs.LOGS))
     dtype = models.resolve_dtype(recipe.model.dtype)
     model = models.load_model(recipe.model, dtype)
+    guard = RunGuard()
     trainer = SFTTrainer(model=model, args=plan.sft_config, train_dataset=plan.train, eval_dataset=plan.eval,
-                         processing_class=plan.tokenizer, peft_config=plan.lora_config)
-    checkpoint = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
+                         processing_class=plan.tokenizer, peft_config=plan.lora_config, callbacks=[guard])
     start_epoch = 0.0
     if checkpoint:
-        start_epoch = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("epoch") or 0.0
+        start_epoch = json.loads((checkpoint / "trainer_state.json").read_text()).get("epoch") or 0.0
         if main:
             console.print(f"Resuming from {checkpoint} (epoch {start_epoch:.2f})")
 
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     wall = time.perf_counter() - start
+    if guard.problem:
+        raise UserError(f"training stopped at {guard.problem}; nothing after that was saved. "
+                        f"Last good checkpoint: {runs.latest_checkpoint(out) or 'none'}",
+                        ["lower training.learning_rate or set training.max_grad_norm, then rerun: "
+                         "it resumes from the last good checkpoint"])
     adapter = out / runs.ADAPTER
     trainer.save_model(str(adapter))
     if not main:
         return None
+    # Trainer leaves its arguments as a pickle; an adapter folder is shared, so keep it pickle-free.
+    (adapter / "training_args.bin").unlink(missing_ok=True)
     check_adapter(adapter)
     metrics = collect_metrics(plan, trainer, result, wall, str(dtype).replace("torch.", ""), start_epoch)
     runs.write_json(out / runs.METRICS, metrics)
     console.print(f"Final train loss {metrics['final_loss']:.4f}, {metrics['tokens_per_second']:,.0f} tokens/s, "
                   f"wall {wall:.1f} s. Adapter: {adapter}")
     return metrics
+
+
+class RunGuard(TrainerCallback):
+    """Marks complete checkpoints, and stops training before it saves weights that are no
+    longer finite (transformers would otherwise train on through NaN)."""
+
+    def __init__(self):
+        self.problem: str | None = None
+
+    def _stop(self, state, control, reason: str) -> None:
+        self.problem = self.problem or f"step {state.global_step}: {reason}"
+        control.should_save = False
+        control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                self._stop(state, control, f"the {key.replace('_', ' ')} became {value}")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # Checked only when a checkpoint is due, so ordinary steps pay no device sync.
+        if control.should_save and model is not None:
+            if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+                self._stop(state, control, "the adapter weights are no longer finite")
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / runs.COMPLETE).touch()
 
 
 def check_adapter(adapter: Path) -> None:
@@ -176,8 +241,6 @@ def check_adapter(adapter: Path) -> None:
 
 
 def collect_metrics(plan: Plan, trainer, result, wall: float, dtype: str, start_epoch: float) -> dict:
-    import torch
-
     state = trainer.state
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     # Non-padding tokens per epoch times the epochs this invocation trained (a resumed run

@@ -237,7 +237,7 @@ def test_train_resumes_from_the_latest_checkpoint(tiny, tmp_path, capsys):
     assert second["steps"] == 30 and second["epochs"] == pytest.approx(0.6)
     # Tokens of this invocation only: 10 steps, half of the first run's 20.
     assert second["train_tokens"] == pytest.approx(first["train_tokens"] / 2, rel=0.1)
-    assert run_cli("train", path, "--set", "training.max_steps=30", "--no-resume", "--set",
+    assert run_cli("train", path, "--set", "training.max_steps=30", "--resume", "never", "--set",
                    "training.save_strategy='no'") == 0
     assert json.loads((out / "metrics.json").read_text())["train_tokens"] == pytest.approx(
         first["train_tokens"] * 1.5, rel=0.1)

@@ -137,12 +137,12 @@ def test_yaml_string_numbers_are_coerced(tmp_path, tiny):
     assert recipes.load(path).training["learning_rate"] == pytest.approx(1e-4)
 
 
-def test_secrets_are_masked_in_the_resolved_recipe(tmp_path, tiny):
+def test_tokens_are_refused_so_they_are_never_saved(tmp_path, tiny):
     path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", training={"hub_token": "hf_secret"})
-    saved = tmp_path / "resolved.yaml"
-    recipes.load(path).save(saved)
-    assert "hf_secret" not in saved.read_text()
-    assert yaml.safe_load(saved.read_text())["training"]["hub_token"] == "***"
+    with pytest.raises(UserError) as info:
+        recipes.load(path)
+    assert info.value.problems == ["training.hub_token: not set here; never put a token in a recipe, where it "
+                                   "would be saved with the run; set the HF_TOKEN environment variable instead."]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
