@@ -100,6 +100,12 @@ def detect_format(columns: list[str], section, label: str, spec: str) -> str:
     """The data.format of a source: the recipe's, or guessed from its columns."""
     if section.format != "auto":
         return section.format
+    chosen = section.model_fields_set  # a field name the recipe sets says which format it means
+    if chosen & {"prompt_field", "completion_field"}:
+        return "prompt_completion"
+    for name, fmt in (("messages_field", "messages"), ("text_field", "text")):
+        if name in chosen:
+            return fmt
     present = set(columns)
     if section.messages_field in present:
         return "messages"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import UserError
 
@@ -101,7 +102,7 @@ def check_target_modules(target_modules, model, model_id: str) -> None:
             raise UserError(f"lora.target_modules: the pattern {target_modules!r} matches no layer of {model_id}.",
                             [f"its linear layers: {', '.join(suffixes)}", "or use target_modules: all-linear"])
         return
-    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    missing = sorted(t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names))
     if missing:
         raise UserError(f"lora.target_modules: {', '.join(missing)} not found in {model_id}.",
                         [f"its linear layers: {', '.join(suffixes)}", "or use target_modules: all-linear"])
@@ -156,6 +157,15 @@ def load_tokenizer(section, path: str | Path | None = None):
     return tokenizer
 
 
+def check_weights(section, source: str | None = None) -> None:
+    """Refuse a local model directory whose only weights are pickles, unless model.allow_pickle."""
+    local = Path(source or section.id).expanduser()
+    if local.is_dir() and not section.allow_pickle and not list(local.glob("*.safetensors")):
+        raise UserError(f"model.id: {local} has no .safetensors weights",
+                        ["pickle (.bin) weights can run code when loaded: convert them to safetensors, "
+                         "or set model.allow_pickle: true (--allow-pickle) if you trust their source"])
+
+
 def load_model(section, dtype, source: str | None = None):
     """The base model's weights, from a hub id or a local directory.
 
@@ -169,14 +179,10 @@ def load_model(section, dtype, source: str | None = None):
               "use_safetensors": None if section.allow_pickle else True}
     if section.attn_implementation:
         kwargs["attn_implementation"] = section.attn_implementation
-    local = Path(source).expanduser()
-    if local.is_dir() and not section.allow_pickle and not list(local.glob("*.safetensors")):
-        raise UserError(f"model.id: {source} has no .safetensors weights",
-                        ["pickle (.bin) weights can run code when loaded: convert them to safetensors, "
-                         "or set model.allow_pickle: true (--allow-pickle) if you trust their source"])
+    check_weights(section, source)
     try:
         return AutoModelForCausalLM.from_pretrained(source, revision=section.revision, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise UserError(f"model.id: cannot load the weights of {source}: {_first_line(exc)}",
                         ["check that the download or copy is complete (re-download corrupt or truncated files)"]) \
             from None
@@ -220,9 +226,9 @@ def load_with_adapter(adapter: Path, dtype_name: str = "auto", model_section=Non
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter))
     except Exception as exc:  # safetensors, torch and peft each raise their own types here
-        mismatch = "size mismatch" in str(exc)
+        mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), None)
         raise UserError(f"{adapter}: {'the adapter does not fit its base ' + base if mismatch else 'cannot read the adapter'}"
-                        f": {_first_line(exc)[:300]}",
+                        f": {(mismatch or _first_line(exc))[:300]}",
                         ["check that the adapter was trained on this base model" if mismatch
                          else "the adapter file is truncated or corrupt: use an earlier checkpoint or retrain"]) from None
     return peft_model.eval(), tokenizer, model_section

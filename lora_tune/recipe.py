@@ -143,7 +143,8 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: a recipe is a mapping with sections {', '.join(SECTIONS)}; got {type(raw).__name__}")
+        raise UserError(f"{path}: a recipe is a mapping with sections {', '.join(SECTIONS)}; got {type(raw).__name__}",
+                        ["start from a recipe in recipes/: top-level keys model:, lora:, data: and training:"])
     apply_overrides(raw, overrides)
     return validate(raw, source=str(path))
 

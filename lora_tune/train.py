@@ -75,6 +75,7 @@ def make_plan(recipe: Recipe) -> Plan:
     """Validate the recipe against the model's config and the data; load no weights."""
     check_output_dir(recipe.output_dir)
     config = models.load_config(recipe.model)
+    models.check_weights(recipe.model)
     skeleton = models.meta_model(config, recipe.model.trust_remote_code)
     lora_config = build_lora_config(recipe.lora)
     models.check_target_modules(lora_config.target_modules, skeleton, recipe.model.id)
@@ -196,7 +197,7 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
     metrics = collect_metrics(plan, trainer, result, wall, str(dtype).replace("torch.", ""), start_epoch)
     runs.write_json(out / runs.METRICS, metrics)
     console.print(f"Final train loss {metrics['final_loss']:.4f}, {metrics['tokens_per_second']:,.0f} tokens/s, "
-                  f"wall {wall:.1f} s. Adapter: {adapter}")
+                  f"wall {wall:.1f} s. Adapter: {adapter.resolve()}")
     return metrics
 
 
