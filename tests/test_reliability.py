@@ -301,3 +301,13 @@ def test_train_writes_only_inside_the_reported_output_dir(tiny, tmp_path, capsys
     assert f"Adapter: {reported / 'adapter'}" in capsys.readouterr().out
     assert all(reported in p.resolve().parents for p in files_under(tmp_path) - before if p != reported
                and p != reported.parent)
+
+
+def test_pickle_adapters_are_refused_unless_allowed(trained, tmp_path, capsys):
+    adapter = copy_adapter(trained, tmp_path / "adapter")
+    torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    assert run_cli("merge", adapter, "-o", tmp_path / "merged") == 2
+    assert f"error: {adapter}: no adapter_model.safetensors" in capsys.readouterr().err
+    assert run_cli("merge", adapter, "-o", tmp_path / "merged", "--allow-pickle") == 0
+    assert json.loads((tmp_path / "merged" / "merge_report.json").read_text())["ok"]
