@@ -76,17 +76,34 @@ def data_preview(
 
 @app.command()
 def merge(
-    source: Annotated[Path, typer.Argument(help="A run directory or a PEFT adapter directory.")],
+    sources: Annotated[list[Path], typer.Argument(help="A run directory or PEFT adapter; several to combine them.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the merged model.")],
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
     dtype: Annotated[str, typer.Option(
         help="Weight dtype of the merged model: auto (the base checkpoint's), float32, bfloat16, float16.")] = "auto",
+    method: Annotated[str, typer.Option(
+        help="stream: shard by shard in bounded memory; memory: merge_and_unload on the loaded model; "
+             "auto: stream where the adapter allows.")] = "auto",
+    verify: Annotated[bool, typer.Option(
+        "--verify/--no-verify", help="Compare merged and adapter-on-base logits (loads the model; skip it for "
+                                     "models larger than memory).")] = True,
+    max_shard_size: Annotated[Optional[str], typer.Option(
+        help="Largest output shard, e.g. 2GB (default: the base's sharding).")] = None,
+    weights: Annotated[Optional[list[float]], typer.Option(
+        "--weights", help="Weight of each adapter when combining several (repeat or list: --weights 0.7 0.3).")] = None,
+    combination: Annotated[str, typer.Option(
+        help="How PEFT combines several adapters: cat (exact weighted sum), linear, svd, ties, dare_ties, ...")] = "cat",
+    density: Annotated[Optional[float], typer.Option(help="Fraction of weights kept by ties / dare combinations.")] = None,
+    adapter_only: Annotated[bool, typer.Option(
+        "--adapter-only", help="Write the combined adapter instead of a merged model.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE)] = False,
 ):
-    """Fold the adapter into its base model, verify the logits are unchanged, and save it."""
+    """Fold adapters into their base model, verify the logits are unchanged, and save it."""
     from . import merge as merging
 
-    merging.run(source, output, force=force, dtype=dtype, allow_pickle=allow_pickle)
+    merging.run(sources, output, force=force, dtype=dtype, allow_pickle=allow_pickle, method=method, verify=verify,
+                max_shard_size=max_shard_size, weights=weights, combination=combination, density=density,
+                adapter_only=adapter_only)
 
 
 @app.command("eval")

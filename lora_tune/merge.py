@@ -1,7 +1,17 @@
-"""`lora-tune merge`: adapter + base -> one standalone model, verified before it is written."""
+"""`lora-tune merge`: adapter(s) + base -> one standalone model, verified, written atomically.
+
+Two ways to merge, with the same result:
+- stream (default where possible): shard by shard from the base checkpoint, in bounded memory
+  (stream_merge.py);
+- memory: PEFT's merge_and_unload on the loaded model, for what streaming does not handle and
+  for combinations of several adapters.
+Verification compares merged and adapter-on-base logits; it loads the model (one copy at a
+time), which `--no-verify` skips for models larger than memory.
+"""
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 from pathlib import Path
@@ -9,7 +19,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from . import models, runs
+from . import __version__, models, runs, stream_merge
 from .errors import UserError
 
 console = Console(soft_wrap=True)  # never break paths in messages
@@ -21,17 +31,25 @@ PROBE_TEXTS = [
     "Fine-tuning changes a model; merging must not.",
     "1, 2, 3, 4, 5, 6, 7, 8, 9, 10",
 ]
+COMBINATIONS = ("cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune")
 
 
-def probe_batch(tokenizer, device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Fixed texts plus one row of random token ids, so every part of the vocabulary can show up."""
-    batch = tokenizer(PROBE_TEXTS, return_tensors="pt", padding=True)
+def probe_batch(tokenizer, device, samples=None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Up to 4 of the run's eval samples (else fixed texts), plus one row of random token ids."""
+    if samples:
+        rows = [ids for ids in samples[:4]]
+    else:
+        rows = tokenizer(PROBE_TEXTS)["input_ids"]
+    width = max(len(ids) for ids in rows)
     generator = torch.Generator().manual_seed(seed)
-    width = batch["input_ids"].shape[1]
-    random_ids = torch.randint(0, len(tokenizer), (1, width), generator=generator)
-    batch["input_ids"] = torch.cat([batch["input_ids"], random_ids])
-    batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(random_ids)])
-    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    input_ids = torch.full((len(rows) + 1, width), tokenizer.pad_token_id)
+    attention = torch.zeros((len(rows) + 1, width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+    input_ids[-1] = torch.randint(0, len(tokenizer), (width,), generator=generator)
+    attention[-1] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
 
 
 @torch.no_grad()
@@ -51,59 +69,223 @@ def compare_logits(reference: torch.Tensor, other: torch.Tensor, dtype: torch.dt
             "ok": finite and max_diff <= tolerance}
 
 
-def run(source: Path, output: Path, force: bool = False, dtype: str = "auto", allow_pickle: bool = False) -> dict:
-    """Merge, verify and write OUTPUT atomically. Returns the verification report."""
-    adapter = runs.adapter_dir(source)
-    if adapter is None:
-        raise UserError(f"{source}: not a run directory or PEFT adapter (no adapter_config.json)",
-                        ["give a run directory (runs/NAME) or an adapter directory"])
+def resolve_adapters(sources: list[Path]) -> list[Path]:
+    adapters = []
+    for source in sources:
+        adapter = runs.adapter_dir(source)
+        if adapter is None:
+            raise UserError(f"{source}: not a run directory or PEFT adapter (no adapter_config.json)",
+                            ["give a run directory (runs/NAME) or an adapter directory"])
+        adapters.append(adapter)
+    return adapters
+
+
+def check_same_base(adapters: list[Path]) -> None:
+    from peft import PeftConfig
+
+    bases = [(PeftConfig.from_pretrained(str(a)).base_model_name_or_path, PeftConfig.from_pretrained(str(a)).revision)
+             for a in adapters]
+    if len(set(bases)) > 1:
+        listing = "; ".join(f"{a}: {b}{'@' + r if r else ''}" for a, (b, r) in zip(adapters, bases))
+        raise UserError(f"the adapters were trained on different base models ({listing})",
+                        ["combine only adapters trained on the same base"])
+
+
+def probe_samples(adapter: Path, tokenizer) -> list[list[int]] | None:
+    """input_ids of the run's eval samples, when the adapter belongs to a run with eval data."""
+    from . import data
+
+    recipe = runs.run_recipe(adapter)
+    if recipe is None or not (recipe.data.eval or recipe.data.eval_fraction):
+        return None
+    try:
+        return data.load_eval(None, recipe.data, tokenizer)["input_ids"][:4]
+    except UserError:  # the eval data moved since training: fixed probe texts will do
+        return None
+
+
+def run(sources: list[Path] | Path, output: Path, force: bool = False, dtype: str = "auto",
+        allow_pickle: bool = False, method: str = "auto", verify: bool = True, max_shard_size: str | None = None,
+        weights: list[float] | None = None, combination: str = "cat", density: float | None = None,
+        adapter_only: bool = False) -> dict:
+    """Merge, verify and write OUTPUT atomically. Returns the report (also saved as merge_report.json)."""
+    adapters = resolve_adapters(sources if isinstance(sources, list) else [sources])
     if output.exists() and not force:
         raise UserError(f"{output} already exists", ["choose another --output, or pass --force to replace it"])
     if dtype not in ("auto", *models.DTYPES):
         raise UserError(f"--dtype: unknown dtype {dtype!r}", ["use auto, float32, bfloat16 or float16"])
-    recipe = runs.run_recipe(adapter)
-    model, tokenizer, section = models.load_with_adapter(adapter, dtype, recipe.model if recipe else None,
-                                                         allow_pickle)
+    if method not in ("auto", "stream", "memory"):
+        raise UserError(f"--method: unknown method {method!r}", ["use auto, stream or memory"])
+    if combination not in COMBINATIONS:
+        raise UserError(f"--combination: unknown combination {combination!r}", [f"use one of {', '.join(COMBINATIONS)}"])
+    weights = weights or [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise UserError(f"--weights: {len(weights)} weights for {len(adapters)} adapters", ["give one weight per adapter"])
+    if adapter_only and len(adapters) < 2:
+        raise UserError("--adapter-only combines several adapters into one", ["give two or more adapters"])
+    max_bytes = parse_size(max_shard_size)
+    check_same_base(adapters)
+    recipe = runs.run_recipe(adapters[0])
+    section = models.adapter_base_section(adapters[0], recipe.model if recipe else None, allow_pickle)
+    models.check_weights(section)
+
+    single = len(adapters) == 1 and weights == [1.0]
+    reason = "several adapters are combined" if not single else None
+    if single and method != "memory":
+        try:
+            base_dir = stream_merge.base_directory(section)
+            merge_plan = stream_merge.plan(adapters[0], base_dir)
+        except stream_merge.CannotStream as exc:
+            reason = str(exc)
+    elif method == "memory":
+        reason = "--method memory"
+    if reason and method == "stream":
+        raise UserError(f"--method stream: cannot stream this merge: {reason}", ["use --method auto or memory"])
+    if reason and method == "auto":
+        console.print(f"Merging in memory with merge_and_unload ({'not streamed: ' if single else ''}{reason}).")
+
+    partial = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if reason is None:
+            report = streamed(adapters[0], section, base_dir, merge_plan, partial, dtype, max_bytes, verify)
+        else:
+            report = in_memory(adapters, section, partial, dtype, max_bytes, weights, combination, density,
+                               adapter_only)
+        report |= {"base_model": section.id, "revision": section.revision, "adapters": [str(a) for a in adapters],
+                   "weights": weights, "combination": combination if len(adapters) > 1 else None,
+                   "versions": runs.versions()}
+        runs.write_json(partial / "merge_report.json", report)
+        write_model_card(partial, report, recipe)
+        replace(partial, output)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    console.print(f"{'Combined adapter' if adapter_only else 'Merged model'} written to {output.resolve()}")
+    return report
+
+
+def parse_size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        return convert_file_size_to_int(text)
+    except ValueError:
+        raise UserError(f"--max-shard-size: cannot read {text!r}", ["write it like 2GB or 500MB"]) from None
+
+
+def streamed(adapter, section, base_dir, merge_plan, partial, dtype, max_bytes, verify) -> dict:
+    """Stream the merge into `partial`; verify against adapter-on-base, one model in memory at a time."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = models.load_tokenizer(section, adapter if (adapter / "tokenizer_config.json").is_file() else None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report: dict = {"method": "stream"}
+    if verify:
+        model, _, _ = models.load_with_adapter(adapter, dtype, section)
+        batch = probe_batch(tokenizer, device, probe_samples(adapter, tokenizer))
+        reference = logits_of(model.to(device), batch)
+        del model
+        gc.collect()
+    partial.mkdir(parents=True)
+    stream_merge.merge(merge_plan, base_dir, partial, None if dtype == "auto" else models.DTYPES[dtype], max_bytes)
+    tokenizer.save_pretrained(partial)
+    if verify:
+        merged = AutoModelForCausalLM.from_pretrained(partial, dtype="auto").to(device).eval()
+        report |= check(reference, logits_of(merged, batch), merged.dtype)
+    else:
+        report |= {"verified": False}
+        console.print("Verification skipped (--no-verify).")
+    return report
+
+
+def in_memory(adapters, section, partial, dtype, max_bytes, weights, combination, density, adapter_only) -> dict:
+    """merge_and_unload (or PEFT's weighted combination) on the loaded model; verified before writing."""
+    model, tokenizer, _ = models.load_with_adapter(adapters[0], dtype, section)
+    if len(adapters) > 1 or weights != [1.0]:
+        names = ["default"]
+        for i, adapter in enumerate(adapters[1:], start=1):
+            model.load_adapter(str(adapter), adapter_name=f"adapter{i}")
+            names.append(f"adapter{i}")
+        kwargs = {"density": density} if density is not None else {}
+        try:
+            model.add_weighted_adapter(names, weights, "combined", combination_type=combination, **kwargs)
+        except ValueError as exc:
+            raise UserError(f"--combination {combination}: {exc}",
+                            ["cat works for any ranks; ties and dare_* need --density"]) from None
+        model.set_adapter("combined")
+        for name in names:
+            model.delete_adapter(name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    weight_dtype = model.get_base_model().dtype
-
-    batch = probe_batch(tokenizer, device)
+    report: dict = {"method": "memory"}
+    if adapter_only:
+        model.save_pretrained(partial)
+        nested = partial / "combined"  # PEFT nests adapters not named "default"
+        for item in nested.iterdir():
+            item.rename(partial / item.name)
+        nested.rmdir()
+        tokenizer.save_pretrained(partial)
+        return report | {"verified": False, "adapter_only": True}
+    batch = probe_batch(tokenizer, device, probe_samples(adapters[0], tokenizer) if len(adapters) == 1 else None)
     before = logits_of(model, batch)
     try:
         merged = model.merge_and_unload(safe_merge=True)
     except ValueError as exc:  # safe_merge found NaN or inf in a merged weight
         raise UserError(f"merge refused: {exc}", ["the adapter is broken; retrain or use an earlier checkpoint"]) from None
-    after = logits_of(merged, batch)
-    report = compare_logits(before, after, weight_dtype)
-    report |= {"base_model": section.id, "revision": section.revision, "adapter": str(adapter),
-               "dtype": str(weight_dtype).replace("torch.", ""), "versions": runs.versions()}
-    console.print(f"Merged vs adapter logits: max |diff| {report['max_abs_diff']:.3g}, "
-                  f"mean {report['mean_abs_diff']:.3g} (tolerance {report['tolerance']:.3g}, {report['dtype']})")
-    if not report["ok"]:
-        raise UserError(f"merge refused: the merged model's logits differ from adapter-on-base by "
-                        f"{report['max_abs_diff']:.3g} (tolerance {report['tolerance']:.3g}); nothing was written",
-                        ["merge in float32 with --dtype float32, or check the adapter for non-finite weights"])
-    write_atomically(merged, tokenizer, output, report)
-    console.print(f"Merged model written to {output}")
+    report |= check(before, logits_of(merged, batch), merged.dtype)
+    merged.save_pretrained(partial, max_shard_size=max_bytes or "50GB")
+    tokenizer.save_pretrained(partial)
     return report
 
 
-def write_atomically(model, tokenizer, output: Path, report: dict) -> None:
-    """Write into a hidden sibling folder, then rename: OUTPUT is either complete or absent."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.parent / f".{output.name}.partial-{os.getpid()}"
+def check(reference: torch.Tensor, merged: torch.Tensor, dtype: torch.dtype) -> dict:
+    """Compare, print, and refuse past the tolerance."""
+    result = compare_logits(reference, merged, dtype) | {"verified": True, "dtype": str(dtype).removeprefix("torch.")}
+    console.print(f"Merged vs adapter logits: max |diff| {result['max_abs_diff']:.3g}, "
+                  f"mean {result['mean_abs_diff']:.3g} (tolerance {result['tolerance']:.3g}, {result['dtype']})")
+    if not result["ok"]:
+        raise UserError(f"merge refused: the merged model's logits differ from adapter-on-base by "
+                        f"{result['max_abs_diff']:.3g} (tolerance {result['tolerance']:.3g}); nothing was written",
+                        ["merge in float32 with --dtype float32, or check the adapter for non-finite weights",
+                         "LoRA on a weight tied to another (a tied lm_head and embeddings) cannot be merged "
+                         "into one copy: untie them (tie_word_embeddings: false) before training"])
+    return result
+
+
+def write_model_card(folder: Path, report: dict, recipe) -> None:
+    """A README model card: where the model came from and how it was checked."""
+    verified = (f"merged and adapter-on-base logits agree: max |diff| {report['max_abs_diff']:.3g}, mean "
+                f"{report['mean_abs_diff']:.3g} (tolerance {report['tolerance']:.3g})" if report.get("verified")
+                else "not verified")
+    lines = [
+        "---", f"base_model: {report['base_model']}", "library_name: transformers",
+        "tags: [lora-tune, lora, merged]" if not report.get("adapter_only") else "tags: [lora-tune, lora, peft]",
+        "---", "", f"# {folder.name.split('.partial-')[0].lstrip('.')}", "",
+        f"- Base model: {report['base_model']}" + (f" (revision {report['revision']})" if report["revision"] else ""),
+        f"- Adapters: {', '.join(report['adapters'])}" + (
+            f" (weights {report['weights']}, {report['combination']})" if report["combination"] else ""),
+        f"- Merge: {report['method']}, by lora-tune {__version__}",
+        f"- Verification: {verified}",
+    ]
+    if recipe is not None:
+        import yaml
+
+        lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip(), "```"]
+    (folder / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def replace(partial: Path, output: Path) -> None:
+    """Rename `partial` to `output`; an existing output is kept until the new one is in place."""
     old = output.parent / f".{output.name}.old-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
+    if output.exists():
+        output.rename(old)
     try:
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        runs.write_json(partial / "merge_report.json", report)
-        if output.exists():
-            output.rename(old)
         partial.rename(output)
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
         if old.exists() and not output.exists():
             old.rename(output)
         raise

@@ -193,13 +193,10 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def load_with_adapter(adapter: Path, dtype_name: str = "auto", model_section=None, allow_pickle: bool = False):
-    """(PeftModel on its base, tokenizer, base model section) for an adapter directory.
-
-    The base comes from the adapter's own config (base_model_name_or_path, revision) unless the
-    run's recipe gives its model section. Raises UserError when the base or adapter will not load.
-    """
-    from peft import PeftConfig, PeftModel
+def adapter_base_section(adapter: Path, model_section=None, allow_pickle: bool = False):
+    """The model section of an adapter's base: the run recipe's, else from adapter_config.json
+    (base_model_name_or_path, revision). Raises UserError when the base is gone."""
+    from peft import PeftConfig
 
     from .recipe import ModelSection
 
@@ -209,13 +206,26 @@ def load_with_adapter(adapter: Path, dtype_name: str = "auto", model_section=Non
         raise UserError(f"{adapter}: unreadable adapter_config.json: {_first_line(exc)}",
                         ["restore the file from the run, or retrain"]) from None
     base = config.base_model_name_or_path
-    if model_section is None:
-        model_section = ModelSection(id=base, revision=config.revision)
+    if model_section is None or model_section.id != base:
+        model_section = ModelSection(id=base, revision=config.revision,
+                                     trust_remote_code=bool(model_section and model_section.trust_remote_code))
     if allow_pickle:
         model_section = model_section.model_copy(update={"allow_pickle": True})
     if _looks_local(base) and not Path(base).expanduser().is_dir():
         raise UserError(f"{adapter}: its base model {base!r} is not there any more",
                         ["restore the base model directory, or edit base_model_name_or_path in adapter_config.json"])
+    return model_section
+
+
+def load_with_adapter(adapter: Path, dtype_name: str = "auto", model_section=None, allow_pickle: bool = False):
+    """(PeftModel on its base, tokenizer, base model section) for an adapter directory.
+
+    Raises UserError when the base or the adapter will not load, or the adapter does not fit.
+    """
+    from peft import PeftModel
+
+    model_section = adapter_base_section(adapter, model_section, allow_pickle)
+    base = model_section.id
     dtype = "auto" if dtype_name == "auto" else DTYPES[dtype_name]
     if not (adapter / "adapter_model.safetensors").is_file() and not model_section.allow_pickle:
         raise UserError(f"{adapter}: no adapter_model.safetensors",

@@ -245,19 +245,23 @@ def test_corrupt_base_model_file(trained, tiny, tmp_path, capsys):
     assert f"error: model.id: cannot load the weights of {base}" in capsys.readouterr().err
 
 
-def test_merge_crash_with_force_keeps_the_previous_output(trained, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["stream", "memory"])
+def test_merge_crash_with_force_keeps_the_previous_output(trained, tmp_path, monkeypatch, method):
     from transformers import PreTrainedModel
+
+    from lora_tune import stream_merge
 
     out = tmp_path / "merged"
     merge.run(trained, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def crash(self, *args, **kwargs):
+    def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing weights")
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", crash)
+    monkeypatch.setattr(stream_merge, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
-        merge.run(trained, out, force=True)
+        merge.run(trained, out, force=True, method=method)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
