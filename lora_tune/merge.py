@@ -81,10 +81,8 @@ def resolve_adapters(sources: list[Path]) -> list[Path]:
 
 
 def check_same_base(adapters: list[Path]) -> None:
-    from peft import PeftConfig
-
-    bases = [(PeftConfig.from_pretrained(str(a)).base_model_name_or_path, PeftConfig.from_pretrained(str(a)).revision)
-             for a in adapters]
+    configs = [runs.adapter_config(a) for a in adapters]
+    bases = [(c.get("base_model_name_or_path"), c.get("revision")) for c in configs]
     if len(set(bases)) > 1:
         listing = "; ".join(f"{a}: {b}{'@' + r if r else ''}" for a, (b, r) in zip(adapters, bases))
         raise UserError(f"the adapters were trained on different base models ({listing})",
@@ -181,18 +179,17 @@ def streamed(adapter, section, base_dir, merge_plan, partial, dtype, max_bytes, 
     """Stream the merge into `partial`; verify against adapter-on-base, one model in memory at a time."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = models.load_tokenizer(section, adapter if (adapter / "tokenizer_config.json").is_file() else None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report: dict = {"method": "stream"}
     if verify:
-        model, _, _ = models.load_with_adapter(adapter, dtype, section)
+        model, tokenizer, _ = models.load_with_adapter(adapter, dtype, section)
         batch = probe_batch(tokenizer, device, probe_samples(adapter, tokenizer))
         reference = logits_of(model.to(device), batch)
         del model
         gc.collect()
     partial.mkdir(parents=True)
     stream_merge.merge(merge_plan, base_dir, partial, None if dtype == "auto" else models.DTYPES[dtype], max_bytes)
-    tokenizer.save_pretrained(partial)
+    stream_merge.copy_tokenizer(adapter if (adapter / "tokenizer_config.json").is_file() else base_dir, partial)
     if verify:
         merged = AutoModelForCausalLM.from_pretrained(partial, dtype="auto").to(device).eval()
         report |= check(reference, logits_of(merged, batch), merged.dtype)

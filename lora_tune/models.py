@@ -196,18 +196,13 @@ def _first_line(exc: BaseException) -> str:
 def adapter_base_section(adapter: Path, model_section=None, allow_pickle: bool = False):
     """The model section of an adapter's base: the run recipe's, else from adapter_config.json
     (base_model_name_or_path, revision). Raises UserError when the base is gone."""
-    from peft import PeftConfig
-
     from .recipe import ModelSection
+    from .runs import adapter_config
 
-    try:
-        config = PeftConfig.from_pretrained(str(adapter))
-    except (OSError, ValueError, TypeError) as exc:
-        raise UserError(f"{adapter}: unreadable adapter_config.json: {_first_line(exc)}",
-                        ["restore the file from the run, or retrain"]) from None
-    base = config.base_model_name_or_path
+    config = adapter_config(adapter)
+    base = config.get("base_model_name_or_path") or ""
     if model_section is None or model_section.id != base:
-        model_section = ModelSection(id=base, revision=config.revision,
+        model_section = ModelSection(id=base, revision=config.get("revision"),
                                      trust_remote_code=bool(model_section and model_section.trust_remote_code))
     if allow_pickle:
         model_section = model_section.model_copy(update={"allow_pickle": True})

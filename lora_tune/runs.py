@@ -36,6 +36,17 @@ def adapter_dir(path: Path) -> Path | None:
     return path if is_adapter(path) else None
 
 
+def adapter_config(adapter: Path) -> dict:
+    """adapter_config.json as a dict (read without importing peft). Raises UserError if unreadable."""
+    from .errors import UserError
+
+    try:
+        return json.loads((adapter / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{adapter}: unreadable adapter_config.json: {exc}",
+                        ["restore the file from the run, or retrain"]) from None
+
+
 def run_recipe(adapter: Path):
     """The recipe of the run an adapter belongs to, or None for a bare adapter."""
     from . import recipe

@@ -28,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from .errors import UserError
 
 PREFIX = "base_model.model."
+TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model",
+                   "chat_template*"]
 LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|"
                       r"lora_embedding_B|lora_magnitude_vector)")
 
@@ -63,15 +65,15 @@ def plan(adapter: Path, base_dir: Path) -> Plan:
 
     Raises CannotStream for what this merge does not handle.
     """
-    from peft import PeftConfig
-    from peft.utils.other import get_pattern_key
+    from .runs import adapter_config
 
-    config = PeftConfig.from_pretrained(str(adapter))
-    if config.peft_type != "LORA":
-        raise CannotStream(f"{config.peft_type} adapters")
+    config = adapter_config(adapter)  # read as JSON: importing peft alone costs seconds
+    if config.get("peft_type") != "LORA":
+        raise CannotStream(f"{config.get('peft_type')} adapters")
     for option in ("layer_replication", "target_parameters", "trainable_token_indices", "alora_invocation_tokens"):
-        if getattr(config, option, None):
+        if config.get(option):
             raise CannotStream(f"the {option} option")
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     if not (adapter / "adapter_model.safetensors").is_file():
         raise CannotStream("the adapter has no safetensors file")
     try:
@@ -90,9 +92,9 @@ def plan(adapter: Path, base_dir: Path) -> Plan:
             replace[key] = tensor
     deltas = {}
     for module, found in parts.items():
-        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
-        scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        r = rank_pattern.get(pattern_key(rank_pattern, module), config.get("r", 8))
+        alpha = alpha_pattern.get(pattern_key(alpha_pattern, module), config.get("lora_alpha", 8))
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         embedding = "lora_embedding_A" in found
         A, B = (found.get("lora_embedding_A"), found.get("lora_embedding_B")) if embedding else \
             (found.get("lora_A.weight"), found.get("lora_B.weight"))
@@ -100,7 +102,7 @@ def plan(adapter: Path, base_dir: Path) -> Plan:
             raise CannotStream(f"an incomplete LoRA pair for {module}")
         if embedding and "lora_magnitude_vector" in found:
             raise CannotStream("DoRA on embeddings")
-        deltas[f"{module}.weight"] = Delta(A, B, scaling, transpose=embedding or config.fan_in_fan_out,
+        deltas[f"{module}.weight"] = Delta(A, B, scaling, transpose=embedding or bool(config.get("fan_in_fan_out")),
                                            magnitude=found.get("lora_magnitude_vector"), bias=found.get("lora_B.bias"))
     if "quantization_config" in json.loads((base_dir / "config.json").read_text()):
         raise CannotStream("a quantized base checkpoint")
@@ -117,6 +119,17 @@ def plan(adapter: Path, base_dir: Path) -> Plan:
         if shapes.get(name) != tuple(tensor.shape):
             raise CannotStream(f"the adapter's {name} has no tensor of that shape in the base checkpoint")
     return Plan(deltas, replace)
+
+
+def pattern_key(patterns: dict, module: str) -> str:
+    """The rank/alpha_pattern key that applies to a module, matched as PEFT does (a dotted suffix)."""
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), module)
+
+
+def copy_tokenizer(source: Path, out: Path) -> None:
+    for pattern in TOKENIZER_FILES:
+        for path in source.glob(pattern):
+            shutil.copy(path, out / path.name)
 
 
 def base_files(base_dir: Path) -> list[Path]:
@@ -152,7 +165,7 @@ def base_directory(section) -> Path:
 
     try:
         return Path(snapshot_download(section.id, revision=section.revision,
-                                      allow_patterns=["*.safetensors", "*.json", "*.py"]))
+                                      allow_patterns=["*.safetensors", "*.json", "*.py", *TOKENIZER_FILES]))
     except Exception as exc:  # offline and not cached, gated, or missing
         raise CannotStream(f"the base checkpoint is not reachable ({type(exc).__name__})") from None
 
@@ -164,8 +177,8 @@ def merge_tensor(name: str, tensor: torch.Tensor, merge_plan: Plan, bias_of: dic
     delta = merge_plan.deltas.get(name)
     if delta is not None:
         change = delta.weight()
-        if delta.magnitude is None:
-            return tensor + change.to(tensor.dtype)
+        if delta.magnitude is None:  # added in float32 and rounded once, as PEFT's in-place merge does
+            return (tensor.to(change.dtype) + change).to(tensor.dtype)
         rows = tensor.T if delta.transpose else tensor
         lora = change.T if delta.transpose else change
         norm = torch.linalg.norm(rows + lora, dim=1).to(tensor.dtype)

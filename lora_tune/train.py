@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -138,6 +139,20 @@ def describe_data(stats: dict, section) -> str:
     return f"{stats['samples']:,} ({'; '.join(notes)})"
 
 
+@contextlib.contextmanager
+def tensorboard_dir(path: Path):
+    """Point transformers' TensorBoard callback (which reads the variable when created) at the run's logs/."""
+    previous = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(path)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TENSORBOARD_LOGGING_DIR"]
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = previous
+
+
 def resume_checkpoint(out: Path, resume: str) -> Path | None:
     """The checkpoint to resume from: `auto` (the latest complete one, if any), `never`, or a path."""
     if resume == "never":
@@ -167,12 +182,12 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
     out.mkdir(parents=True, exist_ok=True)
     if main:
         recipe.save(out / runs.RECIPE)
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / runs.LOGS))
     dtype = models.resolve_dtype(recipe.model.dtype)
     model = models.load_model(recipe.model, dtype)
     guard = RunGuard()
-    trainer = SFTTrainer(model=model, args=plan.sft_config, train_dataset=plan.train, eval_dataset=plan.eval,
-                         processing_class=plan.tokenizer, peft_config=plan.lora_config, callbacks=[guard])
+    with tensorboard_dir(out / runs.LOGS):
+        trainer = SFTTrainer(model=model, args=plan.sft_config, train_dataset=plan.train, eval_dataset=plan.eval,
+                             processing_class=plan.tokenizer, peft_config=plan.lora_config, callbacks=[guard])
     start_epoch = 0.0
     if checkpoint:
         start_epoch = json.loads((checkpoint / "trainer_state.json").read_text()).get("epoch") or 0.0

@@ -156,12 +156,12 @@ def test_merge_refuses_to_overwrite_without_force(run_dir, tmp_path, capsys):
 
 
 def test_merge_crash_mid_write_leaves_no_output(run_dir, tmp_path, monkeypatch):
-    from transformers import PreTrainedTokenizerBase
+    from lora_tune import stream_merge
 
-    def crash(self, *args, **kwargs):
+    def crash(*args, **kwargs):  # after the weights, before the tokenizer
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", crash)
+    monkeypatch.setattr(stream_merge, "copy_tokenizer", crash)
     out = tmp_path / "merged"
     with pytest.raises(KeyboardInterrupt):
         merge.run(run_dir, out)
