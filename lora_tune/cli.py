@@ -6,6 +6,7 @@ Heavy libraries (torch, transformers, peft, trl) are imported inside the command
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -89,8 +90,8 @@ def merge(
                                      "models larger than memory).")] = True,
     max_shard_size: Annotated[Optional[str], typer.Option(
         help="Largest output shard, e.g. 2GB (default: the base's sharding).")] = None,
-    weights: Annotated[Optional[list[float]], typer.Option(
-        "--weights", help="Weight of each adapter when combining several (repeat or list: --weights 0.7 0.3).")] = None,
+    weights: Annotated[Optional[str], typer.Option(
+        "--weights", help="Weight of each adapter when combining several: --weights 0.7 0.3 (or 0.7,0.3).")] = None,
     combination: Annotated[str, typer.Option(
         help="How PEFT combines several adapters: cat (exact weighted sum), linear, svd, ties, dare_ties, ...")] = "cat",
     density: Annotated[Optional[float], typer.Option(help="Fraction of weights kept by ties / dare combinations.")] = None,
@@ -101,8 +102,12 @@ def merge(
     """Fold adapters into their base model, verify the logits are unchanged, and save it."""
     from . import merge as merging
 
+    try:
+        parsed = [float(w) for w in weights.split(",")] if weights else None
+    except ValueError:
+        raise UserError(f"--weights: cannot read {weights!r}", ["give one number per adapter: --weights 0.7 0.3"]) from None
     merging.run(sources, output, force=force, dtype=dtype, allow_pickle=allow_pickle, method=method, verify=verify,
-                max_shard_size=max_shard_size, weights=weights, combination=combination, density=density,
+                max_shard_size=max_shard_size, weights=parsed, combination=combination, density=density,
                 adapter_only=adapter_only)
 
 
@@ -127,12 +132,29 @@ def evaluate(
                    batch_size=batch_size, max_samples=max_samples, allow_pickle=allow_pickle)
 
 
+def join_weights(argv: list[str]) -> list[str]:
+    """`--weights 0.7 0.3` -> `--weights 0.7,0.3`: click cannot give an option several values
+    after a variadic argument, and this is how users write it."""
+    result, i = [], 0
+    while i < len(argv):
+        if argv[i] != "--weights":
+            result.append(argv[i])
+            i += 1
+            continue
+        j = i + 1
+        while j < len(argv) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(,.+)?", argv[j]):
+            j += 1
+        result += ["--weights", ",".join(argv[i + 1:j])]
+        i = j
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors exit 2 with their message; bugs keep their traceback (exit 1)."""
     # Deprecation notices between transformers, peft and trl are theirs to fix, not the user's.
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        app(args=argv, prog_name="lora-tune")
+        app(args=join_weights(sys.argv[1:] if argv is None else argv), prog_name="lora-tune")
     except UserError as exc:
         if _debug:
             raise

@@ -165,7 +165,7 @@ def test_several_adapters(tiny, tmp_path, capsys):
     first = make_adapter(base, tmp_path / "a", target_modules=["q_proj"])
     second = make_adapter(base, tmp_path / "b", target_modules=["q_proj", "v_proj"], r=8)
     out = tmp_path / "merged"
-    assert run_cli("merge", first, second, "--weights", "0.7", "--weights", "0.3", "-o", out) == 0
+    assert run_cli("merge", first, second, "--weights", "0.7", "0.3", "-o", out) == 0
     assert "Merging in memory with merge_and_unload (several adapters are combined)" in capsys.readouterr().out
     report = json.loads((out / "merge_report.json").read_text())
     assert report["ok"] and report["weights"] == [0.7, 0.3] and report["combination"] == "cat"
@@ -179,8 +179,7 @@ def test_several_adapters(tiny, tmp_path, capsys):
     assert (merged - (w + 0.7 * delta["a"] + 0.3 * delta["b"])).abs().max().item() < 1e-6
 
     combined = tmp_path / "combined"
-    assert run_cli("merge", first, second, "--weights", "0.7", "--weights", "0.3", "-o", combined,
-                   "--adapter-only") == 0
+    assert run_cli("merge", first, second, "--weights", "0.7,0.3", "-o", combined, "--adapter-only") == 0
     assert (combined / "adapter_config.json").is_file() and (combined / "adapter_model.safetensors").is_file()
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(combined))
     assert torch.allclose(reloaded.merge_and_unload().state_dict()["model.layers.0.self_attn.q_proj.weight"], merged,
