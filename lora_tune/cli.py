@@ -113,23 +113,40 @@ def merge(
 
 @app.command("eval")
 def evaluate(
-    target: Annotated[str, typer.Argument(help="A run directory, an adapter, a model directory or a hub id.")],
+    targets: Annotated[list[str], typer.Argument(
+        help="Run directories, adapters, model directories or hub ids; several are compared side by side.")],
     data: Annotated[Optional[str], typer.Option(
         help="Evaluation data (a local file or hub dataset); default: the run recipe's eval data.")] = None,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Evaluate base, adapter and merged model side by side.")] = False,
     merge: Annotated[bool, typer.Option(
         "--merge/--no-merge", help="Evaluate an adapter merged (default) or unmerged on its base.")] = True,
+    samples: Annotated[int, typer.Option(
+        "--samples", min=0, help="Show this many prompts with base and fine-tuned generations side by side.")] = 0,
+    generation: Annotated[Optional[bool], typer.Option(
+        "--generate/--no-generate", help="Greedy-generation metrics (exact match, token F1); default: on for data "
+                                         "with prompts.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        min=1, help="Generation length limit; default: the longest reference answer plus 8.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Cut generations at this string (repeatable).")] = None,
+    tasks: Annotated[Optional[str], typer.Option(
+        help="lm-evaluation-harness tasks, e.g. arc_easy,hellaswag (pip install 'lora-tune[eval]').")] = None,
+    tasks_path: Annotated[Optional[Path], typer.Option(help="A folder of your own lm-eval task YAML files.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Examples per lm-eval task (default: all).")] = None,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the report to this JSON file.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Draw the run's training (and eval) loss to this PNG.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
     max_samples: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on at most this many rows.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE)] = False,
 ):
-    """Measure loss, perplexity and token accuracy on held-out data."""
+    """Measure loss, perplexity, token accuracy and answers on held-out data, and benchmarks."""
     from . import evaluate as evaluation
 
-    evaluation.run(target, data_spec=data, compare=compare, merge=merge, json_file=json_file,
-                   batch_size=batch_size, max_samples=max_samples, allow_pickle=allow_pickle)
+    evaluation.run(targets, data_spec=data, compare=compare, merge=merge, json_file=json_file,
+                   batch_size=batch_size, max_samples=max_samples, allow_pickle=allow_pickle, generation=generation,
+                   max_new_tokens=max_new_tokens, stop=stop or [], samples=samples,
+                   tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, limit=limit,
+                   tasks_path=tasks_path, plot=plot)
 
 
 def join_weights(argv: list[str]) -> list[str]:

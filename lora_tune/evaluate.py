@@ -1,4 +1,9 @@
-"""`lora-tune eval`: loss, perplexity and token accuracy for base, adapter and merged models."""
+"""`lora-tune eval`: did fine-tuning help, and what did it cost?
+
+For each model (base, adapter, merged, or any model directory or hub id): token-weighted loss,
+perplexity and next-token accuracy on the eval data; greedy-generation answer metrics where
+the data has prompts; lm-evaluation-harness scores with --tasks; tokens/s of each.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,17 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
-from . import data, models, runs
+from . import data, generate, models, output, reports, runs
 from .errors import UserError
 from .merge import compare_logits
 
-console = Console(soft_wrap=True)  # never break paths in messages
+console = output.console()
+SHOWN = [("loss", "loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"), ("token_accuracy", "token acc", "{:.2%}"),
+         ("exact_match", "exact", "{:.2%}"), ("normalized_exact_match", "norm. exact", "{:.2%}"),
+         ("token_f1", "token F1", "{:.3f}"), ("generated_tokens", "gen. len", "{:.1f}"),
+         ("tokens_per_second", "tokens/s", "{:,.0f}")]
 
 
 def batches(dataset, batch_size: int, pad_id: int, device) -> list[dict[str, torch.Tensor]]:
@@ -62,72 +70,153 @@ def measure(model, batch_list) -> tuple[dict, torch.Tensor]:
             "tokens": count, "seconds": seconds, "tokens_per_second": tokens / seconds}, first
 
 
-def run(target: str, data_spec: str | None = None, compare: bool = False, merge: bool = True,
+class Evaluator:
+    """Runs every requested measurement on one model and collects the rows of the report."""
+
+    def __init__(self, dataset, tokenizer, device, batch_size, max_new_tokens, stop, tasks, limit, tasks_path,
+                 want_generation: bool | None):
+        self.tokenizer, self.device, self.batch_size = tokenizer, device, batch_size
+        self.batch_list = batches(dataset, batch_size, tokenizer.pad_token_id, device)
+        self.items = generate.items_of(dataset, tokenizer) if want_generation is not False else []
+        if want_generation and not self.items:
+            raise UserError("--generate: the eval data has no prompts (text data); nothing to generate from",
+                            ["use prompt/completion, alpaca or chat data, or drop --generate"])
+        longest = max((len(tokenizer(i.reference, add_special_tokens=False)["input_ids"]) for i in self.items),
+                      default=0)
+        self.max_new_tokens = max_new_tokens or longest + 8  # room for every reference answer
+        self.stop, self.tasks, self.limit, self.tasks_path = stop, tasks, limit, tasks_path
+        self.rows: dict[str, dict] = {}
+        self.generations: dict[str, list[str]] = {}
+
+    def __call__(self, name: str, model, harness: bool = True) -> torch.Tensor:
+        metrics, logits = measure(model, self.batch_list)
+        if self.items:
+            texts, lengths = generate.generate(model, self.tokenizer, self.items, self.max_new_tokens, self.stop,
+                                               self.batch_size, self.device)
+            metrics |= generate.score(texts, [i.reference for i in self.items], lengths)
+            self.generations[name] = texts
+        if self.tasks and harness:
+            metrics |= reports.harness(model, self.tokenizer, self.tasks, self.limit, self.batch_size, self.device,
+                                       self.tasks_path)
+        self.rows[name] = metrics
+        return logits
+
+
+def run(targets: list[str] | str, data_spec: str | None = None, compare: bool = False, merge: bool = True,
         json_file: Path | None = None, batch_size: int = 8, max_samples: int | None = None,
-        allow_pickle: bool = False) -> dict:
-    """Evaluate TARGET; print a table; return (and optionally write) the report."""
-    path = Path(target)
-    adapter = runs.adapter_dir(path) if path.is_dir() else None
-    recipe = runs.run_recipe(adapter) if adapter else None
-    if compare and adapter is None:
-        raise UserError(f"--compare: {target} is not a run or adapter directory",
-                        ["--compare needs an adapter to compare with its base"])
+        allow_pickle: bool = False, generation: bool | None = None, max_new_tokens: int | None = None,
+        stop: list[str] = (), samples: int = 0, tasks: list[str] | None = None, limit: int | None = None,
+        tasks_path: Path | None = None, plot: Path | None = None) -> dict:
+    """Evaluate each target; print one table; return (and optionally write) the report."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if compare and len(targets) > 1:
+        raise UserError("--compare takes one run or adapter", ["give several targets without --compare"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if adapter is not None:
-        model, tokenizer, section = models.load_with_adapter(adapter, "auto", recipe.model if recipe else None,
-                                                             allow_pickle)
-    else:
-        from .recipe import ModelSection
+    report = {"targets": targets, "results": {}, "merged_vs_adapter": None, "device": device,
+              "settings": {"batch_size": batch_size, "max_samples": max_samples, "tasks": tasks, "stop": list(stop)}}
+    first_run, generations, evaluator = None, {}, None
+    for target in targets:
+        path = Path(target)
+        adapter = runs.adapter_dir(path) if path.is_dir() else None
+        recipe = runs.run_recipe(adapter) if adapter else None
+        first_run = first_run or (adapter.parent if recipe else None)
+        if compare and adapter is None:
+            raise UserError(f"--compare: {target} is not a run or adapter directory",
+                            ["--compare needs an adapter to compare with its base"])
+        if plot and len(targets) == 1 and not recipe:
+            raise UserError(f"--plot: {target} is not a run directory", ["plot a run written by lora-tune train"])
+        if adapter is not None:
+            section = models.adapter_base_section(adapter, recipe.model if recipe else None, allow_pickle)
+            tokenizer = models.adapter_tokenizer(adapter, section)
+        else:
+            from .recipe import ModelSection
 
-        section = ModelSection(id=target, allow_pickle=allow_pickle)
-        models.load_config(section)  # a clear error for a path or id that is not a model
-        tokenizer = models.load_tokenizer(section)
-        model = models.load_model(section, "auto").eval()
-    dataset = data.load_eval(data_spec, recipe.data if recipe else None, tokenizer)
-    if max_samples:
-        dataset = dataset.select(range(min(max_samples, len(dataset))))
-    model.to(device)
-    batch_list = batches(dataset, batch_size, tokenizer.pad_token_id, device)
-
-    results, check = {}, None
-    if adapter is None:
-        results["model"], _ = measure(model, batch_list)
-    else:
-        if compare:
-            with model.disable_adapter():
-                results["base"], _ = measure(model, batch_list)
-        if compare or not merge:
-            results["adapter"], adapter_logits = measure(model, batch_list)
-        if compare or merge:
-            merged = model.merge_and_unload()
-            results["merged"], merged_logits = measure(merged, batch_list)
-        if compare:
-            check = compare_logits(adapter_logits, merged_logits, merged.dtype)
-
-    report = {"target": target, "base_model": section.id,
-              "data": data_spec or (recipe.data.eval or f"{recipe.data.train} (eval_fraction)"),
-              "samples": len(dataset), "batch_size": batch_size, "device": device, "results": results,
-              "merged_vs_adapter": check, "versions": runs.versions()}
+            section = ModelSection(id=target, allow_pickle=allow_pickle)
+            models.load_config(section)  # a clear error for a path or id that is not a model
+            tokenizer = models.load_tokenizer(section)
+        dataset = data.load_eval(data_spec, recipe.data if recipe else None, tokenizer)
+        if max_samples:
+            dataset = dataset.select(range(min(max_samples, len(dataset))))
+        evaluator = Evaluator(dataset, tokenizer, device, batch_size, max_new_tokens, list(stop), tasks, limit,
+                              tasks_path, generation)
+        report["data"] = data_spec or (recipe.data.eval or f"{recipe.data.train} (eval_fraction)")
+        report["samples"] = len(dataset)
+        prefix = "" if len(targets) == 1 else f"{target} "
+        model = models.load_model(section, "auto").to(device).eval()
+        if adapter is None:
+            evaluator(prefix + "model" if prefix else "model", model)
+        else:
+            if compare or samples:
+                evaluator(prefix + "base", model, harness=compare)
+            model = models.attach_adapter(model, adapter, section)
+            if compare or not merge:
+                adapter_logits = evaluator(prefix + "adapter", model, harness=not merge)
+            if compare or merge:
+                merged = model.merge_and_unload()
+                merged_logits = evaluator(prefix + "merged", merged)
+            if compare:
+                report["merged_vs_adapter"] = compare_logits(adapter_logits, merged_logits, merged.dtype)
+        report["results"] |= evaluator.rows
+        generations |= evaluator.generations
+        report["max_new_tokens"] = evaluator.max_new_tokens if evaluator.items else None
+    report["versions"] = runs.versions()
     print_report(report)
+    if samples and generations:
+        print_samples(evaluator.items, generations, samples)
+    if first_run is not None and len(targets) == 1:
+        previous = reports.record_history(first_run, report)
+        if previous:
+            print_previous(previous, report)
+    if plot:
+        reports.plot_losses(first_run, plot)
+        console.print(f"Loss plot written to {plot}")
     if json_file:
         json_file.parent.mkdir(parents=True, exist_ok=True)
-        runs.write_json(json_file, report)
+        runs.write_json(json_file, report | {"generations": generations})
     return report
 
 
 def print_report(report: dict) -> None:
     results = report["results"]
-    table = Table(title=f"lora-tune eval: {report['target']} on {report['data']} ({report['samples']} samples)")
-    for column in ("model", "loss", "perplexity", "token acc", "vs base", "tokens/s"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    base = results.get("base")
+    first = next(iter(results))
+    table = Table(title=f"lora-tune eval on {report['data']} ({report['samples']} samples)")
+    columns = [(key, title, fmt) for key, title, fmt in SHOWN if any(key in m for m in results.values())]
+    extra = sorted({k for m in results.values() for k in m if "/" in k})  # lm-eval task scores
+    table.add_column("model", overflow="fold")
+    for title in [title for _, title, _ in columns] + [f"Δ loss vs {first}", f"Δ acc vs {first}", *extra]:
+        table.add_column(title, justify="right")
     for name, m in results.items():
-        delta = "" if base is None or name == "base" else f"{m['perplexity'] - base['perplexity']:+.2f} ppl"
-        table.add_row(name, f"{m['loss']:.4f}", f"{m['perplexity']:.2f}", f"{m['token_accuracy']:.2%}",
-                      delta, f"{m['tokens_per_second']:,.0f}")
+        cells = [fmt.format(m[key]) if key in m else "" for key, _, fmt in columns]
+        same = name == first
+        cells += ["" if same else f"{m['loss'] - results[first]['loss']:+.4f}",
+                  "" if same else f"{m['token_accuracy'] - results[first]['token_accuracy']:+.2%}"]
+        cells += [f"{m[key]:.4f}" if key in m else "" for key in extra]
+        table.add_row(name, *cells)
     console.print(table)
     check = report["merged_vs_adapter"]
     if check:
         verdict = "equal within tolerance" if check["ok"] else "DIFFERENT"
         console.print(f"merged vs adapter: {verdict}; max |logit diff| {check['max_abs_diff']:.3g} "
                       f"(tolerance {check['tolerance']:.3g})")
+        unmerged, merged = results.get("adapter"), results.get("merged")
+        console.print(f"merging speeds inference {merged['tokens_per_second'] / unmerged['tokens_per_second']:.2f}x "
+                      f"({unmerged['tokens_per_second']:,.0f} -> {merged['tokens_per_second']:,.0f} tokens/s)")
+
+
+def print_samples(items, generations: dict[str, list[str]], n: int) -> None:
+    table = Table(title=f"{min(n, len(items))} samples", show_lines=True)
+    for column in ("prompt", "reference", *generations):
+        table.add_column(column, overflow="fold")
+    for i in range(min(n, len(items))):
+        table.add_row(items[i].prompt, items[i].reference, *(texts[i] for texts in generations.values()))
+    console.print(table)
+
+
+def print_previous(previous: dict, report: dict) -> None:
+    changes = []
+    for name, now in report["results"].items():
+        before = previous["results"].get(name)
+        if before and "loss" in before:
+            changes.append(f"{name} loss {before['loss']:.4f} -> {now['loss']:.4f}")
+    if changes:
+        console.print(f"Since the previous eval on this data ({previous['time']}): {'; '.join(changes)}")

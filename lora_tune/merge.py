@@ -17,12 +17,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
-from . import __version__, models, runs, stream_merge
+from . import __version__, models, output, runs, stream_merge
 from .errors import UserError
 
-console = Console(soft_wrap=True)  # never break paths in messages
+console = output.console()
 # Largest allowed |merged - adapter| logit difference, relative to the largest |logit| (at
 # least 1). Merging rounds W + scale * B @ A once to the weight dtype, so the bound follows it.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}

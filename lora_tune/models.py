@@ -217,17 +217,30 @@ def load_with_adapter(adapter: Path, dtype_name: str = "auto", model_section=Non
 
     Raises UserError when the base or the adapter will not load, or the adapter does not fit.
     """
+    model_section = adapter_base_section(adapter, model_section, allow_pickle)
+    dtype = "auto" if dtype_name == "auto" else DTYPES[dtype_name]
+    tokenizer = adapter_tokenizer(adapter, model_section)
+    model = load_model(model_section, dtype, source=model_section.id)
+    return attach_adapter(model, adapter, model_section), tokenizer, model_section
+
+
+def adapter_tokenizer(adapter: Path, model_section):
+    """The tokenizer saved with the adapter (with its chat template), else the base's."""
+    return load_tokenizer(model_section, adapter if (adapter / "tokenizer_config.json").is_file() else None)
+
+
+def attach_adapter(model, adapter: Path, model_section):
+    """PeftModel of `model` with the adapter loaded, in eval mode.
+
+    Raises UserError for a pickle-only adapter (unless allowed), an unreadable one, or one that
+    does not fit the base.
+    """
     from peft import PeftModel
 
-    model_section = adapter_base_section(adapter, model_section, allow_pickle)
     base = model_section.id
-    dtype = "auto" if dtype_name == "auto" else DTYPES[dtype_name]
     if not (adapter / "adapter_model.safetensors").is_file() and not model_section.allow_pickle:
         raise UserError(f"{adapter}: no adapter_model.safetensors",
                         ["pickle (.bin) adapters can run code when loaded: pass --allow-pickle if you trust it"])
-    has_tokenizer = (adapter / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(model_section, adapter if has_tokenizer else None)
-    model = load_model(model_section, dtype, source=base)
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter))
     except Exception as exc:  # safetensors, torch and peft each raise their own types here
@@ -236,4 +249,4 @@ def load_with_adapter(adapter: Path, dtype_name: str = "auto", model_section=Non
                         f": {(mismatch or _first_line(exc))[:300]}",
                         ["check that the adapter was trained on this base model" if mismatch
                          else "the adapter file is truncated or corrupt: use an earlier checkpoint or retrain"]) from None
-    return peft_model.eval(), tokenizer, model_section
+    return peft_model.eval()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import data, models
+from . import data, models, output
 from .recipe import Recipe
 
-console = Console(soft_wrap=True)
+console = output.console()
 TRAINED, MASKED = "bold green", "dim"
 
 

@@ -14,15 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from transformers import TrainerCallback
 
-from . import data, models, runs
+from . import data, models, output, runs
 from .errors import UserError
 from .recipe import Recipe, build_lora_config, build_sft_config
 
-console = Console(soft_wrap=True)  # never break paths in messages
+console = output.console()
 
 
 @dataclass
@@ -283,5 +282,6 @@ def collect_metrics(plan: Plan, trainer, result, wall: float, dtype: str, start_
         "dtype": dtype,
         "world_size": world_size(),
         "versions": runs.versions(),
+        "log_history": state.log_history,
     }
     return metrics

@@ -208,11 +208,11 @@ def copy_adapter(run: Path, to: Path) -> Path:
     return to
 
 
-def test_corrupt_adapter_file(trained, tmp_path, capsys):
+def test_corrupt_adapter_file(trained, tiny, tmp_path, capsys):
     adapter = copy_adapter(trained, tmp_path / "adapter")
     weights = adapter / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    for command in (["merge", adapter, "-o", tmp_path / "merged"], ["eval", adapter, "--data", trained.parent]):
+    for command in (["merge", adapter, "-o", tmp_path / "merged"], ["eval", adapter, "--data", tiny / "data" / "text_eval.jsonl"]):
         assert run_cli(*command) == 2
         err = capsys.readouterr().err
         assert f"error: {adapter}: cannot read the adapter" in err and "Traceback" not in err
