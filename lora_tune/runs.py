@@ -6,6 +6,7 @@
       checkpoint-*/   trainer checkpoints, for resume; COMPLETE marks one whose writing finished
       metrics.json    final metrics, throughput, memory, wall time, versions
       logs/           TensorBoard event files
+      eval_history.jsonl  one line per `lora-tune eval` of the run
 """
 
 from __future__ import annotations
