@@ -7,6 +7,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -167,6 +168,7 @@ def resume_checkpoint(out: Path, resume: str) -> Path | None:
 
 def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | None:
     """Train and write the run directory. Returns the metrics (None for a dry run)."""
+    started = time.perf_counter()
     plan = make_plan(recipe)
     out = recipe.output_dir
     checkpoint = resume_checkpoint(out, resume)
@@ -176,8 +178,6 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
     if dry_run:
         return None
 
-    from trl import SFTTrainer
-
     out.mkdir(parents=True, exist_ok=True)
     if main:
         recipe.save(out / runs.RECIPE)
@@ -185,8 +185,9 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
     model = models.load_model(recipe.model, dtype)
     guard = RunGuard()
     with tensorboard_dir(out / runs.LOGS):
-        trainer = SFTTrainer(model=model, args=plan.sft_config, train_dataset=plan.train, eval_dataset=plan.eval,
-                             processing_class=plan.tokenizer, peft_config=plan.lora_config, callbacks=[guard])
+        trainer = trainer_class()(model=model, args=plan.sft_config, train_dataset=plan.train,
+                                  eval_dataset=plan.eval, processing_class=plan.tokenizer,
+                                  peft_config=plan.lora_config, callbacks=[guard])
     start_epoch = 0.0
     if checkpoint:
         start_epoch = json.loads((checkpoint / "trainer_state.json").read_text()).get("epoch") or 0.0
@@ -209,18 +210,42 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
     (adapter / "training_args.bin").unlink(missing_ok=True)
     check_adapter(adapter)
     metrics = collect_metrics(plan, trainer, result, wall, str(dtype).replace("torch.", ""), start_epoch)
+    metrics |= step_times(started, guard.step_ends)
     runs.write_json(out / runs.METRICS, metrics)
     console.print(f"Final train loss {metrics['final_loss']:.4f}, {metrics['tokens_per_second']:,.0f} tokens/s, "
                   f"wall {wall:.1f} s. Adapter: {adapter.resolve()}")
     return metrics
 
 
+def trainer_class():
+    """SFTTrainer without the per-step extras of its default loss.
+
+    TRL's compute_loss also computes the entropy of the whole output distribution and the token
+    accuracy at every step, plus several device syncs to log them: with a 32k vocabulary that made
+    each CPU step 2.6x the raw PyTorch step (scripts/bench_train.py). The plain NLL loss is the
+    model's own, token-count normalized across gradient accumulation (num_items_in_batch) as in
+    transformers' Trainer. Other loss types, Liger kernels and auxiliary losses keep TRL's path.
+    """
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class LoraTuneTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.args.loss_type != "nll" or self.args.use_liger_kernel or self.aux_loss_enabled:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs["use_cache"] = False  # with a KV cache, transformers would ignore packed position ids
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return LoraTuneTrainer
+
+
 class RunGuard(TrainerCallback):
-    """Marks complete checkpoints, and stops training before it saves weights that are no
-    longer finite (transformers would otherwise train on through NaN)."""
+    """Marks complete checkpoints, stops training before it saves weights that are no longer
+    finite (transformers would otherwise train on through NaN), and times the steps."""
 
     def __init__(self):
         self.problem: str | None = None
+        self.step_ends: list[float] = []
 
     def _stop(self, state, control, reason: str) -> None:
         self.problem = self.problem or f"step {state.global_step}: {reason}"
@@ -234,6 +259,7 @@ class RunGuard(TrainerCallback):
                 self._stop(state, control, f"the {key.replace('_', ' ')} became {value}")
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.step_ends.append(time.perf_counter())
         # Checked only when a checkpoint is due, so ordinary steps pay no device sync.
         if control.should_save and model is not None:
             if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
@@ -253,6 +279,14 @@ def check_adapter(adapter: Path) -> None:
     if empty:
         raise UserError(f"the saved adapter has {len(empty)} empty tensors (e.g. {empty[0]}): it would load as a no-op",
                         ["under DeepSpeed ZeRO-3 set zero3_save_16bit_model / stage3_gather_16bit_weights_on_model_save"])
+
+
+def step_times(started: float, ends: list[float]) -> dict:
+    """Seconds from the command's start to the first optimizer step, and the median step after it
+    (host clock: no device sync is added)."""
+    gaps = [b - a for a, b in zip(ends, ends[1:])]
+    return {"time_to_first_step_s": ends[0] - started if ends else None,
+            "step_time_s": statistics.median(gaps) if gaps else None}
 
 
 def collect_metrics(plan: Plan, trainer, result, wall: float, dtype: str, start_epoch: float) -> dict:

@@ -45,7 +45,7 @@ merge.run(Path(sys.argv[2]), Path(sys.argv[3]), method="stream", verify={verify}
 """
 
 
-def build(work: Path, shard_size: str) -> tuple[Path, Path]:
+def build(work: Path, shard_size: str, quick: bool) -> tuple[Path, Path]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -54,6 +54,9 @@ def build(work: Path, shard_size: str) -> tuple[Path, Path]:
 
     base, adapter = work / "opt-350m", work / "adapter"
     config = AutoConfig.from_pretrained(ROOT / "tests" / "assets" / "opt-350m-config.json")
+    if quick:  # the same architecture, scaled down
+        config.update({"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "word_embed_proj_dim": 64, "vocab_size": 512})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
     model.save_pretrained(base, max_shard_size=shard_size)
@@ -93,9 +96,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shard-size", default="100MB", help="shard size of the base and merged checkpoints")
     parser.add_argument("--workdir", type=Path, help="where to build (default: a temporary folder)")
+    parser.add_argument("--quick", action="store_true", help="a scaled-down model: checks the script runs")
     args = parser.parse_args()
+    if args.quick:
+        args.shard_size = "50KB"
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-merge-"))
-    base, adapter = build(work, args.shard_size)
+    base, adapter = build(work, args.shard_size, args.quick)
     results = {
         "baseline": measure("baseline", BASELINE, base, adapter, work / "baseline", args.shard_size),
         "stream": measure("stream", STREAM.format(verify=False), base, adapter, work / "stream", args.shard_size),
