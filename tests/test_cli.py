@@ -312,7 +312,8 @@ def test_gradient_accumulation_matches_a_full_batch(tiny, tmp_path):
                             training={"max_steps": 1, "per_device_train_batch_size": batch,
                                       "gradient_accumulation_steps": accumulation,
                                       "train_sampling_strategy": "sequential", "learning_rate": 1.0,
-                                      "optim": "sgd"})  # SGD: unlike Adam's first step, scale-sensitive
+                                      "optim": "sgd",  # SGD: unlike Adam's first step, scale-sensitive
+                                      "bf16": False, "fp16": False})  # exact arithmetic on GPUs too
         assert run_cli("train", path) == 0
         adapters[name] = load_file(out / "adapter" / "adapter_model.safetensors")
     moved = max((adapters["full"][k]).abs().max().item() for k in adapters["full"] if "lora_B" in k)
