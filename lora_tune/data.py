@@ -195,14 +195,14 @@ def render_chat(tokenizer, messages: list[dict], where: str) -> tuple[str, list[
     for i, turn in enumerate(messages):
         if turn["role"] != "assistant":
             continue
-        start = len(render(messages[:i], generation_prompt=True)) if i else 0
+        prompt = render(messages[:i], generation_prompt=True) if i else ""
         upto = render(messages[: i + 1])
-        if not full.startswith(upto) or (i and not upto.startswith(render(messages[:i], generation_prompt=True))):
+        if not full.startswith(upto) or not upto.startswith(prompt):
             raise UserError(f"data.chat_template: the chat template does not render conversations turn by turn "
                             f"({where}), so the assistant tokens cannot be told apart",
                             ["set data.chat_template to a template without such rewriting, "
                              "or data.train_on_prompt: true to train every token"])
-        spans.append((start, len(upto)))
+        spans.append((len(prompt), len(upto)))
     return full, spans
 
 
@@ -216,13 +216,16 @@ def check_turns(messages, where: str) -> None:
 
 def tokenize_chat(tokenizer, messages: list[dict], max_length: int, train_on_prompt: bool, where: str) -> dict:
     """input_ids and labels of one conversation: assistant turns trained, ending with EOS."""
-    text, spans = render_chat(tokenizer, messages, where)
+    if train_on_prompt:  # every token is trained: no need to locate the turns
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        spans = [(0, len(text))]
+    else:
+        text, spans = render_chat(tokenizer, messages, where)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoded["input_ids"])
     # A token that overlaps an assistant turn at all is trained: BPE often glues the space after
     # the generation prompt to the answer's first word.
-    trained = [train_on_prompt or any(start < b and end > a for a, b in spans)
-               for start, end in encoded["offset_mapping"]]
+    trained = [any(start < b and end > a for a, b in spans) for start, end in encoded["offset_mapping"]]
     if spans and tokenizer.eos_token_id not in [i for i, t in zip(input_ids, trained) if t][-8:]:
         input_ids.append(tokenizer.eos_token_id)  # the template ends turns without EOS: end the sample with one
         trained.append(True)

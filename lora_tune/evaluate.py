@@ -111,6 +111,9 @@ def run(targets: list[str] | str, data_spec: str | None = None, compare: bool = 
     targets = [targets] if isinstance(targets, str) else list(targets)
     if compare and len(targets) > 1:
         raise UserError("--compare takes one run or adapter", ["give several targets without --compare"])
+    if tasks and not merge and not compare:
+        raise UserError("--tasks runs lm-evaluation-harness on merged (plain) models, and --no-merge keeps the adapter "
+                        "unmerged", ["drop --no-merge, or add --compare to score the base too"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = {"targets": targets, "results": {}, "merged_vs_adapter": None, "device": device,
               "settings": {"batch_size": batch_size, "max_samples": max_samples, "tasks": tasks, "stop": list(stop)}}
@@ -150,7 +153,7 @@ def run(targets: list[str] | str, data_spec: str | None = None, compare: bool = 
                 evaluator(prefix + "base", model, harness=compare)
             model = models.attach_adapter(model, adapter, section)
             if compare or not merge:
-                adapter_logits = evaluator(prefix + "adapter", model, harness=not merge)
+                adapter_logits = evaluator(prefix + "adapter", model, harness=False)  # the harness takes plain models
             if compare or merge:
                 merged = model.merge_and_unload()
                 merged_logits = evaluator(prefix + "merged", merged)

@@ -118,6 +118,8 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(chat_tokenizer):
                                     "{% endfor %}{% if add_generation_prompt %}A:{% endif %}")
     with pytest.raises(UserError, match="does not render conversations turn by turn .*row 7"):
         data.tokenize_chat(chat_tokenizer, CHAT, 256, train_on_prompt=False, where="row 7")
+    everything = data.tokenize_chat(chat_tokenizer, CHAT, 256, train_on_prompt=True, where="row 7")  # the fix offered
+    assert everything["labels"][:-1] == everything["input_ids"][:-1]
 
 
 def write_rows(path, rows):
