@@ -126,8 +126,9 @@ def run(targets: list[str] | str, data_spec: str | None = None, compare: bool = 
         if compare and adapter is None:
             raise UserError(f"--compare: {target} is not a run or adapter directory",
                             ["--compare needs an adapter to compare with its base"])
-        if plot and len(targets) == 1 and not recipe:
-            raise UserError(f"--plot: {target} is not a run directory", ["plot a run written by lora-tune train"])
+        if plot and target == targets[0] and not recipe:
+            raise UserError(f"--plot: {target} is not a run directory",
+                            ["plot a run written by lora-tune train (the first target)"])
         if adapter is not None:
             section = models.adapter_base_section(adapter, recipe.model if recipe else None, allow_pickle)
             tokenizer = models.adapter_tokenizer(adapter, section)
@@ -147,7 +148,7 @@ def run(targets: list[str] | str, data_spec: str | None = None, compare: bool = 
         prefix = "" if len(targets) == 1 else f"{target} "
         model = models.load_model(section, "auto").to(device).eval()
         if adapter is None:
-            evaluator(prefix + "model" if prefix else "model", model)
+            evaluator(prefix + "model", model)
         else:
             if compare or samples:
                 evaluator(prefix + "base", model, harness=compare)
