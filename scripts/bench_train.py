@@ -141,15 +141,19 @@ def run_trl(work: Path, steps: int, batch: int, length: int, data: str) -> dict:
             "loss": losses[-1], "bf16": config.bf16, "gradient_checkpointing": config.gradient_checkpointing}
 
 
-def run_lora_tune(work: Path, steps: int, batch: int, length: int, data: str, grouped: bool = False) -> dict:
+def run_lora_tune(work: Path, steps: int, batch: int, length: int, data: str, grouped: bool = False,
+                  extra: dict | None = None) -> dict:
     from lora_tune import recipe, train
 
     training = {"output_dir": str(work / f"lt-{data}-{grouped}"), "per_device_train_batch_size": batch,
                 "max_steps": steps, "learning_rate": LEARNING_RATE, "seed": 0, "logging_steps": 1}
     if grouped:
         training["train_sampling_strategy"] = "group_by_length"
+    model = {"id": str(work / "model")}
+    for section, values in (extra or {}).items():
+        {"model": model, "training": training}[section].update(values)
     path = work / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"model": {"id": str(work / "model")}, "lora": LORA,
+    path.write_text(yaml.safe_dump({"model": model, "lora": LORA,
                                     "data": {"train": str(work / f"{data}.jsonl"), "max_length": length},
                                     "training": training}))
     metrics = train.run(recipe.load(path), resume="never")
@@ -157,8 +161,17 @@ def run_lora_tune(work: Path, steps: int, batch: int, length: int, data: str, gr
             "loss": metrics["final_loss"], "time_to_first_step_s": metrics["time_to_first_step_s"]}
 
 
+# On a GPU, lora-tune again with one setting changed each time.
+GPU_TOGGLES = {
+    "bf16 autocast off": {"training": {"bf16": False}},
+    "eager attention": {"model": {"attn_implementation": "eager"}},
+    "torch.compile": {"training": {"torch_compile": True}},
+    "Liger kernels": {"training": {"use_liger_kernel": True}},
+}
 VARIANTS = {"raw": run_raw, "trl": run_trl, "lora-tune": run_lora_tune,
-            "lora-tune-grouped": lambda *a: run_lora_tune(*a, grouped=True)}
+            "lora-tune-grouped": lambda *a: run_lora_tune(*a, grouped=True),
+            **{name: (lambda extra: lambda *a: run_lora_tune(*a, extra=extra))(extra)
+               for name, extra in GPU_TOGGLES.items()}}
 
 
 def child(args) -> None:
@@ -183,7 +196,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, help="tokens per sample (default 128, or 32 with --quick)")
     parser.add_argument("--workdir", type=Path)
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--data", default="fixed", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.length = args.length or (32 if args.quick else 128)
@@ -213,6 +226,19 @@ def main() -> None:
     rate = {name: r["tokens_per_step"] / r["step_s"] for name, r in (("grouped", grouped), ("naive", naive))}
     print(f"\nvarying lengths: length-grouped batches {rate['grouped']:,.0f} trained tokens/s, random padded "
           f"batches (the default) {rate['naive']:,.0f}: {rate['grouped'] / rate['naive']:.2f}x  (goal >= 1.5)")
+
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available():
+        print("\nGPU settings, lora-tune step time against its default (bf16, SDPA):")
+        for name in GPU_TOGGLES:
+            if name == "Liger kernels" and importlib.util.find_spec("liger_kernel") is None:
+                print(f"  {name:<16} skipped (pip install liger-kernel)")
+                continue
+            toggled = measure(name, args, steps, "fixed")
+            print(f"  {name:<16} {toggled['step_s']:.4f} s/step  {toggled['step_s'] / ours['step_s']:.2f}x")
 
 
 if __name__ == "__main__":
