@@ -49,6 +49,12 @@ class Delta:
     magnitude: torch.Tensor | None = None
     bias: torch.Tensor | None = None
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The delta's shape, without computing it."""
+        shape = (self.B.shape[0], self.A.shape[1])
+        return shape[::-1] if self.transpose else shape
+
     def weight(self) -> torch.Tensor:
         delta = self.B.float() @ self.A.float()
         return (delta.T if self.transpose else delta) * self.scaling
@@ -108,7 +114,7 @@ def plan(adapter: Path, base_dir: Path) -> Plan:
         raise CannotStream("a quantized base checkpoint")
     shapes = base_shapes(base_dir)
     for name, delta in deltas.items():
-        expected = tuple(delta.weight().shape)
+        expected = delta.shape
         if name not in shapes:
             raise CannotStream(f"no tensor {name} in the base checkpoint (renamed or tied weights)")
         if shapes[name] != expected:
