@@ -36,7 +36,7 @@ COMBINATIONS = ("cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare
 def probe_batch(tokenizer, device, samples=None, seed: int = 0) -> dict[str, torch.Tensor]:
     """Up to 4 of the run's eval samples (else fixed texts), plus one row of random token ids."""
     if samples:
-        rows = [ids for ids in samples[:4]]
+        rows = list(samples[:4])
     else:
         rows = tokenizer(PROBE_TEXTS)["input_ids"]
     width = max(len(ids) for ids in rows)
@@ -88,11 +88,10 @@ def check_same_base(adapters: list[Path]) -> None:
                         ["combine only adapters trained on the same base"])
 
 
-def probe_samples(adapter: Path, tokenizer) -> list[list[int]] | None:
+def probe_samples(recipe, tokenizer) -> list[list[int]] | None:
     """input_ids of the run's eval samples, when the adapter belongs to a run with eval data."""
     from . import data
 
-    recipe = runs.run_recipe(adapter)
     if recipe is None or not (recipe.data.eval or recipe.data.eval_fraction):
         return None
     try:
@@ -146,9 +145,9 @@ def run(sources: list[Path] | Path, output: Path, force: bool = False, dtype: st
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
         if reason is None:
-            report = streamed(adapters[0], section, base_dir, merge_plan, partial, dtype, max_bytes, verify)
+            report = streamed(adapters[0], recipe, section, base_dir, merge_plan, partial, dtype, max_bytes, verify)
         else:
-            report = in_memory(adapters, section, partial, dtype, max_bytes, weights, combination, density,
+            report = in_memory(adapters, recipe, section, partial, dtype, max_bytes, weights, combination, density,
                                adapter_only)
         report |= {"base_model": section.id, "revision": section.revision, "adapters": [str(a) for a in adapters],
                    "weights": weights, "combination": combination if len(adapters) > 1 else None,
@@ -174,7 +173,7 @@ def parse_size(text: str | None) -> int | None:
         raise UserError(f"--max-shard-size: cannot read {text!r}", ["write it like 2GB or 500MB"]) from None
 
 
-def streamed(adapter, section, base_dir, merge_plan, partial, dtype, max_bytes, verify) -> dict:
+def streamed(adapter, recipe, section, base_dir, merge_plan, partial, dtype, max_bytes, verify) -> dict:
     """Stream the merge into `partial`; verify against adapter-on-base, one model in memory at a time."""
     from transformers import AutoModelForCausalLM
 
@@ -182,7 +181,7 @@ def streamed(adapter, section, base_dir, merge_plan, partial, dtype, max_bytes, 
     report: dict = {"method": "stream"}
     if verify:
         model, tokenizer, _ = models.load_with_adapter(adapter, dtype, section)
-        batch = probe_batch(tokenizer, device, probe_samples(adapter, tokenizer))
+        batch = probe_batch(tokenizer, device, probe_samples(recipe, tokenizer))
         reference = logits_of(model.to(device), batch)
         del model
         gc.collect()
@@ -198,7 +197,7 @@ def streamed(adapter, section, base_dir, merge_plan, partial, dtype, max_bytes, 
     return report
 
 
-def in_memory(adapters, section, partial, dtype, max_bytes, weights, combination, density, adapter_only) -> dict:
+def in_memory(adapters, recipe, section, partial, dtype, max_bytes, weights, combination, density, adapter_only) -> dict:
     """merge_and_unload (or PEFT's weighted combination) on the loaded model; verified before writing."""
     model, tokenizer, _ = models.load_with_adapter(adapters[0], dtype, section)
     if len(adapters) > 1 or weights != [1.0]:
@@ -226,7 +225,7 @@ def in_memory(adapters, section, partial, dtype, max_bytes, weights, combination
         nested.rmdir()
         tokenizer.save_pretrained(partial)
         return report | {"verified": False, "adapter_only": True}
-    batch = probe_batch(tokenizer, device, probe_samples(adapters[0], tokenizer) if len(adapters) == 1 else None)
+    batch = probe_batch(tokenizer, device, probe_samples(recipe, tokenizer) if len(adapters) == 1 else None)
     before = logits_of(model, batch)
     try:
         merged = model.merge_and_unload(safe_merge=True)

@@ -11,7 +11,7 @@ import torch
 from helpers import run_cli, write_recipe
 from safetensors.torch import load_file
 
-from lora_tune import merge, stream_merge
+from lora_tune import merge, runs, stream_merge
 from lora_tune import tiny as builder
 
 
@@ -197,6 +197,6 @@ def test_probe_inputs_come_from_the_runs_eval_data(tiny, tmp_path):
     from lora_tune.recipe import ModelSection
 
     tokenizer = load_tokenizer(ModelSection(id=str(tiny / "tiny-llama")))
-    samples = merge.probe_samples(out / "adapter", tokenizer)
+    samples = merge.probe_samples(runs.run_recipe(out / "adapter"), tokenizer)
     first_eval_text = json.loads((tiny / "data" / "text_eval.jsonl").read_text().splitlines()[0])["text"]
     assert len(samples) == 4 and tokenizer.decode(samples[0], skip_special_tokens=True) == first_eval_text
