@@ -41,7 +41,7 @@ class DataStats:
                          self.lengths + other.lengths)
 
     def summary(self) -> dict:
-        data = {k: v for k, v in asdict(self).items() if k != "lengths"}
+        data = {k: v for k, v in asdict(self).items() if k != "lengths"} | {"tokens": sum(self.lengths)}
         if self.lengths:
             ordered = sorted(self.lengths)
             data["length"] = {"min": ordered[0], "median": statistics.median(ordered),
@@ -256,15 +256,21 @@ def tokenize_dataset(dataset, section, tokenizer, label: str, spec: str):
             messages = row[section.messages_field] or []
             check_turns(messages, where)
             if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
-                return {"input_ids": [], "labels": [], "truncated": False, "skip": "no assistant turn"}
+                return skipped("no assistant turn")
             sample = tokenize_chat(tokenizer, messages, section.max_length, section.train_on_prompt, where)
         else:
             prompt, completion = to_prompt_completion(row, fmt, section, where)
             if not completion.strip():
-                return {"input_ids": [], "labels": [], "truncated": False, "skip": "empty"}
+                return skipped("empty")
             sample = tokenize(tokenizer, prompt, completion, section.max_length, section.train_on_prompt)
-        trained = any(label != -100 for label in sample["labels"])
-        return sample | {"skip": "" if trained else "nothing left to train after truncation"}
+        # Counted here, row by row, so the statistics need no second pass over the token lists.
+        trained = sum(label != -100 for label in sample["labels"][1:])
+        kept = any(label != -100 for label in sample["labels"])
+        return sample | {"skip": "" if kept else "nothing left to train after truncation",
+                         "length": len(sample["input_ids"]), "trained": trained}
+
+    def skipped(reason: str) -> dict:
+        return {"input_ids": [], "labels": [], "truncated": False, "skip": reason, "length": 0, "trained": 0}
 
     tokenized = dataset.map(encode, with_indices=True, remove_columns=dataset.column_names,
                             desc=f"Tokenizing {label}")
@@ -275,9 +281,9 @@ def tokenize_dataset(dataset, section, tokenizer, label: str, spec: str):
     kept = tokenized.filter(lambda row: not row["skip"])
     stats.samples = len(kept)
     stats.truncated = sum(kept["truncated"])
-    stats.lengths = [len(ids) for ids in kept["input_ids"]]
-    stats.trained_tokens = sum(sum(label != -100 for label in labels[1:]) for labels in kept["labels"])
-    return kept.remove_columns(["skip", "truncated"]), stats
+    stats.lengths = list(kept["length"])
+    stats.trained_tokens = sum(kept["trained"])
+    return kept.remove_columns(["skip", "truncated", "length", "trained"]), stats
 
 
 def tokenize_all(parts: list[tuple], section, tokenizer, label: str, spec):

@@ -294,7 +294,7 @@ def collect_metrics(plan: Plan, trainer, result, wall: float, dtype: str, start_
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     # Non-padding tokens per epoch times the epochs this invocation trained (a resumed run
     # starts part-way): no per-step counting, which would cost a sync in every step.
-    tokens_per_epoch = sum(len(ids) for ids in plan.train["input_ids"])
+    tokens_per_epoch = plan.data_stats["train"]["tokens"]
     runtime = result.metrics.get("train_runtime", wall)
     tokens = tokens_per_epoch * (state.epoch - start_epoch)  # an epoch spans all processes
     metrics = {
