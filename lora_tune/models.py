@@ -119,10 +119,10 @@ def count_trainable(model, lora_config) -> tuple[int, int]:
     return peft_model.get_nb_trainable_parameters()
 
 
-def check_packing(model, model_id: str) -> None:
-    """Raise UserError unless packed samples stay apart in this architecture.
+def keeps_samples_apart(model) -> bool:
+    """Whether samples concatenated into one row (packing, padding-free batches) stay apart.
 
-    Packed rows carry position ids that restart at each sample. transformers turns those into a
+    Such rows carry position ids that restart at each sample. transformers turns those into a
     block-diagonal mask only where the model passes position_ids to create_causal_mask (the
     Llama family does; OPT, for one, does not). Elsewhere samples would attend to each other.
     """
@@ -131,10 +131,15 @@ def check_packing(model, model_id: str) -> None:
 
     source = inspect.getsource(sys.modules[type(model).__module__])
     calls = re.findall(r"create_causal_mask\((.*?)\n\s*\)", source, re.S)
-    if not calls or not all("position_ids" in call for call in calls):
-        raise UserError(f"data.packing: {model_id} ({model.config.model_type}) cannot keep packed samples apart, "
+    return bool(calls) and all("position_ids" in call for call in calls)
+
+
+def check_packing(model, model_id: str, key: str = "packing") -> None:
+    """Raise UserError when data.packing or data.padding_free is asked of a model that would mix samples."""
+    if not keeps_samples_apart(model):
+        raise UserError(f"data.{key}: {model_id} ({model.config.model_type}) cannot keep samples in one row apart, "
                         "so they would attend to each other",
-                        ["set data.packing: false (length-grouped batches also cut padding: "
+                        [f"set data.{key}: false (length-grouped batches also cut padding: "
                          "training.train_sampling_strategy: group_by_length)"])
 
 

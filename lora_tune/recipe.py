@@ -32,6 +32,7 @@ OWNED_TRAINING_KEYS = {
     "assistant_only_loss": "set data.train_on_prompt instead",
     "dataset_kwargs": "lora-tune tokenizes the data itself; describe it in the data section",
     "packing": "set data.packing instead",
+    "padding_free": "set data.padding_free instead",
     "hub_token": "never put a token in a recipe, where it would be saved with the run; "
                  "set the HF_TOKEN environment variable instead",
 }
@@ -90,6 +91,9 @@ class DataSection(BaseModel):
                                                      "assistant turns only).")
     max_length: int = Field(512, ge=8, description="Tokens per sample; longer samples are truncated (and counted).")
     packing: bool = Field(False, description="Pack samples into max_length rows; samples never attend to each other.")
+    padding_free: bool | None = Field(
+        None, description="Train each batch as one row without padding, position ids keeping samples apart. "
+                          "Default: on with flash attention (model.attn_implementation) where the model supports it.")
     seed: int = Field(42, description="Seed of the eval_fraction split.")
 
     @model_validator(mode="after")
@@ -323,7 +327,7 @@ def build_lora_config(lora: dict):
     return LoraConfig(**({"task_type": "CAUSAL_LM"} | lora))
 
 
-def build_sft_config(training: dict, max_length: int, **extra):
+def build_sft_config(training: dict, max_length: int | None, **extra):
     """The trl.SFTConfig of a recipe's `training` section, hardware defaults filled in.
 
     TRL's own defaults (bf16 autocast, gradient checkpointing) are wrong for many machines, so

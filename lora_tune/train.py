@@ -81,12 +81,21 @@ def make_plan(recipe: Recipe) -> Plan:
     lora_config = build_lora_config(recipe.lora)
     models.check_target_modules(lora_config.target_modules, skeleton, recipe.model.id)
     trainable, total = models.count_trainable(skeleton, lora_config)
-    if recipe.data.packing:
-        models.check_packing(skeleton, recipe.model.id)
+    padding_free = recipe.data.padding_free
+    if recipe.data.packing or padding_free:
+        models.check_packing(skeleton, recipe.model.id, "packing" if recipe.data.packing else "padding_free")
+    if padding_free is None:
+        # Flash attention's variable-length kernels skip the padding's compute exactly. Elsewhere
+        # (SDPA, eager) a padding-free row needs a mask over the whole batch: twice as slow on CPU.
+        padding_free = ("flash" in (recipe.model.attn_implementation or "")
+                        and recipe.training.get("per_device_train_batch_size", 8) > 1
+                        and models.keeps_samples_apart(skeleton))
     tokenizer = models.load_tokenizer(recipe.model)
     data.prepare_tokenizer(tokenizer, recipe.data, recipe.model.id)
     train, evaluation, data_stats = data.load_datasets(recipe.data, tokenizer)
-    sft_config = build_sft_config(recipe.training, recipe.data.max_length, packing=recipe.data.packing)
+    # Samples are truncated to max_length during tokenization; TRL refuses max_length with padding-free batches.
+    sft_config = build_sft_config(recipe.training, None if padding_free and not recipe.data.packing
+                                  else recipe.data.max_length, packing=recipe.data.packing, padding_free=padding_free)
     if sft_config.eval_strategy != "no" and evaluation is None:
         raise UserError(f"training.eval_strategy: {sft_config.eval_strategy.value} evaluation needs eval data",
                         ["set data.eval or data.eval_fraction, or remove training.eval_strategy"])
@@ -114,7 +123,7 @@ def print_plan(plan: Plan) -> None:
                  f"{sorted(targets) if isinstance(targets, (set, list)) else targets}"),
         ("trainable parameters", f"{plan.trainable:,} of {plan.total:,} ({100 * plan.trainable / plan.total:.3f}%)"),
         ("train samples", describe_data(plan.data_stats["train"], plan.recipe.data)
-         + (", packed" if plan.recipe.data.packing else "")),
+         + (", packed" if plan.recipe.data.packing else ", padding-free batches" if args.padding_free else "")),
         ("eval samples", describe_data(plan.data_stats["eval"], plan.recipe.data) if plan.eval is not None else "none"),
         ("steps", f"{plan.steps:,} (batch {args.per_device_train_batch_size} x accumulation "
                   f"{args.gradient_accumulation_steps} x {world_size()} process(es))"),

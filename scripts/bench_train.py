@@ -9,8 +9,9 @@ On the same model, data, batch size, sequence length, LoRA (r=16, all linear lay
   lora-tune `lora-tune train` with its defaults
 each in its own process, printing median seconds per step, trained (non-padding) tokens per
 second, peak RSS and final loss (both trainers log every step, to report it), and the ratios
-lora-tune/raw and trl/lora-tune. Then, on data of varying lengths, length-grouped batches
-against random padded batches (same number of samples).
+lora-tune/raw and trl/lora-tune. Then, on data of varying lengths and the same samples, its default
+batches (padded, with SDPA attention) against padding-free and length-grouped batches, and on a GPU
+with flash-attn installed, flash attention's padding-free default.
 """
 
 from __future__ import annotations
@@ -141,21 +142,17 @@ def run_trl(work: Path, steps: int, batch: int, length: int, data: str) -> dict:
             "loss": losses[-1], "bf16": config.bf16, "gradient_checkpointing": config.gradient_checkpointing}
 
 
-def run_lora_tune(work: Path, steps: int, batch: int, length: int, data: str, grouped: bool = False,
-                  extra: dict | None = None) -> dict:
+def run_lora_tune(work: Path, steps: int, batch: int, length: int, data: str, extra: dict | None = None) -> dict:
     from lora_tune import recipe, train
 
-    training = {"output_dir": str(work / f"lt-{data}-{grouped}"), "per_device_train_batch_size": batch,
+    training = {"output_dir": str(work / f"lt-{data}"), "per_device_train_batch_size": batch,
                 "max_steps": steps, "learning_rate": LEARNING_RATE, "seed": 0, "logging_steps": 1}
-    if grouped:
-        training["train_sampling_strategy"] = "group_by_length"
     model = {"id": str(work / "model")}
+    data_section = {"train": str(work / f"{data}.jsonl"), "max_length": length}
     for section, values in (extra or {}).items():
-        {"model": model, "training": training}[section].update(values)
+        {"model": model, "training": training, "data": data_section}[section].update(values)
     path = work / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"model": model, "lora": LORA,
-                                    "data": {"train": str(work / f"{data}.jsonl"), "max_length": length},
-                                    "training": training}))
+    path.write_text(yaml.safe_dump({"model": model, "lora": LORA, "data": data_section, "training": training}))
     metrics = train.run(recipe.load(path), resume="never")
     return {"step_s": metrics["step_time_s"], "tokens_per_step": metrics["train_tokens"] / metrics["steps"],
             "loss": metrics["final_loss"], "time_to_first_step_s": metrics["time_to_first_step_s"]}
@@ -168,10 +165,15 @@ GPU_TOGGLES = {
     "torch.compile": {"training": {"torch_compile": True}},
     "Liger kernels": {"training": {"use_liger_kernel": True}},
 }
+# On data of varying lengths, the default (padded batches with SDPA) against the alternatives.
+BATCHING = {
+    "padding-free": {"data": {"padding_free": True}},
+    "length-grouped": {"training": {"train_sampling_strategy": "group_by_length"}},
+    "flash attention": {"model": {"attn_implementation": "flash_attention_2"}},  # padding-free by default
+}
 VARIANTS = {"raw": run_raw, "trl": run_trl, "lora-tune": run_lora_tune,
-            "lora-tune-grouped": lambda *a: run_lora_tune(*a, grouped=True),
             **{name: (lambda extra: lambda *a: run_lora_tune(*a, extra=extra))(extra)
-               for name, extra in GPU_TOGGLES.items()}}
+               for name, extra in (GPU_TOGGLES | BATCHING).items()}}
 
 
 def child(args) -> None:
@@ -222,14 +224,20 @@ def main() -> None:
     print(f"lora-tune / raw peak RSS: {ours['peak_rss_mb'] / raw['peak_rss_mb']:.2f}  (goal <= 1.10)")
     print(f"lora-tune time to first step: {ours['time_to_first_step_s']:.1f} s")
 
-    grouped, naive = measure("lora-tune-grouped", args, steps, "varying"), measure("lora-tune", args, steps, "varying")
-    rate = {name: r["tokens_per_step"] / r["step_s"] for name, r in (("grouped", grouped), ("naive", naive))}
-    print(f"\nvarying lengths: length-grouped batches {rate['grouped']:,.0f} trained tokens/s, random padded "
-          f"batches (the default) {rate['naive']:,.0f}: {rate['grouped'] / rate['naive']:.2f}x  (goal >= 1.5)")
-
     import importlib.util
 
     import torch
+
+    print("\nvarying lengths, the same samples (length-grouped: batches of similar lengths):")
+    names = ["lora-tune", "padding-free", "length-grouped"]
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
+        names.append("flash attention")
+    varying = {name: measure(name, args, steps, "varying") for name in names}
+    base = varying["lora-tune"]["tokens_per_step"] / varying["lora-tune"]["step_s"]
+    for name, r in varying.items():
+        rate = r["tokens_per_step"] / r["step_s"]
+        print(f"  {'padded (default)' if name == 'lora-tune' else name:<16} {rate:>10,.0f} trained tokens/s"
+              f"  {rate / base:.2f}x  final loss {r['loss']:.4f}")
 
     if torch.cuda.is_available():
         print("\nGPU settings, lora-tune step time against its default (bf16, SDPA):")

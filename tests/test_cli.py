@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -278,7 +279,38 @@ def test_packed_training(tiny, tmp_path, capsys):
     assert 10 <= metrics["steps"] <= 13
     path = write_recipe(tmp_path / "opt.yaml", tiny, out, model={"id": str(tiny / "tiny-opt")}, data={"packing": True})
     assert run_cli("train", path, "--dry-run") == 2
-    assert "cannot keep packed samples apart" in capsys.readouterr().err
+    assert "cannot keep samples in one row apart" in capsys.readouterr().err
+
+
+def test_padding_free_batches_train_exactly_like_padded_ones(tiny, tmp_path, capsys):
+    """Padding-free batches (the default with flash attention, on for SDPA here) keep samples apart in
+    Llama: the same samples in the same steps give the losses and adapter of padded batches.
+    OPT would mix them, so it is refused there."""
+
+    runs = {}
+    for padding_free in (True, False):
+        out = tmp_path / f"run-{padding_free}"
+        path = write_recipe(tmp_path / "r.yaml", tiny, out, data={"train": str(tiny / "data" / "pc_train.jsonl"),
+                                                                  "eval": None, "padding_free": padding_free},
+                            training={"max_steps": 8, "logging_steps": 1})
+        assert run_cli("train", path) == 0
+        runs[padding_free] = (json.loads((out / "metrics.json").read_text()),
+                              load_file(out / "adapter" / "adapter_model.safetensors"))
+    assert re.search(r"400 \([\d,]+ trained tokens\), padding-free batches", capsys.readouterr().out)
+    (free, free_adapter), (padded, padded_adapter) = runs[True], runs[False]
+    losses = [[e["loss"] for e in m["log_history"] if "loss" in e] for m in (free, padded)]
+    assert len(losses[0]) == 8 and losses[0] == pytest.approx(losses[1], abs=1e-4)
+    assert losses[0][-1] < losses[0][0] - 0.1
+    for name, tensor in padded_adapter.items():
+        assert torch.allclose(free_adapter[name], tensor, atol=1e-4), name
+    for attention, default in (("sdpa", False), ("flash_attention_2", True)):  # the plan loads no weights
+        path = write_recipe(tmp_path / "a.yaml", tiny, tmp_path / "a", model={"attn_implementation": attention})
+        assert run_cli("train", path, "--dry-run") == 0
+        assert ("padding-free batches" in capsys.readouterr().out) is default, attention
+    path = write_recipe(tmp_path / "opt.yaml", tiny, tmp_path / "opt", model={"id": str(tiny / "tiny-opt")},
+                        data={"padding_free": True})
+    assert run_cli("train", path, "--dry-run") == 2
+    assert "data.padding_free: " in capsys.readouterr().err
 
 
 def test_data_preview(tiny, tmp_path, capsys):

@@ -232,7 +232,7 @@ def test_packed_loss_equals_unpacked_loss(tiny, llama_tokenizer):
             assert packed_loss.item() == pytest.approx(unpacked_loss.item(), abs=1e-5)
         else:
             assert abs(packed_loss.item() - unpacked_loss.item()) > 1e-3
-            with pytest.raises(UserError, match=r"data.packing: tiny-opt \(opt\) cannot keep packed samples apart"):
+            with pytest.raises(UserError, match=r"data.packing: tiny-opt \(opt\) cannot keep samples in one row apart"):
                 check_packing(meta_model(model.config), "tiny-opt")
 
 
