@@ -149,6 +149,21 @@ def evaluate(
                    tasks_path=tasks_path, plot=plot)
 
 
+@app.command()
+def modules(
+    model: Annotated[str, typer.Argument(help="A hub id or local model directory.")],
+    r: Annotated[int, typer.Option("--r", "-r", min=1, help="LoRA rank for the parameter counts.")] = 16,
+    revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(
+        "--trust-remote-code", help="Allow the model repository's own Python code to run.")] = False,
+):
+    """List the layers LoRA can target, and the trainable parameters of attention-only and all-linear."""
+    from . import targets
+    from .recipe import ModelSection
+
+    targets.run(ModelSection(id=model, revision=revision, trust_remote_code=trust_remote_code), r)
+
+
 def join_weights(argv: list[str]) -> list[str]:
     """`--weights 0.7 0.3` -> `--weights 0.7,0.3`: click cannot give an option several values
     after a variadic argument, and this is how users write it."""

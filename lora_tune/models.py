@@ -112,8 +112,13 @@ def count_trainable(model, lora_config) -> tuple[int, int]:
     """(trainable, total) parameter counts of the model with LoRA applied. Works on the meta device."""
     from peft import get_peft_model
 
-    try:  # get_peft_model expands the config's target_modules in place: count on a copy
-        peft_model = get_peft_model(model, copy.deepcopy(lora_config))
+    # get_peft_model expands the config's target_modules in place: count on a copy, with the
+    # plain initialisation (PiSSA and the others compute on weights that the meta device lacks).
+    config = copy.deepcopy(lora_config)
+    if hasattr(config, "init_lora_weights"):
+        config.init_lora_weights = True
+    try:
+        peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise UserError(f"lora: {exc}") from None
     return peft_model.get_nb_trainable_parameters()

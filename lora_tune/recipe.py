@@ -37,6 +37,15 @@ OWNED_TRAINING_KEYS = {
                  "set the HF_TOKEN environment variable instead",
 }
 
+# Keys of the `lora` section that lora-tune handles itself, beside the chosen PEFT config's fields.
+LORA_OPTIONS = {
+    "method": "lora (peft.LoraConfig, the default) or adalora (peft.AdaLoraConfig: ranks reallocated while training)",
+    "loraplus_lr_ratio": "LoRA+: learning rate of the B matrices over that of A, e.g. 16 "
+                         "(peft's create_loraplus_optimizer)",
+    "loraplus_lr_embedding": "LoRA+: learning rate of LoRA on embedding layers (default 1e-6)",
+}
+METHODS = {"lora": "LoraConfig", "adalora": "AdaLoraConfig"}
+
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
@@ -226,22 +235,28 @@ def _pydantic_message(err: dict) -> str:
     return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
 
 
-def _check_fields(section: str, values: dict, cls: type, problems: list[str]) -> tuple[dict, bool]:
-    """Check keys and value types against a config dataclass: (values that fit, all fitted)."""
+def _check_fields(section: str, values: dict, cls: type, problems: list[str],
+                  own_keys: tuple[str, ...] = ()) -> tuple[dict, bool]:
+    """Check keys and value types against a config dataclass: (values that fit, all fitted).
+    `own_keys` are lora-tune's keys of the section, offered for misspellings too."""
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     coerced, ok = {}, True
     for key, value in values.items():
         if key not in fields:
-            problems.append(f"{section}.{key}: unknown key.{did_you_mean(str(key), fields)} "
+            problems.append(f"{section}.{key}: unknown key.{did_you_mean(str(key), fields | set(own_keys))} "
                             f"{section} accepts the fields of {cls.__module__.split('.')[0]}.{cls.__name__}.")
             ok = False
             continue
         try:
             converted = TypeAdapter(hints[key]).validate_python(value)
             # Keep the user's own spelling where it already fits (10, not 10.0, for a float field).
-            coerced[key] = value if converted == value else converted
+            # Sub-configs (eva_config: {rho: 2}) stay plain data, for the saved recipe.
+            coerced[key] = value if converted == value or dataclasses.is_dataclass(converted) else converted
         except ValidationError:
+            if _fills_placeholder(hints[key], value):
+                coerced[key] = value
+                continue
             hint = (" YAML reads a bare no/yes/off/on as false/true: quote it, e.g. \"no\"."
                     if isinstance(value, bool) else "")
             problems.append(f"{section}.{key}: expected {_type_name(hints[key])}, got {value!r}.{hint}")
@@ -249,6 +264,16 @@ def _check_fields(section: str, values: dict, cls: type, problems: list[str]) ->
         except Exception:  # a type pydantic cannot describe: leave it to the real constructor
             coerced[key] = value
     return coerced, ok
+
+
+def _fills_placeholder(hint: Any, value: Any) -> bool:
+    """Whether a string fills a Literal option written with a placeholder, e.g. 'pissa_niter_4'
+    for PEFT's 'pissa_niter_[number of iters]' (the constructor checks the rest)."""
+    options = [arg for union in typing.get_args(hint) or [hint] if typing.get_origin(union) is Literal
+               for arg in typing.get_args(union)]
+    return isinstance(value, str) and any(
+        isinstance(o, str) and "[" in o and re.fullmatch(re.sub(r"\\\[.*?\]", ".+", re.escape(o)), value)
+        for o in options)
 
 
 SIMPLE_TYPES = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}
@@ -280,10 +305,18 @@ def _blame(section: str, values: dict, message: str) -> str:
 
 
 def _check_lora(values: dict, problems: list[str]) -> dict:
-    from peft import LoraConfig
-
     before = len(problems)
-    coerced, ok = _check_fields("lora", values, LoraConfig, problems)
+    method = values.get("method", "lora")
+    if method not in METHODS:
+        problems.append(f"lora.method: expected one of {', '.join(METHODS)}, got {method!r}.")
+        method = "lora"
+    options = {key: values[key] for key in LORA_OPTIONS if key in values}
+    for key in ("loraplus_lr_ratio", "loraplus_lr_embedding"):
+        value = options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            problems.append(f"lora.{key}: expected a positive number, got {value!r}. {LORA_OPTIONS[key]}.")
+    fields = {key: value for key, value in values.items() if key not in LORA_OPTIONS}
+    coerced, ok = _check_fields("lora", fields, lora_config_class(method), problems, tuple(LORA_OPTIONS))
     r = coerced.get("r", 8)
     if r <= 0:
         problems.append(f"lora.r: the rank must be a positive integer, got {r}. Typical values: 8, 16, 64.")
@@ -293,9 +326,14 @@ def _check_lora(values: dict, problems: list[str]) -> dict:
     dropout = coerced.get("lora_dropout", 0.0)
     if not 0 <= dropout < 1:
         problems.append(f"lora.lora_dropout: must be in [0, 1), got {dropout}. Typical values: 0 to 0.1.")
+    coerced = options | coerced
+    if coerced.get("init_lora_weights") == "loftq":
+        problems.append("lora.init_lora_weights: loftq fits the adapter to a base that is quantized afterwards, "
+                        "so it cannot be evaluated or merged against the model as loaded. For QLoRA set "
+                        "model.quantization; for an SVD-based start use pissa.")
     if ok and len(problems) == before:
         try:
-            build_lora_config(coerced)
+            build_lora_config(coerced, total_step=10**9)  # AdaLoRA's real step count is known at planning
         except (ValueError, TypeError) as exc:
             problems.append(f"{_blame('lora', coerced, str(exc))}: {' '.join(str(exc).split())}")
     return coerced
@@ -320,11 +358,20 @@ def _check_training(values: dict, problems: list[str], present: bool) -> dict:
     return coerced
 
 
-def build_lora_config(lora: dict):
-    """The peft.LoraConfig of a recipe's `lora` section (task_type defaults to CAUSAL_LM)."""
-    from peft import LoraConfig
+def lora_config_class(method: str) -> type:
+    import peft
 
-    return LoraConfig(**({"task_type": "CAUSAL_LM"} | lora))
+    return getattr(peft, METHODS[method])
+
+
+def build_lora_config(lora: dict, total_step: int | None = None):
+    """The PEFT config of a recipe's `lora` section: peft.LoraConfig, or peft.AdaLoraConfig for
+    `method: adalora`, whose total_step defaults to the run's step count. task_type defaults to CAUSAL_LM."""
+    method = lora.get("method", "lora")
+    fields = {"task_type": "CAUSAL_LM"} | {k: v for k, v in lora.items() if k not in LORA_OPTIONS}
+    if method == "adalora" and total_step is not None:
+        fields.setdefault("total_step", total_step)
+    return lora_config_class(method)(**fields)
 
 
 def build_sft_config(training: dict, max_length: int | None, **extra):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 RECIPE = "recipe.yaml"
 ADAPTER = "adapter"
+INITIAL_ADAPTER = "initial-adapter"  # PiSSA/OLoRA/CorDA runs: the adapter before training, for conversion
 METRICS = "metrics.json"
 LOGS = "logs"
 COMPLETE = "lora-tune-complete"

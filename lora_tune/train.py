@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 from rich.table import Table
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 
 from . import data, models, output, runs
 from .errors import UserError
@@ -78,7 +79,7 @@ def make_plan(recipe: Recipe) -> Plan:
     config = models.load_config(recipe.model)
     models.check_weights(recipe.model)
     skeleton = models.meta_model(config, recipe.model.trust_remote_code)
-    lora_config = build_lora_config(recipe.lora)
+    lora_config = build_lora_config(recipe.lora, total_step=10**9)  # AdaLoRA's steps are set below
     models.check_target_modules(lora_config.target_modules, skeleton, recipe.model.id)
     trainable, total = models.count_trainable(skeleton, lora_config)
     padding_free = recipe.data.padding_free
@@ -107,6 +108,12 @@ def make_plan(recipe: Recipe) -> Plan:
             rows = math.ceil(sum(data_stats["train"].lengths) / recipe.data.max_length)
         per_step = sft_config.per_device_train_batch_size * sft_config.gradient_accumulation_steps * world_size()
         steps = math.ceil(rows / per_step) * math.ceil(sft_config.num_train_epochs)
+    if recipe.lora.get("method") == "adalora":
+        try:
+            lora_config = build_lora_config(recipe.lora, total_step=steps)
+        except ValueError as exc:
+            raise UserError(f"lora: {exc} (this run trains {steps} steps)",
+                            ["lower lora.tinit and lora.tfinal, or train for more steps"]) from None
     return Plan(recipe, lora_config, sft_config, tokenizer, train, evaluation, trainable, total, steps,
                 {name: stats.summary() for name, stats in data_stats.items()})
 
@@ -119,8 +126,8 @@ def print_plan(plan: Plan) -> None:
     targets = plan.lora_config.target_modules
     rows = [
         ("model", f"{plan.recipe.model.id} ({models.resolve_dtype(plan.recipe.model.dtype)}".replace("torch.", "") + ")"),
-        ("LoRA", f"r={plan.lora_config.r}, alpha={plan.lora_config.lora_alpha}, targets="
-                 f"{sorted(targets) if isinstance(targets, (set, list)) else targets}"),
+        ("method", describe_method(plan.lora_config, plan.recipe.lora)
+                   + f", targets={sorted(targets) if isinstance(targets, (set, list)) else targets}"),
         ("trainable parameters", f"{plan.trainable:,} of {plan.total:,} ({100 * plan.trainable / plan.total:.3f}%)"),
         ("train samples", describe_data(plan.data_stats["train"], plan.recipe.data)
          + (", packed" if plan.recipe.data.packing else ", padding-free batches" if args.padding_free else "")),
@@ -136,6 +143,22 @@ def print_plan(plan: Plan) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+
+
+def describe_method(config, lora: dict) -> str:
+    """'DoRA r=16, alpha=32, rsLoRA, init pissa, LoRA+ (B learning rate x16)' for the plan."""
+    if lora.get("method") == "adalora":
+        text = f"AdaLoRA rank {config.init_r} -> {config.target_r} over steps {config.tinit}-{config.total_step - config.tfinal}"
+    else:
+        text = f"{'DoRA' if config.use_dora else 'LoRA'} r={config.r}"
+    text += f", alpha={config.lora_alpha}"
+    if config.use_rslora:
+        text += ", rsLoRA"
+    if config.init_lora_weights is not True:
+        text += f", init {config.init_lora_weights}"
+    if lora.get("loraplus_lr_ratio"):
+        text += f", LoRA+ (B learning rate x{lora['loraplus_lr_ratio']})"
+    return text
 
 
 def describe_data(stats: dict, section) -> str:
@@ -192,11 +215,28 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
         recipe.save(out / runs.RECIPE)
     dtype = models.resolve_dtype(recipe.model.dtype)
     model = models.load_model(recipe.model, dtype)
+    # Randomized initialisations (LoRA A, pissa_niter's SVD) must come out the same on resume.
+    set_seed(plan.sft_config.seed)
+    init = str(getattr(plan.lora_config, "init_lora_weights", "")).lower()
+    if init == "corda":
+        calibrate_corda(model, plan)
     guard = RunGuard()
+    callbacks = [guard, AdaLoraAllocator()] if recipe.lora.get("method") == "adalora" else [guard]
     with tensorboard_dir(out / runs.LOGS):
         trainer = trainer_class()(model=model, args=plan.sft_config, train_dataset=plan.train,
                                   eval_dataset=plan.eval, processing_class=plan.tokenizer,
-                                  peft_config=plan.lora_config, callbacks=[guard])
+                                  peft_config=plan.lora_config, callbacks=callbacks)
+    trainer.loraplus = {k: v for k, v in recipe.lora.items() if k.startswith("loraplus_")}
+    if init == "eva" and not checkpoint:  # a checkpoint holds the adapter, ranks included
+        from peft import initialize_lora_eva_weights
+
+        initialize_lora_eva_weights(trainer.model, trainer.get_train_dataloader(), show_progress_bar=False)
+    # PiSSA, OLoRA and CorDA move part of the base weights into the adapter; the adapter as
+    # trained only fits that changed base. Its initial state lets PEFT convert it at the end
+    # into an adapter for the original base model.
+    initial = out / runs.INITIAL_ADAPTER if init.startswith(CONVERTED_INITS) else None
+    if initial and main and not (initial / "adapter_model.safetensors").exists():
+        trainer.model.save_pretrained(initial)
     start_epoch = 0.0
     if checkpoint:
         start_epoch = json.loads((checkpoint / "trainer_state.json").read_text()).get("epoch") or 0.0
@@ -215,6 +255,8 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
     trainer.save_model(str(adapter))
     if not main:
         return None
+    if initial:
+        trainer.model.save_pretrained(adapter, path_initial_model_for_weight_conversion=str(initial))
     # Trainer leaves its arguments as a pickle; an adapter folder is shared, so keep it pickle-free.
     (adapter / "training_args.bin").unlink(missing_ok=True)
     check_adapter(adapter)
@@ -224,6 +266,30 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
     console.print(f"Final train loss {metrics['final_loss']:.4f}, {metrics['tokens_per_second']:,.0f} tokens/s, "
                   f"wall {wall:.1f} s. Adapter: {adapter.resolve()}")
     return metrics
+
+
+CONVERTED_INITS = ("pissa", "olora", "corda")
+
+
+def calibrate_corda(model, plan: Plan, samples: int = 256) -> None:
+    """CorDA builds its initialisation from the covariance of each target layer's inputs on
+    training samples: run up to `samples` of them through the model before LoRA is added."""
+    from peft.tuners.lora.corda import preprocess_corda
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+    from .evaluate import batches
+
+    rows = plan.train.select(range(min(samples, len(plan.train))))
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def run_model():
+        for batch in batches(rows, 1, plan.tokenizer.pad_token_id, device):  # PEFT's hooks take one sample
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    # PEFT expands `all-linear` only inside get_peft_model; the preprocessing needs the names.
+    config = _maybe_include_all_linear_layers(copy.deepcopy(plan.lora_config), model)
+    preprocess_corda(model, config, run_model=run_model)
 
 
 def trainer_class():
@@ -239,6 +305,32 @@ def trainer_class():
     from trl import SFTTrainer
 
     class LoraTuneTrainer(SFTTrainer):
+        loraplus: dict = {}  # loraplus_lr_ratio (and loraplus_lr_embedding) from the recipe's lora section
+
+        def create_optimizer(self, model=None):
+            if self.loraplus and self.optimizer is None:
+                from peft.optimizers import create_loraplus_optimizer
+
+                optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+                kwargs.pop("lr", None)
+                self.optimizer = create_loraplus_optimizer(self.model, optimizer_cls, lr=self.args.learning_rate,
+                                                           weight_decay=self.args.weight_decay,
+                                                           **self.loraplus, **kwargs)
+            return super().create_optimizer(model)
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            # AdaLoRA adds its orthogonality penalty to every loss computed with labels: leave it
+            # out of the eval loss, which must stay the model's NLL (as `lora-tune eval` measures).
+            config = self.model.peft_config.get("default") if hasattr(self.model, "peft_config") else None
+            penalty = getattr(config, "orth_reg_weight", None)
+            if penalty is None:
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            config.orth_reg_weight = 0.0
+            try:
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            finally:
+                config.orth_reg_weight = penalty
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.args.loss_type != "nll" or self.args.use_liger_kernel or self.aux_loss_enabled:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -246,6 +338,13 @@ def trainer_class():
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     return LoraTuneTrainer
+
+
+class AdaLoraAllocator(TrainerCallback):
+    """AdaLoRA reallocates ranks from the gradients after each optimizer step, before they are zeroed."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        model.base_model.update_and_allocate(state.global_step)
 
 
 class RunGuard(TrainerCallback):
@@ -280,11 +379,16 @@ class RunGuard(TrainerCallback):
 
 
 def check_adapter(adapter: Path) -> None:
-    """Refuse an adapter saved with empty tensors (as DeepSpeed ZeRO-3 does without gathering)."""
+    """Refuse an adapter saved with empty tensors (as DeepSpeed ZeRO-3 does without gathering),
+    except the layers AdaLoRA pruned."""
     from safetensors import safe_open
 
+    # AdaLoRA may prune a layer to rank 0 on purpose; its config's rank pattern says which.
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    pruned = [name.rsplit(".", 1)[0] + ".lora_" for name, mask in (config.get("rank_pattern") or {}).items()
+              if config.get("peft_type") == "ADALORA" and isinstance(mask, list) and not any(mask)]
     with safe_open(adapter / "adapter_model.safetensors", framework="pt") as f:
-        empty = [k for k in f.keys() if 0 in f.get_slice(k).get_shape()]
+        empty = [k for k in f.keys() if 0 in f.get_slice(k).get_shape() and not any(p in k for p in pruned)]
     if empty:
         raise UserError(f"the saved adapter has {len(empty)} empty tensors (e.g. {empty[0]}): it would load as a no-op",
                         ["under DeepSpeed ZeRO-3 set zero3_save_16bit_model / stage3_gather_16bit_weights_on_model_save"])

@@ -1,0 +1,144 @@
+"""LoRA variants and targets: each one trains, reloads with plain PEFT on the original base,
+merges, and the merged model answers exactly as the trained adapter did."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import run_cli, write_recipe
+from safetensors.torch import load_file
+
+from lora_tune import data, evaluate
+from lora_tune.models import load_tokenizer
+from lora_tune.recipe import ModelSection
+
+STEPS = 16
+VARIANTS = {
+    "dora": {"use_dora": True},
+    "rslora": {"use_rslora": True},
+    "gaussian": {"init_lora_weights": "gaussian"},
+    "orthogonal": {"init_lora_weights": "orthogonal"},
+    "pissa": {"init_lora_weights": "pissa"},
+    "pissa_niter": {"init_lora_weights": "pissa_niter_4"},
+    "olora": {"init_lora_weights": "olora"},
+    "corda": {"init_lora_weights": "corda"},
+    "eva": {"init_lora_weights": "eva"},
+    "mica": {"init_lora_weights": "mica"},
+    "patterns": {"rank_pattern": {"q_proj": 4}, "alpha_pattern": {"q_proj": 32}},
+    "layers_to_transform": {"layers_to_transform": [1], "target_modules": ["q_proj", "v_proj"]},
+    "modules_to_save": {"modules_to_save": ["lm_head"]},
+    "regex_targets": {"target_modules": r".*\.(q_proj|v_proj)"},
+    "loraplus": {"loraplus_lr_ratio": 16},
+    "adalora": {"method": "adalora", "init_r": 8, "target_r": 4, "tinit": 2, "tfinal": 4, "deltaT": 2},
+}
+# AdaLoRA starts its singular values at zero, from small random A and B: it needs a larger step.
+LEARNING_RATES = {"adalora": 3e-2}
+
+
+def train_variant(tiny, tmp_path, lora: dict, name: str = "run", learning_rate: float = 3e-3):
+    out = tmp_path / name
+    path = write_recipe(tmp_path / f"{name}.yaml", tiny, out, lora=lora,
+                        data={"train": str(tiny / "data" / "pc_train.jsonl"), "eval": str(tiny / "data" / "pc_eval.jsonl")},
+                        training={"max_steps": STEPS, "logging_steps": 4, "eval_strategy": "steps", "eval_steps": STEPS,
+                                  "per_device_eval_batch_size": 64, "save_strategy": "no", "learning_rate": learning_rate})
+    assert run_cli("train", path) == 0
+    return out
+
+
+def eval_batches(tiny):
+    tokenizer = load_tokenizer(ModelSection(id=str(tiny / "tiny-llama")))
+    rows = data.load_eval(str(tiny / "data" / "pc_eval.jsonl"), None, tokenizer)
+    return evaluate.batches(rows, 64, tokenizer.pad_token_id, "cpu")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_trains_reloads_and_merges(variant, tiny, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = train_variant(tiny, tmp_path, VARIANTS[variant], learning_rate=LEARNING_RATES.get(variant, 3e-3))
+    metrics = json.loads((out / "metrics.json").read_text())
+    batches = eval_batches(tiny)
+    base = AutoModelForCausalLM.from_pretrained(tiny / "tiny-llama").eval()
+    base_loss = evaluate.measure(base, batches)[0]["loss"]
+
+    # Plain PEFT on the untouched base reproduces the model as it was at the end of training.
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny / "tiny-llama"), out / "adapter").eval()
+    adapter_metrics, adapter_logits = evaluate.measure(reloaded, batches)
+    assert adapter_metrics["loss"] == pytest.approx(metrics["eval_loss"], abs=1e-4)
+    assert adapter_metrics["loss"] < base_loss - 0.05  # it learned something
+
+    assert run_cli("merge", out, "-o", tmp_path / "merged") == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    merged_metrics, merged_logits = evaluate.measure(merged, batches)
+    assert (merged_logits - adapter_logits).abs().max() < 1e-4
+    assert merged_metrics["loss"] == pytest.approx(adapter_metrics["loss"], abs=1e-5)
+
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    text = capsys.readouterr().out
+    if variant == "dora":
+        assert any("lora_magnitude_vector" in k for k in weights) and "DoRA" in text
+    if variant in ("pissa", "pissa_niter", "olora", "corda"):
+        # Converted for the original base: twice the rank, and the initial state kept in the run.
+        assert config["r"] == 16 and config["init_lora_weights"] is True
+        assert (out / "initial-adapter" / "adapter_model.safetensors").is_file()
+    if variant == "patterns":
+        assert weights["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape[0] == 4
+        assert weights["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"].shape[0] == 8
+    if variant == "layers_to_transform":
+        assert weights and all(".layers.1." in k for k in weights)
+    if variant == "modules_to_save":
+        assert "base_model.model.lm_head.weight" in weights
+    if variant == "regex_targets":
+        assert {k.split(".")[-3] for k in weights} == {"q_proj", "v_proj"}
+    if variant == "adalora":
+        assert config["peft_type"] == "ADALORA" and any("lora_E" in k for k in weights)
+        assert config["rank_pattern"]  # ranks were reallocated during training
+        assert "Merging in memory with merge_and_unload (not streamed: ADALORA adapters)" in text
+
+
+def test_loraplus_trains_b_faster_than_a(tiny, tmp_path):
+    """LoRA+ gives B a learning rate 16 times A's: B (zero at the start) moves about 16 times further."""
+    norms = {}
+    for name, lora in (("plain", {}), ("loraplus", {"loraplus_lr_ratio": 16})):
+        weights = load_file(train_variant(tiny, tmp_path, lora, name) / "adapter" / "adapter_model.safetensors")
+        norms[name] = {part: sum(w.norm() ** 2 for k, w in weights.items() if f"lora_{part}" in k) ** 0.5
+                       for part in "AB"}
+    assert norms["loraplus"]["B"] / norms["plain"]["B"] > 6
+    assert norms["loraplus"]["A"] / norms["plain"]["A"] < 2
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_modules_lists_layers_and_suggests_targets(kind, tiny, capsys):
+    assert run_cli("modules", tiny / f"tiny-{kind}", "-r", "8") == 0
+    text = capsys.readouterr().out
+    if kind == "llama":
+        assert "model.layers.*.self_attn.k_proj │  64 -> 32 │     2 │                  1,536" in text
+        assert "attention only: target_modules: [q_proj, k_proj, v_proj, o_proj]  ->  7,168 trainable" in text
+        assert "all linear layers: target_modules: all-linear  ->  16,384 trainable" in text
+        assert "model.embed_tokens, lm_head" in text
+    else:
+        assert "model.decoder.layers.*.fc1" in text and "128 -> 64" in text
+        assert "attention only: target_modules: [k_proj, v_proj, q_proj, out_proj]  ->  8,192 trainable" in text
+        assert "all linear layers: target_modules: all-linear  ->  14,336 trainable" in text
+
+
+def test_method_and_option_errors(tiny, tmp_path, capsys):
+    cases = {
+        "bad method": ({"method": "vera"}, "lora.method: expected one of lora, adalora, got 'vera'."),
+        "typo": ({"loraplus_lr_ratoi": 16}, "lora.loraplus_lr_ratoi: unknown key. Did you mean 'loraplus_lr_ratio'?"),
+        "ratio": ({"loraplus_lr_ratio": -1}, "lora.loraplus_lr_ratio: expected a positive number, got -1."),
+        "loftq": ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}},
+                  "lora.init_lora_weights: loftq fits the adapter to a base that is quantized afterwards"),
+        "adalora field on lora": ({"init_r": 12}, "lora.init_r: unknown key."),
+        "adalora too short": ({"method": "adalora", "tinit": 10, "tfinal": 10},
+                              "lora: The supplied schedule values don't allow for a budgeting phase. Decrease `tfinal`/`tinit` or "
+                              "increase `total_step`. (this run trains 16 steps)"),
+    }
+    for name, (lora, message) in cases.items():
+        path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", lora=lora, training={"max_steps": 16})
+        assert run_cli("train", path, "--dry-run") == 2, name
+        assert message in capsys.readouterr().err, name
