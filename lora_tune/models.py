@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from . import output
 from .errors import UserError
+
+console = output.console()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,6 +50,31 @@ def hardware_training_defaults(training: dict[str, Any]) -> dict[str, Any]:
     if not has_cuda():
         defaults["use_cpu"] = True
     return defaults
+
+
+def check_quantization(section) -> None:
+    """Raise UserError when model.quantization cannot work here: bitsandbytes needs CUDA."""
+    import importlib.util
+
+    if section.quantization is None:
+        return
+    if not has_cuda():
+        raise UserError(f"model.quantization: {section.quantization.bits}-bit loading (bitsandbytes) needs a CUDA GPU, "
+                        "and this machine has none",
+                        ["remove model.quantization to train LoRA on the full-precision base here, or run on a GPU"])
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("model.quantization: the bitsandbytes package is not installed", ["pip install bitsandbytes"])
+
+
+def quantization_config(section, dtype: torch.dtype):
+    """The transformers.BitsAndBytesConfig of model.quantization."""
+    from transformers import BitsAndBytesConfig
+
+    q = section.quantization
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=dtype if q.compute_dtype == "auto" else DTYPES[q.compute_dtype])
 
 
 def _looks_local(model_id: str) -> bool:
@@ -189,6 +218,9 @@ def load_model(section, dtype, source: str | None = None):
               "use_safetensors": None if section.allow_pickle else True}
     if section.attn_implementation:
         kwargs["attn_implementation"] = section.attn_implementation
+    if section.quantization:  # quantized weights are placed on this process's GPU as they load
+        kwargs["quantization_config"] = quantization_config(section, dtype)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     check_weights(section, source)
     try:
         return AutoModelForCausalLM.from_pretrained(source, revision=section.revision, **kwargs)
@@ -216,6 +248,10 @@ def adapter_base_section(adapter: Path, model_section=None, allow_pickle: bool =
                                      trust_remote_code=bool(model_section and model_section.trust_remote_code))
     if allow_pickle:
         model_section = model_section.model_copy(update={"allow_pickle": True})
+    if model_section.quantization:
+        console.print(f"{adapter} was trained on a {model_section.quantization.bits}-bit base: loading the "
+                      f"full-precision {model_section.id} (quantized weights would round the adapter away when merged).")
+        model_section = model_section.model_copy(update={"quantization": None})
     if _looks_local(base) and not Path(base).expanduser().is_dir():
         raise UserError(f"{adapter}: its base model {base!r} is not there any more",
                         ["restore the base model directory, or edit base_model_name_or_path in adapter_config.json"])

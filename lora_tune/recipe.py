@@ -50,6 +50,19 @@ ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### R
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
+class Quantization(BaseModel):
+    """model.quantization: load the base through bitsandbytes, as QLoRA does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bits: Literal[4, 8] = Field(description="4 (QLoRA) or 8.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Also quantize the 4-bit scaling constants (about 0.4 bits per "
+                                                 "weight saved).")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype of the 4-bit layers' matmuls; auto follows model.dtype.")
+
+
 class ModelSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -62,6 +75,8 @@ class ModelSection(BaseModel):
     allow_pickle: bool = Field(False, description="Allow pickle-based .bin weights, which can run code when loaded; "
                                                   "default: safetensors only.")
     attn_implementation: str | None = Field(None, description="eager, sdpa or flash_attention_2; default: transformers' choice.")
+    quantization: Quantization | None = Field(
+        None, description="Load the base quantized with bitsandbytes (QLoRA): {bits: 4} or {bits: 8}; needs a CUDA GPU.")
 
 
 class Source(BaseModel):

@@ -76,6 +76,7 @@ def check_output_dir(path: Path) -> None:
 def make_plan(recipe: Recipe) -> Plan:
     """Validate the recipe against the model's config and the data; load no weights."""
     check_output_dir(recipe.output_dir)
+    models.check_quantization(recipe.model)
     config = models.load_config(recipe.model)
     models.check_weights(recipe.model)
     skeleton = models.meta_model(config, recipe.model.trust_remote_code)
@@ -125,7 +126,9 @@ def print_plan(plan: Plan) -> None:
     table.add_column(overflow="fold")
     targets = plan.lora_config.target_modules
     rows = [
-        ("model", f"{plan.recipe.model.id} ({models.resolve_dtype(plan.recipe.model.dtype)}".replace("torch.", "") + ")"),
+        ("model", f"{plan.recipe.model.id} ({models.resolve_dtype(plan.recipe.model.dtype)}".replace("torch.", "")
+                  + (f", {quantized.bits}-bit{' ' + quantized.quant_type if quantized.bits == 4 else ''})"
+                     if (quantized := plan.recipe.model.quantization) else ")")),
         ("method", describe_method(plan.lora_config, plan.recipe.lora)
                    + f", targets={sorted(targets) if isinstance(targets, (set, list)) else targets}"),
         ("trainable parameters", f"{plan.trainable:,} of {plan.total:,} ({100 * plan.trainable / plan.total:.3f}%)"),
@@ -215,6 +218,10 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
         recipe.save(out / runs.RECIPE)
     dtype = models.resolve_dtype(recipe.model.dtype)
     model = models.load_model(recipe.model, dtype)
+    if recipe.model.quantization:  # QLoRA: norms in fp32, input gradients for checkpointing
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.sft_config.gradient_checkpointing)
     # Randomized initialisations (LoRA A, pissa_niter's SVD) must come out the same on resume.
     set_seed(plan.sft_config.seed)
     init = str(getattr(plan.lora_config, "init_lora_weights", "")).lower()

@@ -134,11 +134,17 @@ def test_method_and_option_errors(tiny, tmp_path, capsys):
         "loftq": ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}},
                   "lora.init_lora_weights: loftq fits the adapter to a base that is quantized afterwards"),
         "adalora field on lora": ({"init_r": 12}, "lora.init_r: unknown key."),
+        "quantization without a GPU": ({}, "model.quantization: 4-bit loading (bitsandbytes) needs a CUDA GPU, "
+                                            "and this machine has none"),
         "adalora too short": ({"method": "adalora", "tinit": 10, "tfinal": 10},
                               "lora: The supplied schedule values don't allow for a budgeting phase. Decrease `tfinal`/`tinit` or "
                               "increase `total_step`. (this run trains 16 steps)"),
     }
+    if torch.cuda.is_available():
+        del cases["quantization without a GPU"]
     for name, (lora, message) in cases.items():
-        path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", lora=lora, training={"max_steps": 16})
+        model = {"quantization": {"bits": 4}} if name == "quantization without a GPU" else {}
+        path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", lora=lora, model=model,
+                            training={"max_steps": 16})
         assert run_cli("train", path, "--dry-run") == 2, name
         assert message in capsys.readouterr().err, name
