@@ -233,13 +233,17 @@ def tokenize_chat(tokenizer, messages: list[dict], max_length: int, train_on_pro
     return _truncate(input_ids, labels, max_length)
 
 
-def prepare_tokenizer(tokenizer, section, model_id: str) -> None:
-    """Install data.chat_template; fail early when chat data will need a template and none exists."""
+def prepare_tokenizer(tokenizer, section, model_id: str) -> list[int]:
+    """Add data.add_tokens / add_special_tokens and install data.chat_template; fail early when
+    chat data will need a template and none exists. Returns the ids of the listed tokens."""
+    tokenizer.add_tokens(section.add_tokens)
+    tokenizer.add_tokens(section.add_special_tokens, special_tokens=True)
     if section.chat_template:
         tokenizer.chat_template = section.chat_template
     elif section.format == "messages" and not tokenizer.chat_template:
         raise UserError(f"data.chat_template: the tokenizer of {model_id} has no chat template for messages data",
                         ["set data.chat_template to the Jinja template the model will be served with"])
+    return tokenizer.convert_tokens_to_ids(section.add_tokens + section.add_special_tokens)
 
 
 def tokenize_dataset(dataset, section, tokenizer, label: str, spec: str):

@@ -147,6 +147,7 @@ def run(targets: list[str] | str, data_spec: str | None = None, compare: bool = 
         report["samples"] = len(dataset)
         prefix = "" if len(targets) == 1 else f"{target} "
         model = models.load_model(section, "auto").to(device).eval()
+        models.fit_vocabulary(model, tokenizer)  # an adapter trained with added tokens
         if adapter is None:
             evaluator(prefix + "model", model)
         else:

@@ -168,6 +168,35 @@ def keeps_samples_apart(model) -> bool:
     return bool(calls) and all("position_ids" in call for call in calls)
 
 
+def fit_vocabulary(model, tokenizer) -> None:
+    """Grow the embedding (and output) rows to the tokenizer's size when tokens were added. The
+    new rows' starting values (the mean of the others plus noise) are seeded, so that a base
+    model evaluated with an adapter's added tokens gives the same numbers every time."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=model.device.type != "meta")
+
+
+def train_token_rows(lora_config, model, token_ids: list[int]) -> None:
+    """Make the rows of added tokens trainable (PEFT's trainable_token_indices), in the input
+    embedding and, when not tied to it, the output layer, so the adapter saves both. Embedding
+    layers already in modules_to_save are trained and saved whole."""
+    if not token_ids:
+        return
+    names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    layers = [model.get_input_embeddings()]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not layers[0].weight:
+        layers.append(output)
+    indices = lora_config.trainable_token_indices
+    indices = dict(indices) if isinstance(indices, dict) else {names[layers[0]]: list(indices)} if indices else {}
+    for layer in layers:
+        if names[layer] not in (lora_config.modules_to_save or []):
+            indices[names[layer]] = sorted(set(indices.get(names[layer], [])) | set(token_ids))
+    lora_config.trainable_token_indices = indices or None
+
+
 def check_packing(model, model_id: str, key: str = "packing") -> None:
     """Raise UserError when data.packing or data.padding_free is asked of a model that would mix samples."""
     if not keeps_samples_apart(model):
@@ -267,6 +296,7 @@ def load_with_adapter(adapter: Path, dtype_name: str = "auto", model_section=Non
     dtype = "auto" if dtype_name == "auto" else DTYPES[dtype_name]
     tokenizer = adapter_tokenizer(adapter, model_section)
     model = load_model(model_section, dtype, source=model_section.id)
+    fit_vocabulary(model, tokenizer)  # an adapter trained with added tokens
     return attach_adapter(model, adapter, model_section), tokenizer, model_section
 
 

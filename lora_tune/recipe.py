@@ -113,6 +113,10 @@ class DataSection(BaseModel):
     prompt_template_no_input: str = Field(ALPACA_PROMPT_NO_INPUT, description="Alpaca prompt for rows with an empty input.")
     train_on_prompt: bool = Field(False, description="Also train on prompts and user turns (default: completions and "
                                                      "assistant turns only).")
+    add_tokens: list[str] = Field([], description="Tokens to add to the vocabulary; their embedding and output rows "
+                                                  "are trained and saved with the adapter.")
+    add_special_tokens: list[str] = Field([], description="Special tokens to add (never split, e.g. <|tool|>); trained "
+                                                          "and saved like add_tokens.")
     max_length: int = Field(512, ge=8, description="Tokens per sample; longer samples are truncated (and counted).")
     packing: bool = Field(False, description="Pack samples into max_length rows; samples never attend to each other.")
     padding_free: bool | None = Field(

@@ -11,6 +11,7 @@ import resource
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,10 @@ def make_plan(recipe: Recipe) -> Plan:
     skeleton = models.meta_model(config, recipe.model.trust_remote_code)
     lora_config = build_lora_config(recipe.lora, total_step=10**9)  # AdaLoRA's steps are set below
     models.check_target_modules(lora_config.target_modules, skeleton, recipe.model.id)
+    tokenizer = models.load_tokenizer(recipe.model)
+    new_tokens = data.prepare_tokenizer(tokenizer, recipe.data, recipe.model.id)
+    models.fit_vocabulary(skeleton, tokenizer)
+    models.train_token_rows(lora_config, skeleton, new_tokens)
     trainable, total = models.count_trainable(skeleton, lora_config)
     padding_free = recipe.data.padding_free
     if recipe.data.packing or padding_free:
@@ -92,8 +97,6 @@ def make_plan(recipe: Recipe) -> Plan:
         padding_free = ("flash" in (recipe.model.attn_implementation or "")
                         and recipe.training.get("per_device_train_batch_size", 8) > 1
                         and models.keeps_samples_apart(skeleton))
-    tokenizer = models.load_tokenizer(recipe.model)
-    data.prepare_tokenizer(tokenizer, recipe.data, recipe.model.id)
     train, evaluation, data_stats = data.load_datasets(recipe.data, tokenizer)
     # Samples are truncated to max_length during tokenization; TRL refuses max_length with padding-free batches.
     sft_config = build_sft_config(recipe.training, None if padding_free and not recipe.data.packing
@@ -112,6 +115,7 @@ def make_plan(recipe: Recipe) -> Plan:
     if recipe.lora.get("method") == "adalora":
         try:
             lora_config = build_lora_config(recipe.lora, total_step=steps)
+            models.train_token_rows(lora_config, skeleton, new_tokens)
         except ValueError as exc:
             raise UserError(f"lora: {exc} (this run trains {steps} steps)",
                             ["lower lora.tinit and lora.tfinal, or train for more steps"]) from None
@@ -216,8 +220,13 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
     out.mkdir(parents=True, exist_ok=True)
     if main:
         recipe.save(out / runs.RECIPE)
+    # PEFT's advice in these is what lora-tune does: PiSSA-like adapters are converted for the
+    # original base, and added tokens are saved as trainable rows (see the end of this function).
+    warnings.filterwarnings("ignore", message=".*changes the base weights of the model")
+    warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
     dtype = models.resolve_dtype(recipe.model.dtype)
     model = models.load_model(recipe.model, dtype)
+    models.fit_vocabulary(model, plan.tokenizer)
     if recipe.model.quantization:  # QLoRA: norms in fp32, input gradients for checkpointing
         from peft import prepare_model_for_kbit_training
 
@@ -262,8 +271,15 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
     trainer.save_model(str(adapter))
     if not main:
         return None
+    resave = {}
     if initial:
-        trainer.model.save_pretrained(adapter, path_initial_model_for_weight_conversion=str(initial))
+        resave["path_initial_model_for_weight_conversion"] = str(initial)
+    if getattr(plan.lora_config, "trainable_token_indices", None):
+        # The added tokens' rows are saved as trainable tokens; PEFT would also save the whole
+        # resized embedding and output layers (gigabytes for a large vocabulary).
+        resave["save_embedding_layers"] = False
+    if resave:
+        trainer.model.save_pretrained(adapter, **resave)
     # Trainer leaves its arguments as a pickle; an adapter folder is shared, so keep it pickle-free.
     (adapter / "training_args.bin").unlink(missing_ok=True)
     check_adapter(adapter)

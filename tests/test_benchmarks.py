@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, expected", [
-    ("bench_train.py", ["lora-tune / raw step time:", "trl defaults / lora-tune step time:", "varying lengths:"]),
+    ("bench_train.py", ["lora-tune / raw step time:", "trl defaults / lora-tune step time:", "varying lengths, the same samples", "padding-free"]),
     ("bench_eval.py", ["speed-up:", "loss difference"]),
     ("bench_merge.py", ["stream", "max |stream - baseline| over all merged weights: 0"]),
 ])

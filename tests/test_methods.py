@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from lora_tune import data, evaluate
 from lora_tune.models import load_tokenizer
+from lora_tune import recipe as recipes
 from lora_tune.recipe import ModelSection
 
 STEPS = 16
@@ -148,3 +149,56 @@ def test_method_and_option_errors(tiny, tmp_path, capsys):
                             training={"max_steps": 16})
         assert run_cli("train", path, "--dry-run") == 2, name
         assert message in capsys.readouterr().err, name
+
+
+def test_added_tokens_are_trained_saved_and_merged(tiny, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_tune import models
+
+    rows = [json.loads(line) for line in (tiny / "data" / "pc_train.jsonl").read_text().splitlines()]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": "<|q|> " + r["prompt"], "completion": r["completion"] + " stop!"})
+                             + "\n" for r in rows))
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny, out,
+                        data={"train": str(train), "eval_fraction": 0.1, "eval": None, "add_tokens": ["stop!"],
+                              "add_special_tokens": ["<|q|>"]},
+                        training={"max_steps": 30, "eval_strategy": "steps", "eval_steps": 30,
+                                  "per_device_eval_batch_size": 64, "save_strategy": "no"})
+    assert run_cli("train", path) == 0
+    base_size = len(AutoTokenizer.from_pretrained(tiny / "tiny-llama"))
+    tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
+    new_ids = tokenizer.convert_tokens_to_ids(["stop!", "<|q|>"])
+    assert len(tokenizer) == base_size + 2 and new_ids == [base_size, base_size + 1]
+    ids = tokenizer("<|q|> stop!", add_special_tokens=False)["input_ids"]
+    assert (ids[0], ids[-1]) == (new_ids[1], new_ids[0])  # each is one token
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"embed_tokens": new_ids, "lm_head": new_ids}
+    # Only the new rows are saved, not the whole embedding and output layers.
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    token_rows = [w for k, w in weights.items() if "trainable_tokens" in k]
+    assert len(token_rows) == 2 and all(w.shape == (2, 64) for w in token_rows)
+    assert not any(w.shape[0] >= base_size for w in weights.values())
+
+    # lora-tune's loader grows the base to the adapter's vocabulary and reproduces the trained model.
+    model, tokenizer, _ = models.load_with_adapter(out / "adapter", "float32")
+    rows = data.load_datasets(recipes.load(path).data, tokenizer)[1]
+    batches = evaluate.batches(rows, 64, tokenizer.pad_token_id, "cpu")
+    adapter_metrics, adapter_logits = evaluate.measure(model, batches)
+    assert adapter_metrics["loss"] == pytest.approx(json.loads((out / "metrics.json").read_text())["eval_loss"], abs=1e-4)
+
+    assert run_cli("merge", out, "-o", tmp_path / "merged") == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert merged.config.vocab_size == base_size + 2
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "merged")) == base_size + 2
+    merged_logits = evaluate.measure(merged, batches)[1]
+    assert (merged_logits - adapter_logits).abs().max() < 1e-4
+    # The new rows were trained: they moved away from where they started.
+    start = AutoModelForCausalLM.from_pretrained(tiny / "tiny-llama")
+    models.fit_vocabulary(start, tokenizer)
+    for layer in ("get_input_embeddings", "get_output_embeddings"):
+        moved = getattr(merged, layer)().weight[new_ids] - getattr(start, layer)().weight[new_ids]
+        assert moved.abs().max() > 1e-2, layer
+        kept = getattr(merged, layer)().weight[:base_size] - getattr(start, layer)().weight[:base_size]
+        assert kept.abs().max() == 0, layer
