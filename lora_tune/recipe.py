@@ -115,7 +115,7 @@ class DataSection(BaseModel):
                                                      "assistant turns only).")
     add_tokens: list[str] = Field([], description="Tokens to add to the vocabulary; their embedding and output rows "
                                                   "are trained and saved with the adapter.")
-    add_special_tokens: list[str] = Field([], description="Special tokens to add (never split, e.g. <|tool|>); trained "
+    add_special_tokens: list[str] = Field([], description="Special tokens to add (never split, such as chat markers); trained "
                                                           "and saved like add_tokens.")
     max_length: int = Field(512, ge=8, description="Tokens per sample; longer samples are truncated (and counted).")
     packing: bool = Field(False, description="Pack samples into max_length rows; samples never attend to each other.")
