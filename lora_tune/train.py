@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from rich.table import Table
-from transformers import TrainerCallback, set_seed
+from transformers import TrainerCallback
 
 from . import data, models, output, runs
 from .errors import UserError
@@ -231,8 +231,6 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.sft_config.gradient_checkpointing)
-    # Randomized initialisations (LoRA A, pissa_niter's SVD) must come out the same on resume.
-    set_seed(plan.sft_config.seed)
     init = str(getattr(plan.lora_config, "init_lora_weights", "")).lower()
     if init == "corda":
         calibrate_corda(model, plan)

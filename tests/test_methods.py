@@ -202,3 +202,21 @@ def test_added_tokens_are_trained_saved_and_merged(tiny, tmp_path, capsys):
         assert moved.abs().max() > 1e-2, layer
         kept = getattr(merged, layer)().weight[:base_size] - getattr(start, layer)().weight[:base_size]
         assert kept.abs().max() == 0, layer
+
+
+def test_pissa_run_resumes_to_the_same_adapter(tiny, tmp_path):
+    """Resuming re-creates the same PiSSA residual base (TRL seeds it) and keeps the first initial state."""
+    adapters = {}
+    for name in ("straight", "resumed"):
+        out = tmp_path / name
+        path = write_recipe(tmp_path / f"{name}.yaml", tiny, out, lora={"init_lora_weights": "pissa_niter_2"},
+                            training={"max_steps": 16, "save_steps": 8, "lr_scheduler_type": "constant"})
+        if name == "resumed":
+            assert run_cli("train", path, "--set", "training.max_steps=8") == 0
+            initial = (out / "initial-adapter" / "adapter_model.safetensors").read_bytes()
+        assert run_cli("train", path) == 0
+        if name == "resumed":
+            assert (out / "initial-adapter" / "adapter_model.safetensors").read_bytes() == initial
+        adapters[name] = load_file(out / "adapter" / "adapter_model.safetensors")
+    for key, tensor in adapters["straight"].items():
+        assert torch.allclose(adapters["resumed"][key], tensor, atol=1e-5), key
