@@ -7,7 +7,9 @@ import copy
 import json
 import math
 import os
+import re
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -265,8 +267,10 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
                         f"Last good checkpoint: {runs.latest_checkpoint(out) or 'none'}",
                         ["lower training.learning_rate or set training.max_grad_norm, then rerun: "
                          "it resumes from the last good checkpoint"])
-    adapter = out / runs.ADAPTER
-    trainer.save_model(str(adapter))
+    # Written to a staging folder, checked, then renamed: `adapter/` is complete and sound, or absent.
+    adapter, staging = out / runs.ADAPTER, out / f"{runs.ADAPTER}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))  # every process takes part: ZeRO-3 gathers the weights here
     if not main:
         return None
     resave = {}
@@ -277,10 +281,16 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
         # resized embedding and output layers (gigabytes for a large vocabulary).
         resave["save_embedding_layers"] = False
     if resave:
-        trainer.model.save_pretrained(adapter, **resave)
+        trainer.model.save_pretrained(staging, **resave)
     # Trainer leaves its arguments as a pickle; an adapter folder is shared, so keep it pickle-free.
-    (adapter / "training_args.bin").unlink(missing_ok=True)
-    check_adapter(adapter)
+    (staging / "training_args.bin").unlink(missing_ok=True)
+    try:
+        check_adapter(staging)
+    except UserError:
+        shutil.rmtree(staging)
+        raise
+    shutil.rmtree(adapter, ignore_errors=True)
+    staging.rename(adapter)
     metrics = collect_metrics(plan, trainer, result, wall, str(dtype).replace("torch.", ""), start_epoch)
     metrics |= step_times(started, guard.step_ends)
     runs.write_json(out / runs.METRICS, metrics)
@@ -400,19 +410,35 @@ class RunGuard(TrainerCallback):
 
 
 def check_adapter(adapter: Path) -> None:
-    """Refuse an adapter saved with empty tensors (as DeepSpeed ZeRO-3 does without gathering),
-    except the layers AdaLoRA pruned."""
+    """Raise UserError when a saved adapter holds empty tensors (what DeepSpeed ZeRO-3 saves when
+    the weights are not gathered) or LoRA matrices of another rank than its config says. AdaLoRA
+    may prune a layer to rank 0 on purpose; its rank pattern says which."""
+    from peft.utils.other import get_pattern_key
     from safetensors import safe_open
 
-    # AdaLoRA may prune a layer to rank 0 on purpose; its config's rank pattern says which.
     config = json.loads((adapter / "adapter_config.json").read_text())
+    adalora = config.get("peft_type") == "ADALORA"
     pruned = [name.rsplit(".", 1)[0] + ".lora_" for name, mask in (config.get("rank_pattern") or {}).items()
-              if config.get("peft_type") == "ADALORA" and isinstance(mask, list) and not any(mask)]
+              if adalora and isinstance(mask, list) and not any(mask)]
+    ranks = config.get("rank_pattern") or {}
+    problems = []
     with safe_open(adapter / "adapter_model.safetensors", framework="pt") as f:
-        empty = [k for k in f.keys() if 0 in f.get_slice(k).get_shape() and not any(p in k for p in pruned)]
-    if empty:
-        raise UserError(f"the saved adapter has {len(empty)} empty tensors (e.g. {empty[0]}): it would load as a no-op",
-                        ["under DeepSpeed ZeRO-3 set zero3_save_16bit_model / stage3_gather_16bit_weights_on_model_save"])
+        for key in f.keys():
+            shape = f.get_slice(key).get_shape()
+            lora = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight", key)
+            if 0 in shape and not any(p in key for p in pruned):
+                problems.append(f"{key} is empty {list(shape)}")
+            elif lora and not adalora:
+                module, part = lora.groups()
+                expected = ranks.get(get_pattern_key(ranks, module), config["r"]) if ranks else config["r"]
+                rank = shape[0] if part == "A" else shape[1]
+                if rank != expected:
+                    problems.append(f"{key} has rank {rank}, adapter_config.json says {expected}")
+    if problems:
+        raise UserError(f"the adapter was not saved: {len(problems)} of its tensors are unusable, e.g. {problems[0]}; "
+                        "it would load as a no-op or not at all",
+                        ["under DeepSpeed ZeRO-3 set zero3_save_16bit_model: true (configs/deepspeed_zero3.yaml) "
+                         "so the weights are gathered before saving; the checkpoints are kept: rerun to resume"])
 
 
 def step_times(started: float, ends: list[float]) -> dict:

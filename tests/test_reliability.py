@@ -88,6 +88,34 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tin
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("fault, symptom", [
+    ("empty", "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight is empty [0]"),
+    ("rank", "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight has rank 7, adapter_config.json says 8"),
+])
+def test_an_unusable_adapter_is_never_written(fault, symptom, tiny, tmp_path, capsys, monkeypatch):
+    """What DeepSpeed ZeRO-3 does without gathering (empty tensors), or a rank that disagrees with
+    the config, stops the save: no adapter/ appears and the one from an earlier run is kept."""
+    import peft.peft_model
+
+    real = peft.peft_model.get_peft_model_state_dict
+
+    def broken(*args, **kwargs):
+        state = real(*args, **kwargs)
+        return {k: (v.new_empty(0) if fault == "empty" else v[:-1]) if "lora_A" in k else v for k, v in state.items()}
+
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 4})
+    assert run_cli("train", path) == 0
+    earlier = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    monkeypatch.setattr(peft.peft_model, "get_peft_model_state_dict", broken)
+    assert run_cli("train", path, "--resume", "never") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"error: the adapter was not saved: 14 of its tensors are unusable, e.g. {symptom}; it would load" in err
+    assert "zero3_save_16bit_model: true" in err
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == earlier
+    assert not (out / "adapter.partial").exists()
+
+
 # --- a corpus of bad recipes -------------------------------------------------------------------
 
 def _set(section, key, value):
