@@ -44,9 +44,14 @@ def train(
         "--resume", help="auto: continue from the run directory's latest complete checkpoint, if any; "
                          "never: start over; or a checkpoint folder.")] = "auto",
     num_processes: Annotated[int, typer.Option(
-        "--num-processes", "-n", min=1, help="Launch this many processes through accelerate (one per GPU).")] = 1,
+        "--num-processes", "-n", min=1, help="Launch this many processes through accelerate (one per GPU; "
+                                             "with several machines, in total).")] = 1,
     accelerate_config: Annotated[Optional[Path], typer.Option(
         "--accelerate-config", help="An accelerate config file (see configs/) to launch with.")] = None,
+    num_machines: Annotated[int, typer.Option(min=1, help="Machines taking part; run the command on each.")] = 1,
+    machine_rank: Annotated[int, typer.Option(min=0, help="This machine's rank, 0 on the main one.")] = 0,
+    main_process_ip: Annotated[Optional[str], typer.Option(help="Address of the machine of rank 0.")] = None,
+    main_process_port: Annotated[Optional[int], typer.Option(help="Port the machine of rank 0 listens on.")] = None,
 ):
     """Fine-tune a model with LoRA as the recipe says and write its run directory."""
     from . import launch
@@ -55,9 +60,13 @@ def train(
 
     overrides = set_ or []
     loaded = recipes.load(recipe, overrides)
-    if launch.should_launch(num_processes, accelerate_config):
+    how = launch.Launch(num_processes, accelerate_config, num_machines, machine_rank, main_process_ip,
+                        main_process_port)
+    if how.wanted():
         training.make_plan(loaded)  # fail here, before spawning processes, on any bad input
-        raise typer.Exit(launch.relaunch(recipe, overrides, num_processes, accelerate_config, resume))
+        raise typer.Exit(launch.relaunch(recipe, overrides, how, resume, _debug))
+    if not training.is_main_process() and not _debug:
+        launch.quiet_worker()
     training.run(loaded, dry_run=dry_run, resume=resume)
 
 

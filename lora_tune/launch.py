@@ -5,32 +5,65 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 
-def should_launch(num_processes: int, config_file: Path | None) -> bool:
-    """True when the user asked for a launch and this process is not already one of its workers."""
-    return (num_processes > 1 or config_file is not None) and "LOCAL_RANK" not in os.environ
+@dataclass
+class Launch:
+    """How many processes on how many machines; each flag is passed to `accelerate launch`."""
+
+    num_processes: int = 1  # in total, over every machine
+    config_file: Path | None = None
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str | None = None
+    main_process_port: int | None = None
+
+    def wanted(self) -> bool:
+        """True when the user asked for a launch and this process is not already one of its workers."""
+        asked = self.num_processes > 1 or self.num_machines > 1 or self.config_file is not None
+        return asked and "LOCAL_RANK" not in os.environ
 
 
-def command(recipe: Path, overrides: list[str], num_processes: int, config_file: Path | None,
-            resume: str) -> list[str]:
+def command(recipe: Path, overrides: list[str], launch: Launch, resume: str, debug: bool = False) -> list[str]:
     """The accelerate launch command line that runs `lora-tune train` in every process."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if config_file is not None:
-        cmd += ["--config_file", str(config_file)]
-    if num_processes > 1 or config_file is None:
-        cmd += ["--num_processes", str(num_processes)]
-    if config_file is None:
+    if launch.config_file is not None:
+        cmd += ["--config_file", str(launch.config_file)]
+    if launch.num_processes > 1 or launch.config_file is None:
+        cmd += ["--num_processes", str(launch.num_processes)]
+    if launch.config_file is None:
         # --multi_gpu means DDP; on a machine without CUDA it runs over gloo on the CPU.
-        cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd += ["-m", "lora_tune.cli", "train", str(recipe), "--resume", resume]
+        cmd += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if launch.num_machines > 1 or launch.config_file is None:
+        cmd += ["--num_machines", str(launch.num_machines)]
+    if launch.num_machines > 1 or launch.machine_rank:
+        cmd += ["--machine_rank", str(launch.machine_rank)]
+    if launch.main_process_ip:
+        cmd += ["--main_process_ip", launch.main_process_ip]
+    if launch.main_process_port:
+        cmd += ["--main_process_port", str(launch.main_process_port)]
+    cmd += ["-m", "lora_tune", *(["--debug"] if debug else []), "train", str(recipe), "--resume", resume]
     for item in overrides:
         cmd += ["--set", item]
     return cmd
 
 
-def relaunch(recipe: Path, overrides: list[str], num_processes: int, config_file: Path | None,
-             resume: str) -> int:
+def relaunch(recipe: Path, overrides: list[str], launch: Launch, resume: str, debug: bool = False) -> int:
     """Run the training under accelerate; return its exit code."""
-    return subprocess.run(command(recipe, overrides, num_processes, config_file, resume)).returncode
+    return subprocess.run(command(recipe, overrides, launch, resume, debug)).returncode
+
+
+def quiet_worker() -> None:
+    """Silence the library logging, warnings and progress bars of every process but the main one."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    warnings.simplefilter("ignore")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()

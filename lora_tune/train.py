@@ -475,6 +475,7 @@ def collect_metrics(plan: Plan, trainer, result, wall: float, dtype: str, start_
         "device": "cpu" if plan.sft_config.use_cpu else "cuda",
         "dtype": dtype,
         "world_size": world_size(),
+        "distributed_type": trainer.accelerator.distributed_type.value,  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
         "versions": runs.versions(),
         "log_history": state.log_history,
     }

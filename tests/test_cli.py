@@ -211,19 +211,91 @@ def test_unknown_target_module_lists_the_real_ones(tiny, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow
-def test_two_processes_through_accelerate(tiny, tmp_path):
-    out = tmp_path / "ddp"
-    path = write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 6, "save_steps": 3})
+def _train_in_subprocess(*args: str) -> subprocess.Popen:
     # On the CPU (gloo), also where a GPU exists: the launch path is what is tested here.
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-m", "lora_tune.cli", "train", str(path), "--num-processes", "2"],
-                            capture_output=True, text=True, cwd=ROOT, env=env)
+    return subprocess.Popen([sys.executable, "-m", "lora_tune", "train", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+
+
+def _losses_and_adapter(out):
+    metrics = json.loads((out / "metrics.json").read_text())
+    losses = [e["loss"] for e in metrics["log_history"] if "loss" in e]
+    return metrics, losses, load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tiny, tmp_path):
+    """DDP over 2 CPU processes (batch 4 each) against 1 process (batch 8), same seed: the same
+    samples in each step, so the same loss curve and adapter. Only rank 0 prints and writes."""
+    results = {}
+    for processes in (1, 2):
+        out = tmp_path / f"run{processes}"
+        path = write_recipe(tmp_path / f"r{processes}.yaml", tiny, out, training={
+            "max_steps": 8, "per_device_train_batch_size": 8 // processes, "logging_steps": 1, "save_steps": 4})
+        run = _train_in_subprocess(path, "--num-processes", processes)
+        stdout, stderr = run.communicate()
+        assert run.returncode == 0, stderr[-3000:]
+        assert stdout.count("lora-tune plan") == 1 and stdout.count("Final train loss") == 1
+        assert stderr.count("Loading weights: 100%") == 1  # the other rank is quiet
+        results[processes] = _losses_and_adapter(out)
+    (one, one_losses, one_adapter), (two, two_losses, two_adapter) = results[1], results[2]
+    assert (two["world_size"], two["steps"], one["steps"]) == (2, 8, 8)
+    assert len(one_losses) == 8 and two_losses == pytest.approx(one_losses, abs=1e-4)
+    for name, tensor in one_adapter.items():
+        assert torch.allclose(two_adapter[name], tensor, atol=1e-4), name
+    assert sorted(p.name for p in (tmp_path / "run2").iterdir()) == sorted(p.name for p in (tmp_path / "run1").iterdir())
+
+
+@pytest.mark.slow
+def test_two_machines_rendezvous_on_loopback(tiny, tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 4, "per_device_train_batch_size": 4})
+    machines = [_train_in_subprocess(path, "--num-processes", 2, "--num-machines", 2, "--machine-rank", rank,
+                                     "--main-process-ip", "127.0.0.1", "--main-process-port", port)
+                for rank in (0, 1)]
+    outputs = [machine.communicate(timeout=300) for machine in machines]
+    for machine, (_, stderr) in zip(machines, outputs):
+        assert machine.returncode == 0, stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["world_size"], metrics["steps"]) == (2, 4)
+    assert "Final train loss" in outputs[0][0] and "Final train loss" not in outputs[1][0]
+
+
+@pytest.mark.slow
+def test_slurm_script_on_two_simulated_nodes(tiny, tmp_path):
+    """scripts/slurm_multi_node.sh as written, with stand-ins for srun (one task per node, here
+    on this machine) and scontrol (the first node is 127.0.0.1), one CPU process per node."""
+    import socket
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
+    (bin_dir / "srun").write_text(
+        "#!/usr/bin/env bash\nshift  # --ntasks-per-node=1\npids=()\n"
+        'for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i "$@" & pids+=($!); done\n'
+        'rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done; exit $rc\n')
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 4, "per_device_train_batch_size": 4})
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[1-2]", "GPUS_PER_NODE": "1", "MAIN_PORT": str(port),
+           "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "slurm_multi_node.sh"), str(path)], capture_output=True,
+                            text=True, cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert (metrics["world_size"], metrics["steps"]) == (2, 6)
-    assert runs.is_run(out)
-    assert result.stdout.count("lora-tune plan") == 1  # printed by rank 0 only
+    assert (metrics["world_size"], metrics["steps"], metrics["distributed_type"]) == (2, 4, "MULTI_CPU")
+    assert result.stdout.count("Final train loss") == 1
 
 
 def test_train_resumes_from_the_latest_checkpoint(tiny, tmp_path, capsys):
