@@ -159,6 +159,30 @@ def evaluate(
 
 
 @app.command()
+def serve(
+    target: Annotated[str, typer.Argument(help="A run or adapter directory (served with its base), or a base model.")],
+    adapter: Annotated[Optional[list[str]], typer.Option(
+        "--adapter", help="Also serve this adapter as NAME=PATH (repeatable).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    engine: Annotated[str, typer.Option(
+        help="local: lora-tune's own server (PEFT, one request at a time); vllm: vLLM's OpenAI server with the "
+             "same adapters (needs vLLM and a CUDA GPU).")] = "local",
+    base_name: Annotated[Optional[str], typer.Option(
+        help="The model name that serves the base without adapters (default: its id or path).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+):
+    """Serve the base model and adapters behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions)."""
+    from . import serve as serving
+
+    if engine not in ("local", "vllm"):
+        raise UserError(f"--engine: expected local or vllm, got {engine!r}")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype: expected auto, float32, bfloat16 or float16, got {dtype!r}")
+    serving.run(target, adapter or [], host, port, engine, base_name, dtype)
+
+
+@app.command()
 def modules(
     model: Annotated[str, typer.Argument(help="A hub id or local model directory.")],
     r: Annotated[int, typer.Option("--r", "-r", min=1, help="LoRA rank for the parameter counts.")] = 16,

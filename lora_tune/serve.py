@@ -1,0 +1,454 @@
+"""`lora-tune serve`: one base model and many adapters behind an OpenAI-compatible HTTP API.
+
+The request's `model` picks an adapter by name; the base's name serves the base with adapters
+disabled. One generation runs at a time, with only its adapter active, so a response is
+exactly what its adapter alone produces. For throughput (batching requests across adapters)
+`--engine vllm` hands the same adapters to vLLM's own server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from . import models, output, runs
+from .errors import UserError
+
+console = output.console()
+
+
+class ServeError(Exception):
+    """An error answered as OpenAI's JSON error body with this HTTP status."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict:
+        kind = "not_found_error" if self.status == 404 else "invalid_request_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+# --- requests, as the OpenAI API defines them (the fields lora-tune acts on) -----------------
+
+class Sampling(BaseModel):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: Literal[1] = 1
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+
+
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class LoadAdapter(BaseModel):
+    lora_name: str = Field(min_length=1)
+    lora_path: str
+
+
+class UnloadAdapter(BaseModel):
+    lora_name: str
+
+
+@dataclass
+class Generation:
+    """One request, tokenized and checked: what the engine runs."""
+
+    model: str
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: int | None
+    stream: bool
+    finish_reason: str = "length"
+    completion_tokens: int = 0
+
+
+class Engine:
+    """The base model, loaded once, and the adapters loaded into it by name."""
+
+    def __init__(self, base, base_name: str, dtype_name: str = "auto"):
+        self.base_section, self.base_name = base, base_name
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = models.load_model(base, models.resolve_dtype(dtype_name)).to(self.device).eval()
+        self.tokenizers = {base_name: models.load_tokenizer(base)}
+        self.paths: dict[str, str] = {}
+        self.peft = None  # the PeftModel, once an adapter is loaded
+        self.lock = threading.Lock()
+        self.created = int(time.time())
+        self.context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+
+    # --- adapters ---
+    def add(self, name: str, path: str) -> None:
+        """Load an adapter under `name`. Raises ServeError (400) when it cannot serve here."""
+        from peft import PeftModel
+
+        if name in self.tokenizers:
+            raise ServeError(400, f"a model named {name!r} is already served", "model_exists", "lora_name")
+        adapter = runs.adapter_dir(Path(path)) if Path(path).is_dir() else None
+        if adapter is None:
+            raise ServeError(400, f"{path}: not a run or PEFT adapter directory", "invalid_adapter", "lora_path")
+        config = runs.adapter_config(adapter)
+        trained_on = config.get("base_model_name_or_path") or ""
+        if _same_model(trained_on, self.base_section.id) is False:
+            raise ServeError(400, f"{path} was trained on {trained_on}; this server serves {self.base_section.id}",
+                             "adapter_for_another_base", "lora_path")
+        if config.get("trainable_token_indices") or config.get("peft_type") != "LORA":
+            raise ServeError(400, f"{path}: only plain LoRA adapters share a base (this one "
+                                  f"{'adds tokens' if config.get('trainable_token_indices') else 'is ' + str(config.get('peft_type'))}); "
+                                  "merge it (lora-tune merge) and serve the merged model", "unsupported_adapter", "lora_path")
+        tokenizer = models.adapter_tokenizer(adapter, self.base_section)
+        with self.lock:
+            try:
+                if self.peft is None:
+                    self.peft = PeftModel.from_pretrained(self.model, str(adapter), adapter_name=name).eval()
+                else:
+                    self.peft.load_adapter(str(adapter), adapter_name=name)
+            except Exception as exc:  # safetensors, torch and peft each raise their own types
+                if self.peft is not None and name in self.peft.peft_config:
+                    self.peft.delete_adapter(name)
+                line = next((l.strip() for l in str(exc).splitlines() if "size mismatch" in l), str(exc).splitlines()[0])
+                raise ServeError(400, f"{path} does not load on {self.base_section.id}: {line[:300]}",
+                                 "adapter_for_another_base", "lora_path") from None
+        self.tokenizers[name], self.paths[name] = tokenizer, str(adapter)
+
+    def remove(self, name: str) -> None:
+        if name not in self.paths:
+            raise ServeError(404, f"no adapter named {name!r} is loaded", "model_not_found", "lora_name")
+        with self.lock:
+            if len(self.paths) == 1:  # PEFT keeps at least one adapter: drop the LoRA layers instead
+                self.model, self.peft = self.peft.unload(), None
+            else:
+                self.peft.delete_adapter(name)
+        del self.tokenizers[name], self.paths[name]
+
+    def names(self) -> list[str]:
+        return list(self.tokenizers)
+
+    # --- generation ---
+    def tokenizer(self, name: str):
+        if name not in self.tokenizers:
+            raise ServeError(404, f"the model {name!r} does not exist; served: {', '.join(self.tokenizers)}",
+                             "model_not_found", "model")
+        return self.tokenizers[name]
+
+    def prepare(self, request: Sampling, prompt_ids: list[int], max_tokens: int | None) -> Generation:
+        max_tokens = max_tokens or 16
+        if self.context and len(prompt_ids) + max_tokens > self.context:
+            raise ServeError(400, f"this model's maximum context length is {self.context} tokens; the prompt has "
+                                  f"{len(prompt_ids)} and max_tokens asks for {max_tokens} more",
+                             "context_length_exceeded", "messages" if isinstance(request, ChatRequest) else "prompt")
+        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        return Generation(request.model, prompt_ids, max_tokens, request.temperature, request.top_p,
+                          [s for s in stop if s], request.seed, request.stream)
+
+    def stream(self, job: Generation) -> Iterator[str]:
+        """Text pieces of the completion as they are generated, cut before any stop string.
+        Holds the model (and its active adapter) until the generation ends or is abandoned."""
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        tokenizer = self.tokenizer(job.model)
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        abandoned = threading.Event()
+
+        class Abandoned(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), abandoned.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        kwargs: dict[str, Any] = {"input_ids": torch.tensor([job.prompt_ids], device=self.device),
+                                  "max_new_tokens": job.max_tokens, "streamer": streamer,
+                                  "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+                                  "stopping_criteria": StoppingCriteriaList([Abandoned()])}
+        kwargs |= ({"do_sample": True, "temperature": job.temperature, "top_p": job.top_p} if job.temperature > 0
+                   else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
+        result: dict[str, Any] = {}
+
+        def run(model):
+            with torch.no_grad():
+                try:
+                    result["ids"] = model.generate(**kwargs)[0, len(job.prompt_ids):].tolist()
+                finally:
+                    streamer.end()
+
+        with self.lock, contextlib.ExitStack() as stack:
+            model = self.model
+            if self.peft is not None:
+                model = self.peft
+                if job.model == self.base_name:
+                    stack.enter_context(self.peft.disable_adapter())
+                else:
+                    self.peft.set_adapter(job.model)
+            if job.seed is not None:
+                torch.manual_seed(job.seed)
+            worker = threading.Thread(target=run, args=(model,), daemon=True)
+            worker.start()
+            cutter = StopCutter(job.stop)
+            try:
+                for piece in streamer:
+                    text = cutter.feed(piece)
+                    if text:
+                        yield text
+                    if cutter.stopped:
+                        break
+                if not cutter.stopped and (rest := cutter.flush()):
+                    yield rest
+            finally:
+                abandoned.set()
+                worker.join()
+        ids = result.get("ids", [])
+        ended = cutter.stopped or (ids and ids[-1] == tokenizer.eos_token_id) or len(ids) < job.max_tokens
+        job.finish_reason = "stop" if ended else "length"
+        job.completion_tokens = len(ids)
+
+
+class StopCutter:
+    """Cuts streamed text before the first stop string, holding back only what could begin one."""
+
+    def __init__(self, stop: list[str]):
+        self.stop, self.pending, self.stopped = stop, "", False
+        self.hold = max((len(s) for s in stop), default=1) - 1
+
+    def feed(self, piece: str) -> str:
+        self.pending += piece
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[: min(hits)], ""
+            return out
+        cut = max(0, len(self.pending) - self.hold)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def _same_model(a: str, b: str) -> bool | None:
+    """Whether two model ids or paths name the same model (None when one is unknown)."""
+    if not a or not b:
+        return None
+    paths = [Path(x).expanduser() for x in (a, b)]
+    if all(p.is_dir() for p in paths):
+        return paths[0].resolve() == paths[1].resolve()
+    return a == b
+
+
+# --- the HTTP API ------------------------------------------------------------------------------
+
+def create_app(engine: Engine):
+    """The FastAPI application answering OpenAI's /v1 routes (and vLLM's adapter routes)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    app = FastAPI(title="lora-tune serve")
+
+    @app.exception_handler(ServeError)
+    def serve_error(request: Request, exc: ServeError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    def invalid_body(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if p != "body") or None
+        message = f"{where}: {first['msg']}" if where else first["msg"]
+        return JSONResponse(ServeError(400, message, "invalid_request", where).body(), status_code=400)
+
+    @app.get("/v1/models")
+    def list_models():
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": engine.created, "owned_by": "lora-tune",
+             "root": engine.paths.get(name, engine.base_section.id),
+             "parent": engine.base_name if name in engine.paths else None} for name in engine.names()]}
+
+    @app.post("/v1/completions")
+    def completions(body: CompletionRequest):
+        tokenizer = engine.tokenizer(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise ServeError(400, "one prompt per request", "invalid_request", "prompt")
+        job = engine.prepare(body, tokenizer(prompts[0])["input_ids"], body.max_tokens)
+        return respond(job, "text_completion", lambda text: {"text": text, "logprobs": None})
+
+    @app.post("/v1/chat/completions")
+    def chat(body: ChatRequest):
+        tokenizer = engine.tokenizer(body.model)
+        if not tokenizer.chat_template:
+            raise ServeError(400, f"{body.model} has no chat template; use /v1/completions", "no_chat_template", "model")
+        text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
+                                             add_generation_prompt=True)
+        job = engine.prepare(body, tokenizer(text, add_special_tokens=False)["input_ids"],
+                             body.max_completion_tokens or body.max_tokens)
+        return respond(job, "chat.completion", lambda text: {"message": {"role": "assistant", "content": text}},
+                       lambda text: {"delta": {"content": text}}, first_delta={"delta": {"role": "assistant"}})
+
+    def respond(job: Generation, kind: str, whole, delta=None, first_delta: dict | None = None):
+        request_id = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
+        head = {"id": request_id, "created": int(time.time()), "model": job.model}
+        usage = lambda: {"prompt_tokens": len(job.prompt_ids), "completion_tokens": job.completion_tokens,  # noqa: E731
+                         "total_tokens": len(job.prompt_ids) + job.completion_tokens}
+        if not job.stream:
+            text = "".join(engine.stream(job))
+            choice = {"index": 0, **whole(text), "finish_reason": job.finish_reason}
+            return head | {"object": kind, "choices": [choice], "usage": usage()}
+
+        chunk_kind = kind + ".chunk" if kind.startswith("chat") else kind
+        piece_of = delta or whole
+
+        def events():
+            if first_delta:
+                yield sse(head | {"object": chunk_kind, "choices": [{"index": 0, **first_delta, "finish_reason": None}]})
+            for text in engine.stream(job):
+                yield sse(head | {"object": chunk_kind, "choices": [{"index": 0, **piece_of(text), "finish_reason": None}]})
+            last = {"delta": {}} if delta else whole("")
+            yield sse(head | {"object": chunk_kind, "choices": [{"index": 0, **last, "finish_reason": job.finish_reason}]})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/load_lora_adapter")
+    def load_adapter(body: LoadAdapter):
+        engine.add(body.lora_name, body.lora_path)
+        return {"status": "ok", "model": body.lora_name}
+
+    @app.post("/v1/unload_lora_adapter")
+    def unload_adapter(body: UnloadAdapter):
+        engine.remove(body.lora_name)
+        return {"status": "ok", "model": body.lora_name}
+
+    return app
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+def resolve(target: str, adapter_specs: list[str]):
+    """(base model section, {adapter name: adapter dir}) from `serve TARGET --adapter NAME=PATH ...`."""
+    from .recipe import ModelSection
+
+    named: dict[str, Path] = {}
+    path = Path(target)
+    adapter = runs.adapter_dir(path) if path.is_dir() else None
+    if adapter is not None:
+        recipe = runs.run_recipe(adapter)
+        base = models.adapter_base_section(adapter, recipe.model if recipe else None)
+        named[(adapter.parent if adapter.name == runs.ADAPTER else adapter).resolve().name] = adapter
+    else:
+        base = ModelSection(id=target)
+        models.load_config(base)  # a clear error for a path or id that is not a model
+    for spec in adapter_specs:
+        name, sep, where = spec.partition("=")
+        if not sep or not name or not where:
+            raise UserError(f"--adapter {spec!r}: expected NAME=PATH", ["for example: --adapter support=runs/support"])
+        found = runs.adapter_dir(Path(where)) if Path(where).is_dir() else None
+        if found is None:
+            raise UserError(f"--adapter {spec!r}: {where} is not a run or PEFT adapter directory")
+        if name in named:
+            raise UserError(f"--adapter {spec!r}: the name {name!r} is taken", ["give each adapter its own name"])
+        named[name] = found
+    return base, named
+
+
+def run(target: str, adapter_specs: list[str], host: str, port: int, engine_name: str = "local",
+        base_name: str | None = None, dtype: str = "auto") -> None:
+    """Serve until interrupted."""
+    import importlib.util
+
+    base, named = resolve(target, adapter_specs)
+    base_name = base_name or base.id
+    if base_name in named:
+        raise UserError(f"--base-name {base_name!r} is also an adapter's name", ["choose another --base-name"])
+    if engine_name == "vllm":
+        return run_vllm(base, named, host, port, base_name)
+    if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
+        raise UserError("serve needs FastAPI and uvicorn", ["pip install 'lora-tune[serve]'"])
+    import uvicorn
+
+    engine = Engine(base, base_name, dtype)
+    for name, adapter in named.items():
+        try:
+            engine.add(name, str(adapter))
+        except ServeError as exc:
+            raise UserError(f"--adapter {name}: {exc.message}") from None
+    console.print(f"Serving {', '.join(engine.names())} on http://{host}:{port}/v1 ({engine.device}); "
+                  "OpenAI clients: base_url=http://{host}:{port}/v1".replace("{host}", host).replace("{port}", str(port)))
+    uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
+
+
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
+
+
+def vllm_command(base, named: dict[str, Path], host: str, port: int, base_name: str) -> list[str]:
+    """`vllm serve` with LoRA enabled and every adapter registered, after checking each against
+    what vLLM's LoRA support loads (plain LoRA matrices, rank at most 512). Raises UserError."""
+    problems, ranks = [], []
+    for name, adapter in named.items():
+        config = runs.adapter_config(adapter)
+        unsupported = [what for what, present in (
+            (f"{config.get('peft_type')} adapters", config.get("peft_type") != "LORA"),
+            ("DoRA", config.get("use_dora")), ("modules_to_save", config.get("modules_to_save")),
+            ("added tokens (trainable_token_indices)", config.get("trainable_token_indices")),
+            ("LoRA biases", config.get("bias", "none") != "none" or config.get("lora_bias"))) if present]
+        if unsupported:
+            problems.append(f"{name} ({adapter}) uses {', '.join(unsupported)}, which vLLM does not serve as LoRA")
+        ranks.append(max([config.get("r", 8), *(config.get("rank_pattern") or {}).values()]))
+    rank = next((r for r in VLLM_RANKS if r >= max(ranks, default=1)), None)
+    if rank is None:
+        problems.append(f"rank {max(ranks)} is above vLLM's largest --max-lora-rank, {VLLM_RANKS[-1]}")
+    if problems:
+        raise UserError("--engine vllm: " + "; ".join(problems),
+                        ["merge such an adapter (lora-tune merge) and serve the merged model, or use --engine local"])
+    command = ["vllm", "serve", base.id, "--served-model-name", base_name, "--host", host, "--port", str(port)]
+    if base.revision:
+        command += ["--revision", base.revision]
+    if named:
+        command += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(len(named)), "--lora-modules",
+                    *(f"{name}={adapter.resolve()}" for name, adapter in named.items())]
+    return command
+
+
+def run_vllm(base, named: dict[str, Path], host: str, port: int, base_name: str) -> None:
+    """Replace this process with vLLM's OpenAI server, adapters registered and runtime loading on."""
+    import importlib.util
+    import os
+
+    command = vllm_command(base, named, host, port, base_name)
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError("--engine vllm: vLLM is not installed", ["pip install vllm (Linux with a CUDA GPU), "
+                                                                  "or use --engine local"])
+    if not torch.cuda.is_available():
+        raise UserError("--engine vllm: vLLM's LoRA serving needs a CUDA GPU, and this machine has none",
+                        ["use --engine local"])
+    console.print("Starting: " + " ".join(command))
+    # vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter answer only with this set.
+    os.execvpe(command[0], command, {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
