@@ -120,9 +120,9 @@ class Engine:
             raise ServeError(400, f"{path} was trained on {trained_on}; this server serves {self.base_section.id}",
                              "adapter_for_another_base", "lora_path")
         if config.get("trainable_token_indices") or config.get("peft_type") != "LORA":
-            raise ServeError(400, f"{path}: only plain LoRA adapters share a base (this one "
-                                  f"{'adds tokens' if config.get('trainable_token_indices') else 'is ' + str(config.get('peft_type'))}); "
-                                  "merge it (lora-tune merge) and serve the merged model", "unsupported_adapter", "lora_path")
+            what = "adds tokens" if config.get("trainable_token_indices") else f"is {config.get('peft_type')}"
+            raise ServeError(400, f"{path}: only plain LoRA adapters share a base (this one {what}); merge it "
+                                  "(lora-tune merge) and serve the merged model", "unsupported_adapter", "lora_path")
         tokenizer = models.adapter_tokenizer(adapter, self.base_section)
         with self.lock:
             try:
@@ -312,12 +312,12 @@ def create_app(engine: Engine):
     def respond(job: Generation, kind: str, whole, delta=None, first_delta: dict | None = None):
         request_id = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": request_id, "created": int(time.time()), "model": job.model}
-        usage = lambda: {"prompt_tokens": len(job.prompt_ids), "completion_tokens": job.completion_tokens,  # noqa: E731
-                         "total_tokens": len(job.prompt_ids) + job.completion_tokens}
         if not job.stream:
             text = "".join(engine.stream(job))
             choice = {"index": 0, **whole(text), "finish_reason": job.finish_reason}
-            return head | {"object": kind, "choices": [choice], "usage": usage()}
+            usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": job.completion_tokens,
+                     "total_tokens": len(job.prompt_ids) + job.completion_tokens}
+            return head | {"object": kind, "choices": [choice], "usage": usage}
 
         chunk_kind = kind + ".chunk" if kind.startswith("chat") else kind
         piece_of = delta or whole
@@ -400,8 +400,8 @@ def run(target: str, adapter_specs: list[str], host: str, port: int, engine_name
             engine.add(name, str(adapter))
         except ServeError as exc:
             raise UserError(f"--adapter {name}: {exc.message}") from None
-    console.print(f"Serving {', '.join(engine.names())} on http://{host}:{port}/v1 ({engine.device}); "
-                  "OpenAI clients: base_url=http://{host}:{port}/v1".replace("{host}", host).replace("{port}", str(port)))
+    console.print(f"Serving {', '.join(engine.names())} on {engine.device}; OpenAI clients: "
+                  f"base_url=http://{host}:{port}/v1")
     uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
 
 

@@ -55,7 +55,7 @@ def suggestions(groups: list[Group]) -> dict[str, list[str] | str]:
     return choices
 
 
-def run(model: ModelSection, r: int) -> dict:
+def run(model: ModelSection, r: int) -> None:
     """Print the layer table and the suggested target sets with their trainable parameter counts."""
     from peft import LoraConfig
 
@@ -69,14 +69,12 @@ def run(model: ModelSection, r: int) -> dict:
         table.add_row(g.pattern, f"{g.shape[0]} -> {g.shape[1]}", str(g.count), f"{r * sum(g.shape) * g.count:,}")
     console.print(table)
 
-    report = {"model": model.id, "layers": [g.__dict__ for g in groups], "suggestions": {}}
     for label, targets in suggestions(groups).items():
-        trainable, total = models.count_trainable(copy.deepcopy(skeleton), LoraConfig(task_type="CAUSAL_LM", r=r, target_modules=targets))
+        lora = LoraConfig(task_type="CAUSAL_LM", r=r, target_modules=targets)
+        trainable, total = models.count_trainable(copy.deepcopy(skeleton), lora)
         line = targets if isinstance(targets, str) else "[" + ", ".join(targets) + "]"
         console.print(f"{label}: [bold]target_modules: {escape(line)}[/bold]  ->  {trainable:,} trainable parameters "
                       f"({100 * trainable / total:.3f}% of {total:,}) at r={r}")
-        report["suggestions"][label] = {"target_modules": targets, "trainable": trainable}
     embeddings = [name for name, module in skeleton.named_modules()
                   if module is skeleton.get_input_embeddings() or module is skeleton.get_output_embeddings()]
     console.print(f"embeddings (modules_to_save, or trainable_token_indices for new tokens): {', '.join(embeddings)}")
-    return report

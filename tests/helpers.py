@@ -27,6 +27,15 @@ def write_recipe(path: Path, tiny: Path, out: Path, **sections) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_cli(*args: str) -> int:
     """Run `lora-tune ARGS` in this process; return its exit code."""
     from lora_tune.cli import main

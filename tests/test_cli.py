@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import run_cli, write_recipe
+from helpers import free_port, run_cli, write_recipe
 from safetensors.torch import load_file, save_file
 
 from lora_tune import evaluate, merge, runs
@@ -249,11 +249,7 @@ def test_two_processes_train_like_one(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_two_machines_rendezvous_on_loopback(tiny, tmp_path):
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     out = tmp_path / "run"
     path = write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 4, "per_device_train_batch_size": 4})
     machines = [_train_in_subprocess(path, "--num-processes", 2, "--num-machines", 2, "--machine-rank", rank,
@@ -271,8 +267,6 @@ def test_two_machines_rendezvous_on_loopback(tiny, tmp_path):
 def test_slurm_script_on_two_simulated_nodes(tiny, tmp_path):
     """scripts/slurm_multi_node.sh as written, with stand-ins for srun (one task per node, here
     on this machine) and scontrol (the first node is 127.0.0.1), one CPU process per node."""
-    import socket
-
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
@@ -282,9 +276,7 @@ def test_slurm_script_on_two_simulated_nodes(tiny, tmp_path):
         'rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done; exit $rc\n')
     for tool in ("scontrol", "srun"):
         (bin_dir / tool).chmod(0o755)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     out = tmp_path / "run"
     path = write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 4, "per_device_train_batch_size": 4})
     env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli, write_recipe
+from helpers import free_port, run_cli, write_recipe
 
 from lora_tune import serve
 from lora_tune.errors import UserError
@@ -48,9 +47,7 @@ def runs(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(runs, tiny):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "lora_tune", "serve", str(runs / "answers"), "--adapter",
                                 f"chat={runs / 'chat'}", "--port", str(port), "--base-name", "base"],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
