@@ -55,9 +55,19 @@ class CompletionRequest(Sampling):
     prompt: str | list[str]
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
 class Message(BaseModel):
     role: str
-    content: str
+    content: str | list[TextPart]
+
+    def plain(self) -> dict:
+        """{role, content} with the content as one string, as chat templates expect."""
+        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": self.role, "content": text}
 
 
 class ChatRequest(Sampling):
@@ -302,7 +312,7 @@ def create_app(engine: Engine):
         tokenizer = engine.tokenizer(body.model)
         if not tokenizer.chat_template:
             raise ServeError(400, f"{body.model} has no chat template; use /v1/completions", "no_chat_template", "model")
-        text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
+        text = tokenizer.apply_chat_template([m.plain() for m in body.messages], tokenize=False,
                                              add_generation_prompt=True)
         job = engine.prepare(body, tokenizer(text, add_special_tokens=False)["input_ids"],
                              body.max_completion_tokens or body.max_tokens)

@@ -128,6 +128,9 @@ def test_chat_uses_the_adapters_template(client, references):
     stream = client.chat.completions.create(model="chat", messages=messages, max_tokens=MAX_TOKENS, temperature=0,
                                             stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream) == expected
+    parts = [{"role": "user", "content": [{"type": "text", "text": PROMPTS[0][:10]}, {"type": "text", "text": PROMPTS[0][10:]}]}]
+    response = client.chat.completions.create(model="chat", messages=parts, max_tokens=MAX_TOKENS, temperature=0)
+    assert response.choices[0].message.content == expected
 
 
 def test_stop_strings_cut_the_answer(client, references):
