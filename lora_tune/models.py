@@ -53,17 +53,28 @@ def hardware_training_defaults(training: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_quantization(section) -> None:
-    """Raise UserError when model.quantization cannot work here: bitsandbytes needs CUDA."""
+    """Raise UserError when model.quantization cannot work here: bitsandbytes must be installed
+    and able to quantize on this machine's device (recent releases also run on CPUs)."""
     import importlib.util
 
     if section.quantization is None:
         return
-    if not has_cuda():
-        raise UserError(f"model.quantization: {section.quantization.bits}-bit loading (bitsandbytes) needs a CUDA GPU, "
-                        "and this machine has none",
-                        ["remove model.quantization to train LoRA on the full-precision base here, or run on a GPU"])
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("model.quantization: the bitsandbytes package is not installed", ["pip install bitsandbytes"])
+    import bitsandbytes.functional as bnb
+
+    device = "cuda" if has_cuda() else "cpu"
+    try:  # a 64 x 64 probe, quantized the way the model's weights will be
+        probe = torch.randn(64, 64, device=device, dtype=torch.float16)
+        if section.quantization.bits == 4:
+            bnb.quantize_4bit(probe, quant_type=section.quantization.quant_type)
+        else:
+            bnb.int8_vectorwise_quant(probe)
+    except Exception as exc:  # bitsandbytes raises its own types per backend
+        raise UserError(f"model.quantization: bitsandbytes cannot quantize on this machine's {device}: "
+                        f"{_first_line(exc)[:200]}",
+                        ["upgrade bitsandbytes (pip install -U bitsandbytes), run on a CUDA GPU, or remove "
+                         "model.quantization to train LoRA on the full-precision base"]) from None
 
 
 def quantization_config(section, dtype: torch.dtype):
@@ -249,7 +260,7 @@ def load_model(section, dtype, source: str | None = None):
         kwargs["attn_implementation"] = section.attn_implementation
     if section.quantization:  # quantized weights are placed on this process's GPU as they load
         kwargs["quantization_config"] = quantization_config(section, dtype)
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0")) if has_cuda() else "cpu"}
     check_weights(section, source)
     try:
         return AutoModelForCausalLM.from_pretrained(source, revision=section.revision, **kwargs)

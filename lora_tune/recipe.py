@@ -76,7 +76,7 @@ class ModelSection(BaseModel):
                                                   "default: safetensors only.")
     attn_implementation: str | None = Field(None, description="eager, sdpa or flash_attention_2; default: transformers' choice.")
     quantization: Quantization | None = Field(
-        None, description="Load the base quantized with bitsandbytes (QLoRA): {bits: 4} or {bits: 8}; needs a CUDA GPU.")
+        None, description="Load the base quantized with bitsandbytes (QLoRA): {bits: 4} or {bits: 8}.")
 
 
 class Source(BaseModel):

@@ -35,30 +35,3 @@ def test_auto_precision_train_eval_merge_on_gpu(tiny, tmp_path, capsys):
     assert merge_report["ok"] and merge_report["dtype"] == "bfloat16"
     assert 0 < merge_report["max_abs_diff"] <= merge_report["tolerance"]
 
-
-@pytest.mark.parametrize("bits", [4, 8])
-def test_qlora_trains_and_merges_into_the_full_precision_base(bits, tiny, tmp_path, capsys):
-    pytest.importorskip("bitsandbytes")
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path / "run"
-    path = write_recipe(tmp_path / "r.yaml", tiny, out, model={"dtype": "auto", "quantization": {"bits": bits}},
-                        training={"max_steps": 40})
-    assert run_cli("train", path) == 0
-    assert f"{bits}-bit" in capsys.readouterr().out
-    metrics = json.loads((out / "metrics.json").read_text())
-    losses = [e["loss"] for e in metrics["log_history"] if "loss" in e]
-    assert losses[-1] < losses[0]
-
-    merged = tmp_path / "merged"
-    assert run_cli("merge", out, "-o", merged, "--dtype", "float32") == 0
-    assert f"was trained on a {bits}-bit base: loading the full-precision" in capsys.readouterr().out
-    assert json.loads((merged / "merge_report.json").read_text())["ok"]
-    # The merged model is a plain full-precision model: the adapter on the unquantized base.
-    model = AutoModelForCausalLM.from_pretrained(merged)
-    assert model.dtype == torch.float32 and not getattr(model, "is_loaded_in_4bit", False)
-    ids = torch.tensor([[5, 9, 14, 22, 31]])
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny / "tiny-llama"), out / "adapter")
-    with torch.no_grad():
-        assert torch.allclose(model(ids).logits, reference.eval()(ids).logits, atol=1e-4)

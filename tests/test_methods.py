@@ -135,18 +135,12 @@ def test_method_and_option_errors(tiny, tmp_path, capsys):
         "loftq": ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}},
                   "lora.init_lora_weights: loftq fits the adapter to a base that is quantized afterwards"),
         "adalora field on lora": ({"init_r": 12}, "lora.init_r: unknown key."),
-        "quantization without a GPU": ({}, "model.quantization: 4-bit loading (bitsandbytes) needs a CUDA GPU, "
-                                            "and this machine has none"),
         "adalora too short": ({"method": "adalora", "tinit": 10, "tfinal": 10},
                               "lora: The supplied schedule values don't allow for a budgeting phase. Decrease `tfinal`/`tinit` or "
                               "increase `total_step`. (this run trains 16 steps)"),
     }
-    if torch.cuda.is_available():
-        del cases["quantization without a GPU"]
     for name, (lora, message) in cases.items():
-        model = {"quantization": {"bits": 4}} if name == "quantization without a GPU" else {}
-        path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", lora=lora, model=model,
-                            training={"max_steps": 16})
+        path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", lora=lora, training={"max_steps": 16})
         assert run_cli("train", path, "--dry-run") == 2, name
         assert message in capsys.readouterr().err, name
 
@@ -220,3 +214,54 @@ def test_pissa_run_resumes_to_the_same_adapter(tiny, tmp_path):
         adapters[name] = load_file(out / "adapter" / "adapter_model.safetensors")
     for key, tensor in adapters["straight"].items():
         assert torch.allclose(adapters["resumed"][key], tensor, atol=1e-5), key
+
+
+def test_quantization_needs_bitsandbytes(tiny, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", model={"quantization": {"bits": 4}})
+    assert run_cli("train", path, "--dry-run") == 2
+    assert "model.quantization: the bitsandbytes package is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_trains_and_merges_into_the_full_precision_base(bits, tiny, tmp_path, capsys):
+    """On CUDA, or on the CPU with a bitsandbytes that supports it (0.50 does)."""
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny, out, model={"dtype": "auto", "quantization": {"bits": bits}},
+                        training={"max_steps": 40})
+    assert run_cli("train", path) == 0
+    assert f"{bits}-bit" in capsys.readouterr().out
+    assert any(".weight.absmax" in k or "SCB" in k for k in _quantized_state(out, tiny, bits))
+    metrics = json.loads((out / "metrics.json").read_text())
+    losses = [e["loss"] for e in metrics["log_history"] if "loss" in e]
+    assert losses[-1] < losses[0] - 0.1
+
+    merged = tmp_path / "merged"
+    assert run_cli("merge", out, "-o", merged, "--dtype", "float32") == 0
+    assert f"was trained on a {bits}-bit base: loading the full-precision" in capsys.readouterr().out
+    assert json.loads((merged / "merge_report.json").read_text())["ok"]
+    # The merged model is a plain full-precision model: the adapter on the unquantized base,
+    # which still does better than the base on held-out data.
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert model.dtype == torch.float32 and not getattr(model, "is_loaded_in_4bit", False)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny / "tiny-llama"), out / "adapter")
+    batches = eval_batches(tiny)
+    merged_metrics, merged_logits = evaluate.measure(model, batches)
+    assert (merged_logits - evaluate.measure(reference.eval(), batches)[1]).abs().max() < 1e-4
+    base = AutoModelForCausalLM.from_pretrained(tiny / "tiny-llama").eval()
+    assert merged_metrics["loss"] < evaluate.measure(base, batches)[0]["loss"] - 0.05
+
+
+def _quantized_state(out, tiny, bits):
+    """The state dict keys of the base as lora-tune loads it for this run: quantized ones included."""
+    from lora_tune import models
+
+    model = models.load_model(recipes.load(out / "recipe.yaml").model, torch.float32)
+    return list(model.state_dict())
