@@ -203,6 +203,8 @@ class Engine:
             with torch.no_grad():
                 try:
                     result["ids"] = model.generate(**kwargs)[0, len(job.prompt_ids):].tolist()
+                except Exception as exc:  # re-raised in the request's thread, which answers 500
+                    result["error"] = exc
                 finally:
                     streamer.end()
 
@@ -231,6 +233,8 @@ class Engine:
             finally:
                 abandoned.set()
                 worker.join()
+        if "error" in result:
+            raise result["error"]
         ids = result.get("ids", [])
         ended = cutter.stopped or (ids and ids[-1] == tokenizer.eos_token_id) or len(ids) < job.max_tokens
         job.finish_reason = "stop" if ended else "length"
