@@ -43,6 +43,7 @@ class Plan:
     total: int
     steps: int
     data_stats: dict
+    new_tokens: list[int]  # ids of data.add_tokens / add_special_tokens
 
 
 def is_main_process() -> bool:
@@ -122,7 +123,7 @@ def make_plan(recipe: Recipe) -> Plan:
             raise UserError(f"lora: {exc} (this run trains {steps} steps)",
                             ["lower lora.tinit and lora.tfinal, or train for more steps"]) from None
     return Plan(recipe, lora_config, sft_config, tokenizer, train, evaluation, trainable, total, steps,
-                {name: stats.summary() for name, stats in data_stats.items()})
+                {name: stats.summary() for name, stats in data_stats.items()}, new_tokens)
 
 
 def print_plan(plan: Plan) -> None:
@@ -276,9 +277,10 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
     resave = {}
     if initial:
         resave["path_initial_model_for_weight_conversion"] = str(initial)
-    if getattr(plan.lora_config, "trainable_token_indices", None):
-        # The added tokens' rows are saved as trainable tokens; PEFT would also save the whole
-        # resized embedding and output layers (gigabytes for a large vocabulary).
+    if plan.new_tokens:
+        # The added tokens' rows are saved as trainable tokens (or whole, as modules_to_save);
+        # PEFT would also save the base's resized embedding and output layers, gigabytes for a
+        # large vocabulary, which loaders rebuild by resizing the base instead.
         resave["save_embedding_layers"] = False
     if resave:
         trainer.model.save_pretrained(staging, **resave)

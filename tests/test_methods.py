@@ -145,7 +145,10 @@ def test_method_and_option_errors(tiny, tmp_path, capsys):
         assert message in capsys.readouterr().err, name
 
 
-def test_added_tokens_are_trained_saved_and_merged(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("saved_as", ["token rows", "whole layers"])
+def test_added_tokens_are_trained_saved_and_merged(saved_as, tiny, tmp_path, capsys):
+    """By default only the new tokens' rows train (trainable_token_indices); with the embedding
+    layers in modules_to_save, the whole resized layers train and are saved."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lora_tune import models
@@ -156,6 +159,7 @@ def test_added_tokens_are_trained_saved_and_merged(tiny, tmp_path, capsys):
                              + "\n" for r in rows))
     out = tmp_path / "run"
     path = write_recipe(tmp_path / "r.yaml", tiny, out,
+                        lora={"modules_to_save": ["embed_tokens", "lm_head"]} if saved_as == "whole layers" else {},
                         data={"train": str(train), "eval_fraction": 0.1, "eval": None, "add_tokens": ["stop!"],
                               "add_special_tokens": ["<|q|>"]},
                         training={"max_steps": 30, "eval_strategy": "steps", "eval_steps": 30,
@@ -168,12 +172,15 @@ def test_added_tokens_are_trained_saved_and_merged(tiny, tmp_path, capsys):
     ids = tokenizer("<|q|> stop!", add_special_tokens=False)["input_ids"]
     assert (ids[0], ids[-1]) == (new_ids[1], new_ids[0])  # each is one token
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert config["trainable_token_indices"] == {"embed_tokens": new_ids, "lm_head": new_ids}
-    # Only the new rows are saved, not the whole embedding and output layers.
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
-    token_rows = [w for k, w in weights.items() if "trainable_tokens" in k]
-    assert len(token_rows) == 2 and all(w.shape == (2, 64) for w in token_rows)
-    assert not any(w.shape[0] >= base_size for w in weights.values())
+    if saved_as == "token rows":  # only the new rows are saved, not the whole layers
+        assert config["trainable_token_indices"] == {"embed_tokens": new_ids, "lm_head": new_ids}
+        token_rows = [w for k, w in weights.items() if "trainable_tokens" in k]
+        assert len(token_rows) == 2 and all(w.shape == (2, 64) for w in token_rows)
+        assert not any(w.shape[0] >= base_size for w in weights.values())
+    else:
+        assert config["trainable_token_indices"] is None
+        assert sorted(w.shape for w in weights.values() if w.shape[0] >= base_size) == [(base_size + 2, 64)] * 2
 
     # lora-tune's loader grows the base to the adapter's vocabulary and reproduces the trained model.
     model, tokenizer, _ = models.load_with_adapter(out / "adapter", "float32")
@@ -195,7 +202,7 @@ def test_added_tokens_are_trained_saved_and_merged(tiny, tmp_path, capsys):
         moved = getattr(merged, layer)().weight[new_ids] - getattr(start, layer)().weight[new_ids]
         assert moved.abs().max() > 1e-2, layer
         kept = getattr(merged, layer)().weight[:base_size] - getattr(start, layer)().weight[:base_size]
-        assert kept.abs().max() == 0, layer
+        assert (kept.abs().max().item() == 0) is (saved_as == "token rows"), layer  # whole layers train every row
 
 
 def test_pissa_run_resumes_to_the_same_adapter(tiny, tmp_path):
