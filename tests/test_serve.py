@@ -224,3 +224,22 @@ def test_vllm_command_and_its_checks(runs, tmp_path, capsys):
     if importlib.util.find_spec("vllm") is None:
         assert run_cli("serve", runs / "answers", "--engine", "vllm") == 2
         assert "--engine vllm: vLLM is not installed" in capsys.readouterr().err
+
+
+def test_engine_serves_the_plain_base_again_after_its_last_adapter_goes(runs, tiny, references):
+    from lora_tune.recipe import ModelSection
+
+    engine = serve.Engine(ModelSection(id=str(tiny / "tiny-llama")), "base", "float32")
+    tokenizer = engine.tokenizer("base")
+
+    def answer(name):
+        job = engine.prepare(serve.CompletionRequest(model=name, prompt=PROMPTS[0], max_tokens=MAX_TOKENS,
+                                                     temperature=0), tokenizer(PROMPTS[0])["input_ids"], MAX_TOKENS)
+        return "".join(engine.stream(job)), job.finish_reason
+
+    assert answer("base") == (references["base"][PROMPTS[0]], "length")
+    engine.add("answers", str(runs / "answers"))
+    assert answer("answers") == (references["answers"][PROMPTS[0]], "stop")
+    engine.remove("answers")
+    assert engine.peft is None and engine.names() == ["base"]
+    assert answer("base")[0] == references["base"][PROMPTS[0]]
