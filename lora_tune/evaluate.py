@@ -119,8 +119,7 @@ def run(targets: list[str] | str, data_spec: str | None = None, compare: bool = 
               "settings": {"batch_size": batch_size, "max_samples": max_samples, "tasks": tasks, "stop": list(stop)}}
     first_run, generations, evaluator = None, {}, None
     for target in targets:
-        path = Path(target)
-        adapter = runs.adapter_dir(path) if path.is_dir() else None
+        adapter = runs.adapter_dir(Path(target))
         recipe = runs.run_recipe(adapter) if adapter else None
         first_run = first_run or (adapter.parent if recipe else None)
         if compare and adapter is None:

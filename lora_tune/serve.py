@@ -121,7 +121,7 @@ class Engine:
 
         if name in self.tokenizers:
             raise ServeError(400, f"a model named {name!r} is already served", "model_exists", "lora_name")
-        adapter = runs.adapter_dir(Path(path)) if Path(path).is_dir() else None
+        adapter = runs.adapter_dir(Path(path))
         if adapter is None:
             raise ServeError(400, f"{path}: not a run or PEFT adapter directory", "invalid_adapter", "lora_path")
         config = runs.adapter_config(adapter)
@@ -371,8 +371,7 @@ def resolve(target: str, adapter_specs: list[str]):
     from .recipe import ModelSection
 
     named: dict[str, Path] = {}
-    path = Path(target)
-    adapter = runs.adapter_dir(path) if path.is_dir() else None
+    adapter = runs.adapter_dir(Path(target))
     if adapter is not None:
         recipe = runs.run_recipe(adapter)
         base = models.adapter_base_section(adapter, recipe.model if recipe else None)
@@ -384,7 +383,7 @@ def resolve(target: str, adapter_specs: list[str]):
         name, sep, where = spec.partition("=")
         if not sep or not name or not where:
             raise UserError(f"--adapter {spec!r}: expected NAME=PATH", ["for example: --adapter support=runs/support"])
-        found = runs.adapter_dir(Path(where)) if Path(where).is_dir() else None
+        found = runs.adapter_dir(Path(where))
         if found is None:
             raise UserError(f"--adapter {spec!r}: {where} is not a run or PEFT adapter directory")
         if name in named:

@@ -420,9 +420,9 @@ def check_adapter(adapter: Path) -> None:
 
     config = json.loads((adapter / "adapter_config.json").read_text())
     adalora = config.get("peft_type") == "ADALORA"
-    pruned = [name.rsplit(".", 1)[0] + ".lora_" for name, mask in (config.get("rank_pattern") or {}).items()
-              if adalora and isinstance(mask, list) and not any(mask)]
     ranks = config.get("rank_pattern") or {}
+    pruned = [name.rsplit(".", 1)[0] + ".lora_" for name, mask in ranks.items()
+              if adalora and isinstance(mask, list) and not any(mask)]
     problems = []
     with safe_open(adapter / "adapter_model.safetensors", framework="pt") as f:
         for key in f.keys():
