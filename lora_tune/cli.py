@@ -54,7 +54,7 @@ def train(
     main_process_port: Annotated[Optional[int], typer.Option(help="Port the machine of rank 0 listens on.")] = None,
 ):
     """Fine-tune a model with LoRA as the recipe says and write its run directory."""
-    from . import launch
+    from . import launch, ownership
     from . import recipe as recipes
     from . import train as training
 
@@ -62,8 +62,12 @@ def train(
     loaded = recipes.load(recipe, overrides)
     how = launch.Launch(num_processes, accelerate_config, num_machines, machine_rank, main_process_ip,
                         main_process_port)
-    if how.wanted():
-        training.make_plan(loaded)  # fail here, before spawning processes, on any bad input
+    if how.wanted() and not dry_run:
+        # Fail here, before spawning processes, on any bad input, a busy or finished run directory.
+        if training.claim(loaded, resume) is ownership.State.COMPLETE:
+            training.finished(loaded.output_dir)
+            return
+        training.make_plan(loaded)
         raise typer.Exit(launch.relaunch(recipe, overrides, how, resume, _debug))
     if not training.is_main_process() and not _debug:
         launch.quiet_worker()
@@ -228,6 +232,11 @@ def main(argv: list[str] | None = None) -> None:
 
         Console(stderr=True, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), exc.render()))
         sys.exit(2)
+    except KeyboardInterrupt:
+        if _debug:
+            raise
+        print("Interrupted.", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ import torch
 from rich.table import Table
 from transformers import TrainerCallback
 
-from . import data, models, output, runs
+from . import data, models, output, ownership, runs
 from .errors import UserError
 from .recipe import Recipe, build_lora_config, build_sft_config
 
@@ -142,8 +144,8 @@ def print_plan(plan: Plan) -> None:
         ("train samples", describe_data(plan.data_stats["train"], plan.recipe.data)
          + (", packed" if plan.recipe.data.packing else ", padding-free batches" if args.padding_free else "")),
         ("eval samples", describe_data(plan.data_stats["eval"], plan.recipe.data) if plan.eval is not None else "none"),
-        ("steps", f"{plan.steps:,} (batch {args.per_device_train_batch_size} x accumulation "
-                  f"{args.gradient_accumulation_steps} x {world_size()} process(es))"),
+        ("steps", (f"{plan.steps:,} (batch {args.per_device_train_batch_size} x accumulation "
+                   f"{args.gradient_accumulation_steps} x {world_size()} process(es))")),
         ("precision", "bf16 mixed" if args.bf16 else "fp16 mixed" if args.fp16 else "fp32"),
         ("device", "cpu" if args.use_cpu else "cuda"),
         ("output", str(plan.recipe.output_dir.resolve())),
@@ -208,27 +210,98 @@ def resume_checkpoint(out: Path, resume: str) -> Path | None:
     return path
 
 
+def claim(recipe: Recipe, resume: str) -> ownership.State:
+    """What this `train` may do with its run directory (see ownership.py); reads, writes nothing.
+    Raises UserError when another process trains there or the directory holds another run."""
+    out = recipe.output_dir
+    if is_main_process():  # the main process holds the lock; the other ranks are its own
+        ownership.check_free(out)
+    if resume == "never":
+        ownership.check_is_run(out)
+        return ownership.State.NEW
+    return ownership.state(out, recipe.to_dict())
+
+
+def finished(out: Path) -> dict:
+    """Say that the run is complete and what to do instead; return its metrics."""
+    metrics = json.loads((out / runs.METRICS).read_text())
+    if is_main_process():
+        console.print(f"{out} is complete: {metrics.get('steps')} steps, final train loss "
+                      f"{metrics.get('final_loss', float('nan')):.4f}, adapter in {out / runs.ADAPTER}. Nothing to do.\n"
+                      "To train longer, raise training.max_steps or training.num_train_epochs (it resumes from the "
+                      "last checkpoint); to start over, add --resume never (the earlier run is moved aside).")
+    return metrics
+
+
 def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | None:
     """Train and write the run directory. Returns the metrics (None for a dry run)."""
     started = time.perf_counter()
-    plan = make_plan(recipe)
     out = recipe.output_dir
+    if claim(recipe, resume) is ownership.State.COMPLETE:
+        metrics = finished(out)
+        return None if dry_run else metrics
+    plan = make_plan(recipe)
     checkpoint = resume_checkpoint(out, resume)
     main = is_main_process()
     if main:
         print_plan(plan)
     if dry_run:
         return None
-
-    out.mkdir(parents=True, exist_ok=True)
-    if main:
+    if not main:
+        return train_and_save(plan, checkpoint, started)
+    with ownership.lock(out):
+        if resume == "never":
+            aside = ownership.move_aside(out)
+            if aside:
+                console.print(f"Starting over: the earlier run moved to {aside} (its checkpoints are never resumed; "
+                              "delete the folder when you no longer need it)")
+        else:  # again, under the lock: another process may have written here since
+            ownership.state(out, recipe.to_dict())
         recipe.save(out / runs.RECIPE)
+        return train_and_save(plan, checkpoint, started)
+
+
+def train_and_save(plan: Plan, checkpoint: Path | None, started: float) -> dict | None:
+    """Load the model, train, and write the adapter and metrics. Returns the metrics on the
+    main process, None on the others."""
+    out = plan.recipe.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    trainer, guard, initial = build_trainer(plan, checkpoint)
+    start_epoch = 0.0
+    if checkpoint:
+        start_epoch = json.loads((checkpoint / "trainer_state.json").read_text()).get("epoch") or 0.0
+        if is_main_process():
+            console.print(f"Resuming from {checkpoint} (epoch {start_epoch:.2f})")
+    start = time.perf_counter()
+    result = fit(trainer, checkpoint, out)
+    wall = time.perf_counter() - start
+    if guard.problem:
+        raise UserError(f"training stopped at {guard.problem}; nothing after that was saved. "
+                        f"Last good checkpoint: {runs.latest_checkpoint(out) or 'none'}",
+                        ["set training.max_grad_norm (e.g. 1.0) and rerun: it resumes from the last good checkpoint",
+                         ("or lower training.learning_rate and start over with --resume never (a resumed run "
+                          "keeps the learning rate schedule it started with)")])
+    adapter = save_adapter(trainer, plan, initial)
+    if adapter is None:
+        return None
+    dtype = str(models.resolve_dtype(plan.recipe.model.dtype)).replace("torch.", "")
+    metrics = collect_metrics(plan, trainer, result, wall, dtype, start_epoch)
+    metrics |= step_times(started, guard.step_ends)
+    runs.write_json(out / runs.METRICS, metrics)
+    console.print(f"Final train loss {metrics['final_loss']:.4f}, {metrics['tokens_per_second']:,.0f} tokens/s, "
+                  f"wall {wall:.1f} s. Adapter: {adapter.resolve()}")
+    return metrics
+
+
+def build_trainer(plan: Plan, checkpoint: Path | None):
+    """Load the base, add LoRA and build the trainer: (trainer, its RunGuard, the initial-adapter
+    folder of PiSSA-like runs or None)."""
+    recipe, out = plan.recipe, plan.recipe.output_dir
     # PEFT's advice in these is what lora-tune does: PiSSA-like adapters are converted for the
-    # original base, and added tokens are saved as trainable rows (see the end of this function).
+    # original base, and added tokens are saved as trainable rows (see save_adapter).
     warnings.filterwarnings("ignore", message=".*changes the base weights of the model")
     warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
-    dtype = models.resolve_dtype(recipe.model.dtype)
-    model = models.load_model(recipe.model, dtype)
+    model = models.load_model(recipe.model, models.resolve_dtype(recipe.model.dtype))
     models.fit_vocabulary(model, plan.tokenizer)
     if recipe.model.quantization:  # QLoRA: norms in fp32, input gradients for checkpointing
         from peft import prepare_model_for_kbit_training
@@ -252,27 +325,39 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
     # trained only fits that changed base. Its initial state lets PEFT convert it at the end
     # into an adapter for the original base model.
     initial = out / runs.INITIAL_ADAPTER if init.startswith(CONVERTED_INITS) else None
-    if initial and main and not (initial / "adapter_model.safetensors").exists():
+    if initial and is_main_process() and not (initial / "adapter_model.safetensors").exists():
         trainer.model.save_pretrained(initial)
-    start_epoch = 0.0
-    if checkpoint:
-        start_epoch = json.loads((checkpoint / "trainer_state.json").read_text()).get("epoch") or 0.0
-        if main:
-            console.print(f"Resuming from {checkpoint} (epoch {start_epoch:.2f})")
+    return trainer, guard, initial
 
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    wall = time.perf_counter() - start
-    if guard.problem:
-        raise UserError(f"training stopped at {guard.problem}; nothing after that was saved. "
-                        f"Last good checkpoint: {runs.latest_checkpoint(out) or 'none'}",
-                        ["lower training.learning_rate or set training.max_grad_norm, then rerun: "
-                         "it resumes from the last good checkpoint"])
-    # Written to a staging folder, checked, then renamed: `adapter/` is complete and sound, or absent.
+
+def fit(trainer, checkpoint: Path | None, out: Path):
+    """trainer.train(); on Ctrl-C, say where the last complete checkpoint is and exit 130."""
+    try:
+        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except KeyboardInterrupt:
+        if is_main_process():
+            output.console(stderr=True).print(interrupted(out, trainer.state.global_step))
+        raise SystemExit(130) from None
+
+
+def interrupted(out: Path, step: int) -> str:
+    """What Ctrl-C leaves behind, and how to go on."""
+    last = runs.latest_checkpoint(out)
+    if last is None:
+        return (f"Interrupted at step {step}, before the first checkpoint was saved: nothing to resume. "
+                "Rerun the same command to start again.")
+    return (f"Interrupted at step {step}. The last complete checkpoint is {last} (step {runs.checkpoint_step(last)}): "
+            "rerun the same command to resume from it.")
+
+
+def save_adapter(trainer, plan: Plan, initial: Path | None) -> Path | None:
+    """Write adapter/ through a staging folder, checked before it is renamed, so that it is
+    complete and sound, or absent. Returns its path on the main process, None on the others."""
+    out = plan.recipe.output_dir
     adapter, staging = out / runs.ADAPTER, out / f"{runs.ADAPTER}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     trainer.save_model(str(staging))  # every process takes part: ZeRO-3 gathers the weights here
-    if not main:
+    if not is_main_process():
         return None
     resave = {}
     if initial:
@@ -293,12 +378,7 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
         raise
     shutil.rmtree(adapter, ignore_errors=True)
     staging.rename(adapter)
-    metrics = collect_metrics(plan, trainer, result, wall, str(dtype).replace("torch.", ""), start_epoch)
-    metrics |= step_times(started, guard.step_ends)
-    runs.write_json(out / runs.METRICS, metrics)
-    console.print(f"Final train loss {metrics['final_loss']:.4f}, {metrics['tokens_per_second']:,.0f} tokens/s, "
-                  f"wall {wall:.1f} s. Adapter: {adapter.resolve()}")
-    return metrics
+    return adapter
 
 
 CONVERTED_INITS = ("pissa", "olora", "corda")
@@ -338,7 +418,7 @@ def trainer_class():
     from trl import SFTTrainer
 
     class LoraTuneTrainer(SFTTrainer):
-        loraplus: dict = {}  # loraplus_lr_ratio (and loraplus_lr_embedding) from the recipe's lora section
+        loraplus: typing.ClassVar[dict] = {}  # loraplus_lr_ratio (and loraplus_lr_embedding) from the recipe's lora section
 
         def create_optimizer(self, model=None):
             if self.loraplus and self.optimizer is None:
@@ -402,9 +482,9 @@ class RunGuard(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.step_ends.append(time.perf_counter())
         # Checked only when a checkpoint is due, so ordinary steps pay no device sync.
-        if control.should_save and model is not None:
-            if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
-                self._stop(state, control, "the adapter weights are no longer finite")
+        if control.should_save and model is not None and not all(
+                torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+            self._stop(state, control, "the adapter weights are no longer finite")
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -425,7 +505,7 @@ def check_adapter(adapter: Path) -> None:
               if adalora and isinstance(mask, list) and not any(mask)]
     problems = []
     with safe_open(adapter / "adapter_model.safetensors", framework="pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
             shape = f.get_slice(key).get_shape()
             lora = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight", key)
             if 0 in shape and not any(p in key for p in pruned):
@@ -439,14 +519,14 @@ def check_adapter(adapter: Path) -> None:
     if problems:
         raise UserError(f"the adapter was not saved: {len(problems)} of its tensors are unusable, e.g. {problems[0]}; "
                         "it would load as a no-op or not at all",
-                        ["under DeepSpeed ZeRO-3 set zero3_save_16bit_model: true (configs/deepspeed_zero3.yaml) "
-                         "so the weights are gathered before saving; the checkpoints are kept: rerun to resume"])
+                        [("under DeepSpeed ZeRO-3 set zero3_save_16bit_model: true (configs/deepspeed_zero3.yaml) "
+                          "so the weights are gathered before saving; the checkpoints are kept: rerun to resume")])
 
 
 def step_times(started: float, ends: list[float]) -> dict:
     """Seconds from the command's start to the first optimizer step, and the median step after it
     (host clock: no device sync is added)."""
-    gaps = [b - a for a, b in zip(ends, ends[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(ends)]
     return {"time_to_first_step_s": ends[0] - started if ends else None,
             "step_time_s": statistics.median(gaps) if gaps else None}
 
