@@ -64,7 +64,7 @@ def train(
                         main_process_port)
     if how.wanted() and not dry_run:
         # Fail here, before spawning processes, on any bad input, a busy or finished run directory.
-        if training.claim(loaded, resume) is ownership.State.COMPLETE:
+        if training.claim(loaded, resume, owner=machine_rank == 0) is ownership.State.COMPLETE:
             training.finished(loaded.output_dir)
             return
         training.make_plan(loaded)
@@ -175,6 +175,17 @@ def serve(
     base_name: Annotated[Optional[str], typer.Option(
         help="The model name that serves the base without adapters (default: its id or path).")] = None,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="LORA_TUNE_API_KEY", show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on every route but /health (OpenAI clients: api_key=KEY). "
+             "Prefer the environment variable: a command line is visible to other users.")] = None,
+    allow_runtime_lora: Annotated[bool, typer.Option(
+        "--allow-runtime-lora", help="Let clients load and unload adapters (/v1/load_lora_adapter, "
+                                     "/v1/unload_lora_adapter), from under --adapter-root only.")] = False,
+    adapter_root: Annotated[Optional[Path], typer.Option(
+        help="The folder runtime-loaded adapters must lie in (links followed); needs --allow-runtime-lora.")] = None,
+    max_body_bytes: Annotated[Optional[int], typer.Option(
+        min=1, help="Refuse (413) a request body over this many bytes (default: 4 MiB; local engine).")] = None,
 ):
     """Serve the base model and adapters behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions)."""
     from . import serve as serving
@@ -183,7 +194,8 @@ def serve(
         raise UserError(f"--engine: expected local or vllm, got {engine!r}")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"--dtype: expected auto, float32, bfloat16 or float16, got {dtype!r}")
-    serving.run(target, adapter or [], host, port, engine, base_name, dtype)
+    serving.run(target, adapter or [], host, port, engine, base_name, dtype, api_key=api_key,
+                allow_runtime_lora=allow_runtime_lora, adapter_root=adapter_root, max_body_bytes=max_body_bytes)
 
 
 @app.command()

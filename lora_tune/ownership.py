@@ -18,6 +18,7 @@ import os
 import reprlib
 import socket
 import time
+import warnings
 from enum import Enum
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from . import runs
 from .errors import UserError
 
 LOCK = "lora-tune.lock"
+UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # filesystems without flock
 # Keys a rerun may change and still continue the same run from its checkpoint. The learning rate
 # is not one: a resumed scheduler restores the old one, so a new value would be silently ignored.
 CONTINUES = {"training.max_steps", "training.num_train_epochs"}
@@ -54,6 +56,8 @@ def holder(out: Path) -> str | None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return None
     except OSError as exc:
+        if exc.errno in UNSUPPORTED:
+            return None
         if exc.errno not in (errno.EAGAIN, errno.EACCES):
             raise
         return describe_holder(path)
@@ -89,6 +93,11 @@ def lock(out: Path):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise busy(out, describe_holder(out / LOCK)) from None
+        except OSError as exc:  # some network filesystems refuse locks: train, but say so
+            if exc.errno not in UNSUPPORTED:
+                raise
+            warnings.warn(f"{out}: this filesystem cannot lock files ({exc.strerror}); make sure no other "
+                          "`lora-tune train` writes to this run directory", stacklevel=2)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         yield

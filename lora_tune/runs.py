@@ -7,6 +7,7 @@
       metrics.json    final metrics, throughput, memory, wall time, versions
       logs/           TensorBoard event files
       eval_history.jsonl  one line per `lora-tune eval` of the run
+      lora-tune.lock  held by the `train` process that writes the run (ownership.py)
 """
 
 from __future__ import annotations

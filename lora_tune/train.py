@@ -210,11 +210,12 @@ def resume_checkpoint(out: Path, resume: str) -> Path | None:
     return path
 
 
-def claim(recipe: Recipe, resume: str) -> ownership.State:
+def claim(recipe: Recipe, resume: str, owner: bool = True) -> ownership.State:
     """What this `train` may do with its run directory (see ownership.py); reads, writes nothing.
-    Raises UserError when another process trains there or the directory holds another run."""
+    Raises UserError when another process trains there or the directory holds another run.
+    `owner`: False on machines other than the main one, whose processes never hold the lock."""
     out = recipe.output_dir
-    if is_main_process():  # the main process holds the lock; the other ranks are its own
+    if owner and is_main_process():  # the main process holds the lock; the other ranks are its own
         ownership.check_free(out)
     if resume == "never":
         ownership.check_is_run(out)
