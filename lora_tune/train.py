@@ -225,9 +225,12 @@ def claim(recipe: Recipe, resume: str, owner: bool = True) -> ownership.State:
 
 def finished(out: Path) -> dict:
     """Say that the run is complete and what to do instead; return its metrics."""
-    metrics = json.loads((out / runs.METRICS).read_text())
+    try:
+        metrics = json.loads((out / runs.METRICS).read_text())
+    except (OSError, ValueError):  # the adapter is what counts; the figures are only reported
+        metrics = {}
     if is_main_process():
-        console.print(f"{out} is complete: {metrics.get('steps')} steps, final train loss "
+        console.print(f"{out} is complete: {metrics.get('steps', '?')} steps, final train loss "
                       f"{metrics.get('final_loss', float('nan')):.4f}, adapter in {out / runs.ADAPTER}. Nothing to do.\n"
                       "To train longer, raise training.max_steps or training.num_train_epochs (it resumes from the "
                       "last checkpoint); to start over, add --resume never (the earlier run is moved aside).")
