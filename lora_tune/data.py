@@ -13,6 +13,9 @@ lora-tune tokenizes the data itself and hands SFTTrainer `input_ids` and `labels
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,10 +46,18 @@ class DataStats:
     def summary(self) -> dict:
         data = {k: v for k, v in asdict(self).items() if k != "lengths"} | {"tokens": sum(self.lengths)}
         if self.lengths:
-            ordered = sorted(self.lengths)
-            data["length"] = {"min": ordered[0], "median": statistics.median(ordered),
-                              "p95": ordered[int(0.95 * (len(ordered) - 1))], "max": ordered[-1]}
+            median, p95 = percentiles(self.lengths, 50, 95)
+            data["length"] = {"min": min(self.lengths), "median": median, "p95": p95, "max": max(self.lengths)}
         return data
+
+
+def percentiles(values: list[int], *ranks: int) -> list[float]:
+    """Percentiles of one method (linear between the nearest values, as numpy's default), so a
+    higher rank never gives a lower value: p95 >= median, however few the values."""
+    if len(values) == 1:
+        return [values[0]] * len(ranks)
+    cuts = statistics.quantiles(values, n=100, method="inclusive")  # cuts[k - 1] is the k-th percentile
+    return [round(cuts[rank - 1], 2) for rank in ranks]  # rounding keeps the order
 
 
 def _quiet_datasets() -> None:
@@ -76,24 +87,205 @@ def load_source(source: dict, label: str):
     spec = source["path"]
     path = Path(spec).expanduser()
     local = path.suffix in BUILDERS or spec.startswith((".", "/", "~")) or path.exists()
+    if local and path.is_dir():
+        split = source["split"]
+        # A slice such as train[:10%] applies to each file type's rows.
+        return load_files(folder_files(path, split, label, spec), label, spec, split[len(split.split("[")[0]):])
+    if local:
+        if not path.is_file():
+            raise UserError(f"{label}: file not found: {spec}",
+                            [f"give an existing {'/'.join(BUILDERS)} file or folder, or a hub dataset name"])
+        if path.suffix not in BUILDERS:
+            raise UserError(f"{label}: cannot read {path.suffix!r} files: {spec}",
+                            [f"use one of {', '.join(BUILDERS)}"])
+        return load_files([path], label, spec)
     try:
-        if local and path.is_dir():
-            return load_dataset(str(path), split=source["split"])
-        if local:
-            if not path.is_file():
-                raise UserError(f"{label}: file not found: {spec}",
-                                [f"give an existing {'/'.join(BUILDERS)} file or folder, or a hub dataset name"])
-            if path.suffix not in BUILDERS:
-                raise UserError(f"{label}: cannot read {path.suffix!r} files: {spec}",
-                                [f"use one of {', '.join(BUILDERS)}"])
-            return load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")
         return load_dataset(spec, source["subset"], split=source["split"], revision=source["revision"])
-    except UserError:
-        raise
-    except Exception as exc:  # datasets raises many types for unreadable or unreachable data
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{label}: cannot load {spec!r}: {first}",
-                        ["check the file's format, or the dataset name, subset, split and network"]) from None
+    except Exception as exc:  # noqa: BLE001 (datasets raises many types for unreachable or unreadable data)
+        raise UserError(f"{label}: cannot load {spec!r}: {_cause(exc)}",
+                        ["check the dataset name, subset, split and network"]) from None
+
+
+def _cause(exc: BaseException) -> str:
+    """The first line of the innermost error: datasets wraps each reader's own, clearer message."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def folder_files(folder: Path, split: str, label: str, spec: str) -> list[Path]:
+    """The data files of one split of a folder, found by datasets' own rules (train/test file names,
+    README and hidden files left out). Raises UserError for a missing split or an unreadable type."""
+    from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
+
+    try:
+        by_split = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
+    except EmptyDatasetError:
+        raise UserError(f"{label}: the folder {spec} holds no data files",
+                        [f"put {'/'.join(BUILDERS)} files in it, or give a file or a hub dataset"]) from None
+    name = split.split("[")[0]
+    if name not in by_split:
+        raise UserError(f"{label}: the folder {spec} has no {name!r} split; its file names make the splits "
+                        f"{', '.join(map(str, by_split))}", ["set data.split (or the source's split) to one of them"])
+    # Named as the recipe names the folder, so messages show paths the user recognises.
+    files = [folder / Path(f).relative_to(folder.resolve()) for f in by_split[name]]
+    unreadable = sorted({f.suffix or f.name for f in files} - set(BUILDERS))
+    if unreadable:
+        names = ", ".join(str(f) for f in files if (f.suffix or f.name) in unreadable)
+        raise UserError(f"{label}: the folder {spec} holds files of types lora-tune cannot read "
+                        f"({', '.join(unreadable)}): {names}",
+                        [(f"move them out of the folder, or list the files to use in {label}; "
+                          f"readable types: {', '.join(BUILDERS)}")])
+    return files
+
+
+def load_files(files: list[Path], label: str, spec: str, rows: str = ""):
+    """Local files as one dataset: each file type read by its datasets builder, then concatenated.
+
+    Refuses (UserError naming the file) an empty file, a malformed line, and files whose columns differ.
+    """
+    from datasets import concatenate_datasets
+
+    for file in files:
+        if _is_empty(file):
+            raise UserError(f"{label}: cannot load {spec!r}: {file}: the file is empty",
+                            ["add rows to the file, or remove it from the data"])
+    groups: dict[str, list[Path]] = {}
+    for file in files:
+        groups.setdefault(BUILDERS[file.suffix], []).append(file)
+    parts = [(_load_group(builder, group, label, spec, rows), group) for builder, group in groups.items()]
+    _check_columns_agree([(group, dataset.column_names) for dataset, group in parts], label, spec)
+    first = parts[0][0]
+    try:  # each builder types columns its own way (large_string, int64 for a CSV column of digits)
+        rest = [dataset.select_columns(first.column_names).cast(first.features) for dataset, _ in parts[1:]]
+    except ValueError as exc:
+        raise UserError(f"{label}: cannot load {spec!r}: its file types disagree on a column's type: {_cause(exc)}",
+                        ["make the column hold the same kind of value in every file"]) from None
+    return concatenate_datasets([first, *rest]) if rest else first
+
+
+def _is_empty(file: Path) -> bool:
+    """True for a file of nothing but whitespace; reads only up to the first other byte."""
+    with file.open("rb") as handle:
+        while chunk := handle.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _load_group(builder: str, files: list[Path], label: str, spec: str, rows: str):
+    """Files of one type with their datasets builder; a failure is diagnosed file by file."""
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(builder, data_files=[str(f) for f in files], split="train" + rows)
+    except Exception as exc:  # noqa: BLE001 (datasets wraps each reader's errors in many types; diagnosed here)
+        problem = next(filter(None, (_bad_line(builder, f) for f in files)), None)
+        if problem:
+            raise UserError(f"{label}: cannot load {spec!r}: {problem}", [_LINE_FIXES[builder]]) from None
+        if len(files) > 1:
+            _check_columns_agree([([f], _columns(builder, f)) for f in files], label, spec)
+        names = ", ".join(map(str, files))
+        raise UserError(f"{label}: cannot load {spec!r}: {names}: {_cause(exc)}",
+                        [f"check that the file is valid {builder} data"]) from None
+    if builder == "json" and len(files) > 1:
+        # The json builder merges differing keys of several files into one table, filling gaps
+        # with None, so a file without the trained column would be skipped row by row, silently.
+        # A file whose first row has every column has them all: only the others are read in full.
+        merged = dataset.column_names
+        _check_columns_agree([([f], merged if _first_keys(f) == set(merged) else _columns(builder, f))
+                              for f in files], label, spec)
+    return dataset
+
+
+def _first_keys(file: Path) -> set[str] | None:
+    """The keys of a JSON-lines file's first row; None when its first line is not a whole row."""
+    with file.open(encoding="utf-8", errors="replace") as handle:
+        line = next((line for line in handle if line.strip()), "")
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return set(row) if isinstance(row, dict) else None
+
+
+_LINE_FIXES = {"json": "fix the file there: one JSON object per line (.jsonl), or an array of objects (.json)",
+               "csv": "fix that line: quote fields that contain the delimiter, as in \"a, b\""}
+
+
+def _bad_line(builder: str, file: Path) -> str | None:
+    """'FILE:LINE: what is wrong' for the first malformed line of a JSON or CSV file, else None."""
+    if builder not in _LINE_FIXES:
+        return None
+    raw = file.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        return f"{file}:{line}: not UTF-8 text ({exc.reason})"
+    return _bad_json_line(file, text) if builder == "json" else _bad_csv_line(file, text)
+
+
+def _bad_json_line(file: Path, text: str) -> str | None:
+    try:
+        document = json.loads(text)  # one JSON document, such as a .json array of rows
+        return None if document else f"{file}: the file holds no rows: {text.strip()}"
+    except json.JSONDecodeError as exc:
+        if exc.msg != "Extra data":  # "Extra data" after the first line: JSON lines, checked one by one
+            return f"{file}:{exc.lineno}: not valid JSON, column {exc.colno}: {exc.msg}"
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return f"{file}:{number}: not valid JSON, column {exc.colno}: {exc.msg}"
+        if not isinstance(row, dict):
+            return f"{file}:{number}: expected a JSON object (one row), got {type(row).__name__} {line.strip()[:40]}"
+    return None
+
+
+def _bad_csv_line(file: Path, text: str) -> str | None:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, [])
+        for row in reader:
+            if len(row) > len(header):
+                return f"{file}:{reader.line_num}: {len(row)} fields, but the header has {len(header)}"
+    except csv.Error as exc:
+        return f"{file}:{reader.line_num}: not valid CSV: {exc}"
+    return None
+
+
+def _columns(builder: str, file: Path) -> list[str]:
+    """A file's columns, read directly: what the builder would make of that file alone."""
+    if builder == "text":
+        return ["text"]
+    if builder == "parquet":
+        import pyarrow.parquet
+
+        return pyarrow.parquet.read_schema(file).names
+    text = file.read_text(encoding="utf-8")
+    if builder == "csv":
+        return next(csv.reader(io.StringIO(text, newline="")), [])
+    try:
+        document = json.loads(text)
+        rows = document if isinstance(document, list) else [document]
+    except json.JSONDecodeError:
+        rows = [json.loads(line) for line in text.split("\n") if line.strip()]
+    return list(dict.fromkeys(key for row in rows if isinstance(row, dict) for key in row))
+
+
+def _check_columns_agree(files: list[tuple[list[Path], list[str]]], label: str, spec: str) -> None:
+    """Raise UserError listing each file's columns unless all files have the same ones."""
+    if len({frozenset(columns) for _, columns in files}) <= 1:
+        return
+    listed = [f"{', '.join(map(str, group[:3]))}{f' and {len(group) - 3} more' if len(group) > 3 else ''}: "
+              f"columns {', '.join(columns)}" for group, columns in files]
+    raise UserError(f"{label}: the files of {spec} have different columns",
+                    [*listed, (f"give every file the same columns, or list the files as separate sources of "
+                               f"{label} (each is formatted by its own columns)")])
 
 
 def detect_format(columns: list[str], section, label: str, spec: str) -> str:
@@ -116,8 +308,8 @@ def detect_format(columns: list[str], section, label: str, spec: str) -> str:
     if section.text_field in present:
         return "text"
     raise UserError(f"data.format: cannot tell the format of {label} ({spec}) from its columns: {', '.join(columns)}",
-                    [f"set data.format (text, prompt_completion, messages, alpaca) and the field names "
-                     f"(data.text_field, data.prompt_field, data.completion_field, data.messages_field)"])
+                    [("set data.format (text, prompt_completion, messages, alpaca) and the field names "
+                      "(data.text_field, data.prompt_field, data.completion_field, data.messages_field)")])
 
 
 def required_columns(fmt: str, section) -> list[tuple[str, str]]:
@@ -188,7 +380,7 @@ def render_chat(tokenizer, messages: list[dict], where: str) -> tuple[str, list[
     conversation's prefix as a prefix; where it does not, guessing would train the wrong tokens.
     """
     def render(turns, generation_prompt=False):
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+        return apply_template(tokenizer, turns, where, generation_prompt)
 
     full = render(messages)
     spans = []
@@ -200,10 +392,27 @@ def render_chat(tokenizer, messages: list[dict], where: str) -> tuple[str, list[
         if not full.startswith(upto) or not upto.startswith(prompt):
             raise UserError(f"data.chat_template: the chat template does not render conversations turn by turn "
                             f"({where}), so the assistant tokens cannot be told apart",
-                            ["set data.chat_template to a template without such rewriting, "
-                             "or data.train_on_prompt: true to train every token"])
+                            [("set data.chat_template to a template without such rewriting, "
+                              "or data.train_on_prompt: true to train every token")])
         spans.append((len(prompt), len(upto)))
     return full, spans
+
+
+def apply_template(tokenizer, messages: list[dict], where: str, generation_prompt: bool = False) -> str:
+    """The chat rendered as text. A template that refuses the row (raise_exception on a role order
+    it does not accept, say) is a UserError naming the row and quoting the template."""
+    from jinja2.exceptions import TemplateError, TemplateSyntaxError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateSyntaxError as exc:
+        raise UserError(f"data.chat_template: the chat template is not valid Jinja (its line {exc.lineno}): "
+                        f"{exc.message}", ["fix data.chat_template, or remove it to use the tokenizer's own"]) from None
+    except TemplateError as exc:
+        roles = ", ".join(str(m.get("role")) for m in messages)
+        raise UserError(f"{where}: the chat template refused this conversation (roles: {roles}): {exc}",
+                        [("fix the row as the template's message says, or set data.chat_template to a template "
+                          "that accepts such conversations")]) from None
 
 
 def check_turns(messages, where: str) -> None:
@@ -217,7 +426,7 @@ def check_turns(messages, where: str) -> None:
 def tokenize_chat(tokenizer, messages: list[dict], max_length: int, train_on_prompt: bool, where: str) -> dict:
     """input_ids and labels of one conversation: assistant turns trained, ending with EOS."""
     if train_on_prompt:  # every token is trained: no need to locate the turns
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        text = apply_template(tokenizer, messages, where)
         spans = [(0, len(text))]
     else:
         text, spans = render_chat(tokenizer, messages, where)

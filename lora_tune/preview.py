@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from rich.table import Table
 from rich.text import Text
 
@@ -10,14 +12,50 @@ from .recipe import Recipe
 
 console = output.console()
 TRAINED, MASKED = "bold green", "dim"
+# Where styles cannot show (a pipe, a CI log, a file, NO_COLOR), trained text is put between these.
+OPEN, CLOSE = "[[", "]]"
 
 
-def render_sample(tokenizer, input_ids: list[int], labels: list[int]) -> Text:
-    """The sample's text, trained tokens highlighted and masked ones dimmed."""
+def pieces(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
+    """The sample as (text, trained) pieces of whole characters, about one per token.
+
+    A byte-level token can hold part of a character (Chinese, emoji), which decodes alone as
+    U+FFFD. So a piece is what its tokens add to the text decoded before them, and a token that
+    ends inside a character waits for the next one; such a piece is trained if any of its tokens is.
+    """
+    def decode(ids):
+        return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+
+    result, context, start = [], 0, 0  # decoding from a token or two before keeps word-initial spaces
+    for end in range(1, len(input_ids) + 1):
+        text = decode(input_ids[context:end])
+        if text.endswith("\ufffd") and end < len(input_ids):
+            continue
+        before = decode(input_ids[context:start])
+        result.append((text[len(before):], any(label != -100 for label in labels[start:end])))
+        context, start = start, end
+    return result
+
+
+def render_sample(tokenizer, input_ids: list[int], labels: list[int], mark: bool = False) -> Text:
+    """The sample's text, trained tokens highlighted and masked ones dimmed; with `mark`, each run of
+    trained text is also put between OPEN and CLOSE, for output that shows no styles."""
     text = Text()
-    for token, label in zip(input_ids, labels):
-        text.append(tokenizer.decode([token]), style=TRAINED if label != -100 else MASKED)
+    for trained, run in itertools.groupby(pieces(tokenizer, input_ids, labels), key=lambda piece: piece[1]):
+        style = TRAINED if trained else MASKED
+        if mark and trained:
+            text.append(OPEN, style=style)
+        for piece, _ in run:
+            text.append(piece, style=style)
+        if mark and trained:
+            text.append(CLOSE, style=style)
     return text
+
+
+def legend(mark: bool) -> Text:
+    if mark:
+        return Text(f"Legend: {OPEN}trained{CLOSE} text is in the loss; the rest is masked (not in the loss)")
+    return Text.assemble("Legend: ", ("trained", TRAINED), " / ", ("masked (not in the loss)", MASKED))
 
 
 def run(recipe: Recipe, n: int = 3) -> dict:
@@ -25,11 +63,12 @@ def run(recipe: Recipe, n: int = 3) -> dict:
     tokenizer = models.load_tokenizer(recipe.model)
     data.prepare_tokenizer(tokenizer, recipe.data, recipe.model.id)
     train, _, stats = data.load_datasets(recipe.data, tokenizer)
-    console.print(Text.assemble("Legend: ", ("trained", TRAINED), " / ", ("masked (not in the loss)", MASKED)))
+    mark = console.no_color or console.color_system is None  # styles will not show
+    console.print(legend(mark))
     for i in range(min(n, len(train))):
         row = train[i]
         console.rule(f"sample {i} ({len(row['input_ids'])} tokens)")
-        console.print(render_sample(tokenizer, row["input_ids"], row["labels"]))
+        console.print(render_sample(tokenizer, row["input_ids"], row["labels"], mark))
     table = Table(title="data", show_header=True)
     for column in ("split", "rows", "samples", "skipped", f"truncated to {recipe.data.max_length}",
                    "length min/median/p95/max", "trained tokens per epoch"):
