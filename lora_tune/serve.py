@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import models, output, runs
+from . import guard, models, output, runs
 from .errors import UserError
 
 console = output.console()
@@ -34,8 +34,18 @@ class ServeError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
 
     def body(self) -> dict:
-        kind = "not_found_error" if self.status == 404 else "invalid_request_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        kind = {404: "not_found_error", 500: "server_error"}.get(self.status, "invalid_request_error")
+        return guard.error_body(self.message, kind, self.code, self.param)
+
+
+@dataclass
+class Access:
+    """What clients of the server may do: the key they must send (None: no key), the folder
+    runtime adapter loading may read from (None: runtime loading off), the largest body."""
+
+    api_key: str | None = None
+    runtime_adapter_root: Path | None = None
+    max_body_bytes: int = guard.DEFAULT_MAX_BODY_BYTES
 
 
 # --- requests, as the OpenAI API defines them (the fields lora-tune acts on) -----------------
@@ -84,6 +94,39 @@ class UnloadAdapter(BaseModel):
     lora_name: str
 
 
+class AdapterConfig(BaseModel):
+    """The adapter_config.json fields that serving and PEFT compute with, strictly typed: PEFT
+    itself meets a wrong type only deep inside building the layers. Other fields pass through."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    peft_type: str
+    base_model_name_or_path: str | None = None
+    r: int = Field(8, ge=1)
+    lora_alpha: float = 8
+    target_modules: str | list[str] | None = None
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+
+
+def read_adapter_config(adapter: Path, given: str) -> AdapterConfig:
+    """adapter_config.json, checked. Raises ServeError (400) naming the file and the field, never
+    quoting the file, which may hold anything."""
+    where = f"{given}: adapter_config.json"
+    fix = "restore the file from the run that trained the adapter, or retrain it"
+    try:
+        return AdapterConfig.model_validate_json((adapter / "adapter_config.json").read_bytes())
+    except OSError as exc:
+        raise ServeError(400, f"{where} cannot be read ({exc.strerror}); {fix}", "invalid_adapter_config",
+                         "lora_path") from None
+    except ValidationError as exc:
+        first = exc.errors(include_input=False, include_url=False)[0]
+        field = str(first["loc"][0]) if first["loc"] else ""  # the key; deeper parts name union members
+        problem = f"{field}: {first['msg']}" if field else first["msg"]
+        raise ServeError(400, f"{where} is not a valid PEFT adapter config ({problem}); {fix}",
+                         "invalid_adapter_config", "lora_path") from None
+
+
 @dataclass
 class Generation:
     """One request, tokenized and checked: what the engine runs."""
@@ -117,23 +160,39 @@ class Engine:
     # --- adapters ---
     def add(self, name: str, path: str) -> None:
         """Load an adapter under `name`. Raises ServeError (400) when it cannot serve here."""
-        from peft import PeftModel
-
         if name in self.tokenizers:
             raise ServeError(400, f"a model named {name!r} is already served", "model_exists", "lora_name")
         adapter = runs.adapter_dir(Path(path))
         if adapter is None:
             raise ServeError(400, f"{path}: not a run or PEFT adapter directory", "invalid_adapter", "lora_path")
-        config = runs.adapter_config(adapter)
-        trained_on = config.get("base_model_name_or_path") or ""
+        self.check_fits(read_adapter_config(adapter, path), path)
+        try:
+            tokenizer = models.adapter_tokenizer(adapter, self.base_section)
+        except (UserError, OSError, ValueError) as exc:  # what a missing or corrupt tokenizer file raises
+            console.print(f"{path}: its tokenizer does not load: {exc}")
+            raise ServeError(400, f"{path}: the tokenizer saved with the adapter does not load; the server's log "
+                                  "has the details", "invalid_adapter", "lora_path") from None
+        self.attach(name, adapter, path)
+        self.tokenizers[name], self.paths[name] = tokenizer, str(adapter)
+
+    def check_fits(self, config: AdapterConfig, path: str) -> None:
+        """Refuse (400) an adapter trained on another base, or one that cannot share the base."""
+        from peft import PeftType
+
+        trained_on = config.base_model_name_or_path or ""
         if _same_model(trained_on, self.base_section.id) is False:
             raise ServeError(400, f"{path} was trained on {trained_on}; this server serves {self.base_section.id}",
                              "adapter_for_another_base", "lora_path")
-        if config.get("trainable_token_indices") or config.get("peft_type") != "LORA":
-            what = "adds tokens" if config.get("trainable_token_indices") else f"is {config.get('peft_type')}"
+        if config.trainable_token_indices or config.peft_type != "LORA":
+            kind = config.peft_type if config.peft_type in PeftType.__members__ else "of an unknown peft_type"
+            what = "adds tokens" if config.trainable_token_indices else f"is {kind}"
             raise ServeError(400, f"{path}: only plain LoRA adapters share a base (this one {what}); merge it "
                                   "(lora-tune merge) and serve the merged model", "unsupported_adapter", "lora_path")
-        tokenizer = models.adapter_tokenizer(adapter, self.base_section)
+
+    def attach(self, name: str, adapter: Path, path: str) -> None:
+        """Load the adapter's weights into the model; on failure leave the model as it was."""
+        from peft import PeftModel
+
         with self.lock:
             try:
                 if self.peft is None:
@@ -143,10 +202,12 @@ class Engine:
             except Exception as exc:  # safetensors, torch and peft each raise their own types
                 if self.peft is not None and name in self.peft.peft_config:
                     self.peft.delete_adapter(name)
-                line = next((l.strip() for l in str(exc).splitlines() if "size mismatch" in l), str(exc).splitlines()[0])
-                raise ServeError(400, f"{path} does not load on {self.base_section.id}: {line[:300]}",
-                                 "adapter_for_another_base", "lora_path") from None
-        self.tokenizers[name], self.paths[name] = tokenizer, str(adapter)
+                console.print(f"{path} does not load on {self.base_section.id}: {exc}")
+                # Only a shape mismatch is quoted: other messages may repeat what the files hold.
+                line = next((l.strip() for l in str(exc).splitlines() if "size mismatch" in l), None)
+                detail = line[:300] if line else f"PEFT raised {type(exc).__name__}; the server's log has the details"
+                raise ServeError(400, f"{path} does not load on {self.base_section.id}: {detail}",
+                                 "adapter_for_another_base" if line else "invalid_adapter", "lora_path") from None
 
     def remove(self, name: str) -> None:
         if name not in self.paths:
@@ -276,24 +337,21 @@ def _same_model(a: str, b: str) -> bool | None:
 
 # --- the HTTP API ------------------------------------------------------------------------------
 
-def create_app(engine: Engine):
+def create_app(engine: Engine, access: Access | None = None):
     """The FastAPI application answering OpenAI's /v1 routes (and vLLM's adapter routes)."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
 
+    access = access or Access()
     app = FastAPI(title="lora-tune serve")
+    add_error_handlers(app)
+    app.add_middleware(guard.LimitBody, limit=access.max_body_bytes)
+    if access.api_key:  # added last, so it runs first: no key, no look at the body
+        app.add_middleware(guard.RequireKey, key=access.api_key)
 
-    @app.exception_handler(ServeError)
-    def serve_error(request: Request, exc: ServeError):
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    def invalid_body(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        message = f"{where}: {first['msg']}" if where else first["msg"]
-        return JSONResponse(ServeError(400, message, "invalid_request", where).body(), status_code=400)
+    @app.get("/health")
+    def health():
+        return {}
 
     @app.get("/v1/models")
     def list_models():
@@ -349,16 +407,83 @@ def create_app(engine: Engine):
 
     @app.post("/v1/load_lora_adapter")
     def load_adapter(body: LoadAdapter):
-        engine.add(body.lora_name, body.lora_path)
+        engine.add(body.lora_name, str(runtime_adapter(access, body.lora_path)))
         return {"status": "ok", "model": body.lora_name}
 
     @app.post("/v1/unload_lora_adapter")
     def unload_adapter(body: UnloadAdapter):
+        runtime_adapter(access, None)
         engine.remove(body.lora_name)
         return {"status": "ok", "model": body.lora_name}
 
     return app
 
+
+def add_error_handlers(app) -> None:
+    """Every failure answers OpenAI's JSON error object; none shows a traceback to the client."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(ServeError)
+    def serve_error(request: Request, exc: ServeError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    def invalid_body(request: Request, exc: RequestValidationError):
+        where, message = describe_invalid(exc.errors()[0])
+        return JSONResponse(ServeError(400, message, "invalid_request", where).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    def http_error(request: Request, exc: HTTPException):
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        body = guard.error_body(message, "invalid_request_error", guard.HTTP_CODES.get(exc.status_code))
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(UserError)
+    def user_error(request: Request, exc: UserError):
+        return JSONResponse(ServeError(400, exc.render(), "invalid_request").body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    def server_error(request: Request, exc: Exception):
+        # The traceback goes to the server's log (uvicorn prints it), never to the client.
+        message = "the server failed while answering this request; its log has the details"
+        return JSONResponse(ServeError(500, message, "internal_error").body(), status_code=500)
+
+
+def describe_invalid(error: dict) -> tuple[str | None, str]:
+    """(the field, a message) for pydantic's first complaint about a request body."""
+    where = ".".join(str(p) for p in error["loc"] if p != "body") or None
+    if error["type"] == "json_invalid":
+        reason = error.get("ctx", {}).get("error", "")
+        return None, f"the request body is not valid JSON ({reason} at character {where}); send a JSON object"
+    if where is None and error["type"] == "missing":
+        return None, "the request body is empty; send a JSON object with Content-Type: application/json"
+    if where is None:
+        return None, "the request body must be a JSON object sent with Content-Type: application/json"
+    return where, f"{where}: {error['msg']}"
+
+
+def runtime_adapter(access: Access, given: str | None) -> Path | None:
+    """The adapter directory a runtime request names, resolved (symlinks followed), after
+    checking runtime loading is on and the directory and every file in it lie in the adapter
+    root. Raises ServeError (403) otherwise."""
+    root = access.runtime_adapter_root
+    if root is None:
+        raise ServeError(403, "loading and unloading adapters at run time is off on this server; start it with "
+                              "--allow-runtime-lora --adapter-root DIR to allow adapters under DIR",
+                         "runtime_lora_disabled")
+    if given is None:
+        return None
+    path = (root / given).resolve()  # an absolute `given` replaces root here
+    adapter = runs.adapter_dir(path) if path.is_relative_to(root) else None
+    inside = [path, *([adapter.resolve(), *(f.resolve() for f in adapter.iterdir())] if adapter else [])]
+    if not all(p.is_relative_to(root) for p in inside):
+        raise ServeError(403, f"{given}: outside this server's --adapter-root (after following links); put the "
+                              "adapter under that folder and name it relative to it", "adapter_outside_root",
+                         "lora_path")
+    return path
 
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
@@ -392,17 +517,37 @@ def resolve(target: str, adapter_specs: list[str]):
     return base, named
 
 
+def make_access(api_key: str | None, allow_runtime_lora: bool, adapter_root: Path | None,
+                max_body_bytes: int | None) -> Access:
+    """Access from serve's options. Raises UserError for options that would not do what they say."""
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key is empty", [f"give a key, or unset {guard.API_KEY_ENV}"])
+    if adapter_root is not None and not allow_runtime_lora:
+        raise UserError("--adapter-root only applies with --allow-runtime-lora",
+                        ["add --allow-runtime-lora, or drop --adapter-root"])
+    if allow_runtime_lora and adapter_root is None:
+        raise UserError("--allow-runtime-lora needs --adapter-root DIR, the folder clients may load adapters from",
+                        ["for example: --allow-runtime-lora --adapter-root runs"])
+    if adapter_root is not None and not adapter_root.is_dir():
+        raise UserError(f"--adapter-root {adapter_root}: not a directory",
+                        ["give the folder holding the adapters clients may load"])
+    return Access(api_key.strip() if api_key else None, adapter_root.resolve() if adapter_root else None,
+                  max_body_bytes or guard.DEFAULT_MAX_BODY_BYTES)
+
+
 def run(target: str, adapter_specs: list[str], host: str, port: int, engine_name: str = "local",
-        base_name: str | None = None, dtype: str = "auto") -> None:
+        base_name: str | None = None, dtype: str = "auto", api_key: str | None = None,
+        allow_runtime_lora: bool = False, adapter_root: Path | None = None, max_body_bytes: int | None = None) -> None:
     """Serve until interrupted."""
     import importlib.util
 
+    access = make_access(api_key, allow_runtime_lora, adapter_root, max_body_bytes)
     base, named = resolve(target, adapter_specs)
     base_name = base_name or base.id
     if base_name in named:
         raise UserError(f"--base-name {base_name!r} is also an adapter's name", ["choose another --base-name"])
     if engine_name == "vllm":
-        return run_vllm(base, named, host, port, base_name)
+        return run_vllm(base, named, host, port, base_name, access, explicit_limit=max_body_bytes is not None)
     if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
         raise UserError("serve needs FastAPI and uvicorn", ["pip install 'lora-tune[serve]'"])
     import uvicorn
@@ -413,9 +558,16 @@ def run(target: str, adapter_specs: list[str], host: str, port: int, engine_name
             engine.add(name, str(adapter))
         except ServeError as exc:
             raise UserError(f"--adapter {name}: {exc.message}") from None
+    warn_if_exposed(host, port, access.api_key)
     console.print(f"Serving {', '.join(engine.names())} on {engine.device}; OpenAI clients: "
                   f"base_url=http://{host}:{port}/v1")
-    uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(engine, access), host=host, port=port, log_level="warning")
+
+
+def warn_if_exposed(host: str, port: int, api_key: str | None) -> None:
+    warning = guard.exposure_warning(host, port, api_key)
+    if warning:
+        output.console(stderr=True).print(f"[bold yellow]warning:[/] {warning}", highlight=False)
 
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
@@ -450,11 +602,19 @@ def vllm_command(base, named: dict[str, Path], host: str, port: int, base_name: 
     return command
 
 
-def run_vllm(base, named: dict[str, Path], host: str, port: int, base_name: str) -> None:
-    """Replace this process with vLLM's OpenAI server, adapters registered and runtime loading on."""
+def run_vllm(base, named: dict[str, Path], host: str, port: int, base_name: str, access: Access,
+             explicit_limit: bool = False) -> None:
+    """Replace this process with vLLM's OpenAI server, adapters registered."""
     import importlib.util
     import os
 
+    if access.runtime_adapter_root is not None:
+        raise UserError("--engine vllm: vLLM cannot keep runtime adapter loading to --adapter-root",
+                        ["use --engine local, or drop --allow-runtime-lora",
+                         "adapters given with --adapter are served either way"])
+    if explicit_limit:
+        raise UserError("--engine vllm: --max-body-bytes applies to the local engine only",
+                        ["drop --max-body-bytes, or limit request sizes in a proxy in front of vLLM"])
     command = vllm_command(base, named, host, port, base_name)
     if importlib.util.find_spec("vllm") is None:
         raise UserError("--engine vllm: vLLM is not installed", ["pip install vllm (Linux with a CUDA GPU), "
@@ -462,6 +622,15 @@ def run_vllm(base, named: dict[str, Path], host: str, port: int, base_name: str)
     if not torch.cuda.is_available():
         raise UserError("--engine vllm: vLLM's LoRA serving needs a CUDA GPU, and this machine has none",
                         ["use --engine local"])
+    warn_if_exposed(host, port, access.api_key)
     console.print("Starting: " + " ".join(command))
-    # vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter answer only with this set.
-    os.execvpe(command[0], command, {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+    os.execvpe(command[0], command, vllm_environment(dict(os.environ), access.api_key))
+
+
+def vllm_environment(environ: dict[str, str], api_key: str | None) -> dict[str, str]:
+    """The environment for vLLM: the key in VLLM_API_KEY, which vLLM reads like its --api-key but
+    which, unlike an argument, no process listing shows; runtime adapter loading off."""
+    environ = {name: value for name, value in environ.items() if name != "VLLM_ALLOW_RUNTIME_LORA_UPDATING"}
+    if api_key:
+        environ["VLLM_API_KEY"] = api_key
+    return environ

@@ -49,7 +49,8 @@ def runs(tiny, tmp_path_factory):
 def server(runs, tiny):
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "lora_tune", "serve", str(runs / "answers"), "--adapter",
-                                f"chat={runs / 'chat'}", "--port", str(port), "--base-name", "base"],
+                                f"chat={runs / 'chat'}", "--port", str(port), "--base-name", "base",
+                                "--allow-runtime-lora", "--adapter-root", str(runs)],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     url = f"http://127.0.0.1:{port}/v1"
