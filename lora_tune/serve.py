@@ -4,6 +4,9 @@ The request's `model` picks an adapter by name; the base's name serves the base 
 disabled. One generation runs at a time, with only its adapter active, so a response is
 exactly what its adapter alone produces. For throughput (batching requests across adapters)
 `--engine vllm` hands the same adapters to vLLM's own server.
+
+What clients may do is set by `Access`: an API key, the largest request body, and the one
+folder runtime-loaded adapters may come from (runtime loading is off without it).
 """
 
 from __future__ import annotations
@@ -407,12 +410,12 @@ def create_app(engine: Engine, access: Access | None = None):
 
     @app.post("/v1/load_lora_adapter")
     def load_adapter(body: LoadAdapter):
-        engine.add(body.lora_name, str(runtime_adapter(access, body.lora_path)))
+        engine.add(body.lora_name, str(runtime_adapter(runtime_root(access), body.lora_path)))
         return {"status": "ok", "model": body.lora_name}
 
     @app.post("/v1/unload_lora_adapter")
     def unload_adapter(body: UnloadAdapter):
-        runtime_adapter(access, None)
+        runtime_root(access)
         engine.remove(body.lora_name)
         return {"status": "ok", "model": body.lora_name}
 
@@ -465,25 +468,32 @@ def describe_invalid(error: dict) -> tuple[str | None, str]:
     return where, f"{where}: {error['msg']}"
 
 
-def runtime_adapter(access: Access, given: str | None) -> Path | None:
-    """The adapter directory a runtime request names, resolved (symlinks followed), after
-    checking runtime loading is on and the directory and every file in it lie in the adapter
-    root. Raises ServeError (403) otherwise."""
-    root = access.runtime_adapter_root
-    if root is None:
+def runtime_root(access: Access) -> Path:
+    """The folder runtime-loaded adapters must lie in. Raises ServeError (403) when runtime loading is off."""
+    if access.runtime_adapter_root is None:
         raise ServeError(403, "loading and unloading adapters at run time is off on this server; start it with "
                               "--allow-runtime-lora --adapter-root DIR to allow adapters under DIR",
                          "runtime_lora_disabled")
-    if given is None:
-        return None
-    path = (root / given).resolve()  # an absolute `given` replaces root here
-    adapter = runs.adapter_dir(path) if path.is_relative_to(root) else None
-    inside = [path, *([adapter.resolve(), *(f.resolve() for f in adapter.iterdir())] if adapter else [])]
+    return access.runtime_adapter_root
+
+
+def runtime_adapter(root: Path, given: str) -> Path:
+    """The adapter directory a runtime request names (relative to root, or absolute), resolved
+    with links followed. Raises ServeError (403) unless it and every file in it lie in root."""
+    try:
+        path = (root / given).resolve()  # an absolute `given` replaces root here
+        adapter = runs.adapter_dir(path) if path.is_relative_to(root) else None
+        inside = [path, *([adapter.resolve(), *(f.resolve() for f in adapter.iterdir())] if adapter else [])]
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a folder this server may not list
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ServeError(400, f"{given!r} is not a usable path ({reason}); name an adapter folder under the server's "
+                              "--adapter-root", "invalid_adapter", "lora_path") from None
     if not all(p.is_relative_to(root) for p in inside):
         raise ServeError(403, f"{given}: outside this server's --adapter-root (after following links); put the "
                               "adapter under that folder and name it relative to it", "adapter_outside_root",
                          "lora_path")
     return path
+
 
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
@@ -622,7 +632,7 @@ def run_vllm(base, named: dict[str, Path], host: str, port: int, base_name: str,
     if not torch.cuda.is_available():
         raise UserError("--engine vllm: vLLM's LoRA serving needs a CUDA GPU, and this machine has none",
                         ["use --engine local"])
-    warn_if_exposed(host, port, access.api_key)
+    warn_if_exposed(host, port, access.api_key or os.environ.get("VLLM_API_KEY"))
     console.print("Starting: " + " ".join(command))
     os.execvpe(command[0], command, vllm_environment(dict(os.environ), access.api_key))
 

@@ -136,6 +136,10 @@ def test_runtime_loading_stays_inside_the_adapter_root(engine, root, tmp_path):
         assert refused["code"] == "adapter_outside_root" and refused["param"] == "lora_path"
         assert refused["message"] == (f"{given}: outside this server's --adapter-root (after following links); put "
                                       "the adapter under that folder and name it relative to it")
+    for given, reason in (("a\x00b", "embedded null byte"), ("x" * 5000, "File name too long")):
+        refused = error(app.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": given}), 400)
+        assert refused["message"] == (f"{given!r} is not a usable path ({reason}); name an adapter folder under the "
+                                      "server's --adapter-root")
     linked = client(engine, runtime_adapter_root=links.resolve())
     for given in ("whole", "half", str(links / "half")):
         refused = error(linked.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": given}), 403)
