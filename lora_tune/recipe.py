@@ -13,10 +13,13 @@ import re
 import types
 import typing
 import warnings
+from collections import defaultdict
+from itertools import islice
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from annotated_types import Ge, Gt
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from .errors import UserError, did_you_mean
@@ -45,6 +48,37 @@ LORA_OPTIONS = {
     "loraplus_lr_embedding": "LoRA+: learning rate of LoRA on embedding layers (default 1e-6)",
 }
 METHODS = {"lora": "LoraConfig", "adalora": "AdaLoraConfig"}
+
+# Counts that TrainingArguments accepts at zero or below, and then divides by (batch 0), crashes on
+# later (eval batch 0, num_workers -1) or silently trains nothing with (0 epochs): key -> (bound, fix).
+TRAINING_BOUNDS = {
+    "per_device_train_batch_size": (Gt(0), "Samples per device and step, e.g. 8"),
+    "per_device_eval_batch_size": (Gt(0), "Samples per device and eval step, e.g. 8"),
+    "gradient_accumulation_steps": (Gt(0), "Batches per optimizer step; 1 (the default) updates after every batch"),
+    "eval_accumulation_steps": (Gt(0), "Eval steps kept on the device before moving outputs to the CPU, e.g. 4"),
+    "num_train_epochs": (Gt(0), "Passes over the training data, e.g. 3 (fractions such as 0.5 work)"),
+    "max_steps": (Gt(0), "Optimizer steps to train; -1 (the default) trains num_train_epochs instead"),
+    "save_steps": (Gt(0), "Steps between checkpoints, or a fraction of the run below 1, e.g. 0.25"),
+    "logging_steps": (Gt(0), "Steps between log lines, or a fraction of the run below 1, e.g. 0.1"),
+    "eval_steps": (Gt(0), "Steps between evaluations, or a fraction of the run below 1; default: logging_steps"),
+    "dataloader_num_workers": (Ge(0), "Data loading processes; 0 (the default) loads in the main process"),
+}
+# Values of those keys that transformers reads as "not set" rather than as a count.
+TRAINING_UNSET = {"max_steps": -1}
+
+# Bounds on the YAML itself: real recipes are a few kilobytes, a few levels deep and hold a few
+# hundred values, so these only stop a runaway file or a "billion laughs" of nested aliases,
+# which PyYAML builds as shared lists that every later walk over the recipe would expand.
+MAX_RECIPE_BYTES = 1_000_000
+MAX_DEPTH = 50
+MAX_VALUES = 100_000
+YAML_FIX = "indent with spaces (never tabs) and quote values containing ':' or '#'"
+ALIAS_FIX = "a recipe needs a few hundred values: write them out instead of nesting aliases, and keep data in data files"
+MERGE_TAG = "tag:yaml.org,2002:merge"
+# How much of a user's value an error message shows.
+SHOWN_CHARS = 80
+SHOWN_ITEMS = 8
+SHOWN_LEVELS = 3
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -164,14 +198,17 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Recipe file not found: {path}", ["check the path; recipes/ holds ready examples"])
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise UserError(f"{path}: {size:,} bytes; a recipe is a few kilobytes (at most {MAX_RECIPE_BYTES:,} bytes)",
+                        ["keep data in data files named by data.train and data.eval, not in the recipe"])
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_bytes())
+    except Refused as exc:
+        raise exc.user_error(str(path)) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise UserError(f"{where}: the recipe is not valid YAML: {problem}",
-                        ["indent with spaces (never tabs) and quote values containing ':' or '#'"]) from None
+        raise UserError(f"{_where(str(path), exc)}: the recipe is not valid YAML: {_yaml_problem(exc)}",
+                        [YAML_FIX]) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -181,25 +218,188 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return validate(raw, source=str(path))
 
 
+class Refused(yaml.MarkedYAMLError):
+    """Valid YAML that a recipe refuses: keys written twice, or too many values or levels."""
+
+    def __init__(self, problems: list[str], fix: str | None = None, mark=None):
+        super().__init__(problem="; ".join(problems), problem_mark=mark)
+        self.problems, self.fix = problems, fix
+
+    def user_error(self, source: str) -> UserError:
+        if self.fix is None:  # a list of problems, reported the way validation reports them
+            n = len(self.problems)
+            return UserError(f"{source}: {n} problem{'s' if n > 1 else ''} in the recipe:", self.problems)
+        return UserError(f"{_where(source, self)}: {self.problem}", [self.fix])
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing nesting deeper than MAX_DEPTH while composing (PyYAML's
+    composer recurses once per level, so a file of 100,000 '[' would end in a RecursionError),
+    and naming the line of a scalar it cannot construct (a 5,000-digit integer, a 13th month)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        if self.depth >= MAX_DEPTH:
+            raise Refused([f"nested more than {MAX_DEPTH} levels deep"],
+                          "a recipe nests a few levels (section, key, list): check the brackets and indentation",
+                          self.peek_event().start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except ValueError as exc:
+            raise yaml.constructor.ConstructorError(
+                problem=f"cannot read {_shown(node.value)} (quote it to keep it as text): {_cut(str(exc), 200)}", problem_mark=node.start_mark) from None
+
+
+def parse_yaml(text: str | bytes, root: str = "") -> Any:
+    """YAML -> Python data through PyYAML's SafeLoader, strictly: a key written twice in a
+    mapping, a value that expands (through aliases) past MAX_VALUES values or MAX_DEPTH levels,
+    and an alias inside its own anchor raise Refused, naming key paths below `root`.
+    Other YAML errors raise yaml.YAMLError."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        repeated: list[str] = []
+        _census(node, root, {}, repeated)
+        if repeated:
+            raise Refused(repeated)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+_WALKING = object()
+
+
+def _census(node: yaml.Node, path: str, seen: dict, repeated: list[str]) -> tuple[int, int]:
+    """(values, depth) of a composed node once its aliases are expanded; keys written twice go
+    to `repeated`. An anchored node is walked once and then counted from `seen`, so a billion
+    laughs is measured in microseconds and refused before anything expands it."""
+    known = seen.get(id(node))
+    if known is _WALKING:
+        raise Refused([f"{path or 'the recipe'} holds an alias to itself"],
+                      "an alias (*name) must refer to an anchor (&name) outside the value it sits in", node.start_mark)
+    if known:
+        return known
+    seen[id(node)] = _WALKING
+    if isinstance(node, yaml.MappingNode):
+        repeated += _repeated_keys(node, path)
+    values, depth = 1, 1
+    for child_path, child in _children(node, path):
+        count, levels = _census(child, child_path, seen, repeated)
+        values, depth = values + count, max(depth, levels + 1)
+        if values > MAX_VALUES:
+            problem = f"{path or 'the recipe'} holds more than {MAX_VALUES:,} values once its aliases (*name) are expanded"
+            raise Refused([problem], ALIAS_FIX, node.start_mark)
+        if depth > MAX_DEPTH:
+            problem = f"{path or 'the recipe'} nests more than {MAX_DEPTH} levels deep once its aliases (*name) are expanded"
+            raise Refused([problem], ALIAS_FIX, node.start_mark)
+    seen[id(node)] = (values, depth)
+    return values, depth
+
+
+def _children(node: yaml.Node, path: str) -> list[tuple[str, yaml.Node]]:
+    """(key path, node) of each key and value a node holds, in the file's order (anchors before aliases)."""
+    if isinstance(node, yaml.SequenceNode):
+        return [(f"{path}[{i}]", child) for i, child in enumerate(node.value)]
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    children = []
+    for key, value in node.value:
+        child_path = _child_path(path, key)
+        children += [(child_path, key), (child_path, value)]
+    return children
+
+
+def _repeated_keys(node: yaml.MappingNode, path: str) -> list[str]:
+    """'training.learning_rate: written twice (lines 5 and 12); keep one.' for each key a mapping
+    repeats (keys that `<<: *anchor` merges in may be overridden: that is what merging is for)."""
+    marks = defaultdict(list)
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.tag != MERGE_TAG:
+            marks[key.tag, key.value].append(key.start_mark)
+    problems = []
+    for (_, name), found in marks.items():
+        if len(found) > 1:
+            lines = [str(mark.line + 1) for mark in found]
+            if len(set(lines)) < len(lines):  # a flow mapping on one line: columns tell them apart
+                lines = [f"{mark.line + 1}:{mark.column + 1}" for mark in found]
+            times = "twice" if len(found) == 2 else f"{len(found)} times"
+            problems.append(f"{_child_path(path, name)}: written {times} (lines {', '.join(lines[:-1])} and "
+                            f"{lines[-1]}); keep one.")
+    return problems
+
+
+def _child_path(path: str, key: Any) -> str:
+    name = _cut(key.value if isinstance(key, yaml.ScalarNode) else str(key))
+    return f"{path}.{name}" if path else name
+
+
+def _where(source: str, exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    return _cut(getattr(exc, "problem", None) or str(exc), 300)
+
+
+def _cut(text: str, limit: int = SHOWN_CHARS) -> str:
+    """Text for a message, cut past `limit` characters so a huge value cannot flood it."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def _shown(value: Any, depth: int = 0) -> str:
+    """repr of a user's value for a message, with long strings, long lists and deep nesting cut.
+    (reprlib cuts too, but sorts dict keys and hides how much it left out.)"""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= SHOWN_CHARS else f"{value[:SHOWN_CHARS]!r}... ({len(value):,} characters)"
+    if isinstance(value, (dict, list, tuple)) and depth >= SHOWN_LEVELS:
+        return "{...}" if isinstance(value, dict) else "[...]"
+    if isinstance(value, dict):
+        items = [f"{_shown(k, depth + 1)}: {_shown(v, depth + 1)}" for k, v in islice(value.items(), SHOWN_ITEMS)]
+        return "{" + _joined(items, len(value)) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + _joined([_shown(v, depth + 1) for v in value[:SHOWN_ITEMS]], len(value)) + "]"
+    return _cut(repr(value))
+
+
+def _joined(items: list[str], total: int) -> str:
+    return ", ".join(items if total <= len(items) else [*items, f"... ({total:,} in all)"])
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> None:
     """Apply `key.path=value` overrides in place; values are parsed as YAML (1e-4, true, [a, b])."""
     for item in overrides:
         key, sep, value = item.partition("=")
+        shown = _shown(item)
         if not sep or not key:
-            raise UserError(f"--set {item!r}: expected KEY.PATH=VALUE", ["for example: --set training.learning_rate=1e-4"])
+            raise UserError(f"--set {shown}: expected KEY.PATH=VALUE", ["for example: --set training.learning_rate=1e-4"])
         parts = key.strip().split(".")
         node = raw
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise UserError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+                raise UserError(f"--set {shown}: {_cut('.'.join(parts[: i + 1]))} is not a section")
             node = child
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = _parse_value(value, key.strip(), shown)
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, key: str, shown: str) -> Any:
+    """A `--set` value read as YAML, as strictly as a recipe; text that is not YAML stays text."""
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        return parse_yaml(text, root=_cut(key)) if text.strip() else ""
+    except Refused as exc:
+        raise exc.user_error(f"--set {shown}") from None
     except yaml.YAMLError:
         return text
 
@@ -209,7 +409,8 @@ def validate(raw: dict, source: str = "<recipe>") -> Recipe:
     problems: list[str] = []
     for key in raw:
         if key not in SECTIONS:
-            problems.append(f"{key}: unknown section.{did_you_mean(str(key), SECTIONS)} Valid sections: {', '.join(SECTIONS)}.")
+            name = _cut(str(key))
+            problems.append(f"{name}: unknown section.{did_you_mean(name, SECTIONS)} Valid sections: {', '.join(SECTIONS)}.")
     for key in REQUIRED_SECTIONS:
         if key not in raw:
             problems.append(f"{key}: required section missing.")
@@ -238,14 +439,14 @@ def _pydantic_section(name: str, schema: type[BaseModel], values: dict, problems
         return schema(**values)
     except ValidationError as exc:
         for err in exc.errors():
-            path = ".".join([name, *(str(p) for p in err["loc"])]) if err["loc"] else name
+            path = ".".join([name, *(_cut(str(p)) for p in err["loc"])]) if err["loc"] else name
             if err["type"] == "extra_forbidden":
-                hint = did_you_mean(str(err["loc"][-1]), schema.model_fields)
+                hint = did_you_mean(_cut(str(err["loc"][-1])), schema.model_fields)
                 problems.append(f"{path}: unknown key.{hint or ' Valid keys: ' + ', '.join(schema.model_fields) + '.'}")
             elif err["type"] == "missing":
                 problems.append(f"{path}: required key missing. {schema.model_fields[err['loc'][-1]].description}")
             else:
-                problems.append(f"{path}: {_pydantic_message(err)}; got {err['input']!r}.")
+                problems.append(f"{path}: {_pydantic_message(err)}; got {_shown(err['input'])}.")
     return None
 
 
@@ -263,7 +464,8 @@ def _check_fields(section: str, values: dict, cls: type, problems: list[str],
     coerced, ok = {}, True
     for key, value in values.items():
         if key not in fields:
-            problems.append(f"{section}.{key}: unknown key.{did_you_mean(str(key), fields | set(own_keys))} "
+            name = _cut(str(key))
+            problems.append(f"{section}.{name}: unknown key.{did_you_mean(name, fields | set(own_keys))} "
                             f"{section} accepts the fields of {cls.__module__.split('.')[0]}.{cls.__name__}.")
             ok = False
             continue
@@ -278,7 +480,7 @@ def _check_fields(section: str, values: dict, cls: type, problems: list[str],
                 continue
             hint = (" YAML reads a bare no/yes/off/on as false/true: quote it, e.g. \"no\"."
                     if isinstance(value, bool) else "")
-            problems.append(f"{section}.{key}: expected {_type_name(hints[key])}, got {value!r}.{hint}")
+            problems.append(f"{section}.{key}: expected {_type_name(hints[key])}, got {_shown(value)}.{hint}")
             ok = False
         except Exception:  # a type pydantic cannot describe: leave it to the real constructor
             coerced[key] = value
@@ -327,24 +529,24 @@ def _check_lora(values: dict, problems: list[str]) -> dict:
     before = len(problems)
     method = values.get("method", "lora")
     if method not in METHODS:
-        problems.append(f"lora.method: expected one of {', '.join(METHODS)}, got {method!r}.")
+        problems.append(f"lora.method: expected one of {', '.join(METHODS)}, got {_shown(method)}.")
         method = "lora"
     options = {key: values[key] for key in LORA_OPTIONS if key in values}
     for key in ("loraplus_lr_ratio", "loraplus_lr_embedding"):
         value = options.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-            problems.append(f"lora.{key}: expected a positive number, got {value!r}. {LORA_OPTIONS[key]}.")
+            problems.append(f"lora.{key}: expected a positive number, got {_shown(value)}. {LORA_OPTIONS[key]}.")
     fields = {key: value for key, value in values.items() if key not in LORA_OPTIONS}
     coerced, ok = _check_fields("lora", fields, lora_config_class(method), problems, tuple(LORA_OPTIONS))
     r = coerced.get("r", 8)
     if r <= 0:
-        problems.append(f"lora.r: the rank must be a positive integer, got {r}. Typical values: 8, 16, 64.")
+        problems.append(f"lora.r: the rank must be a positive integer, got {_shown(r)}. Typical values: 8, 16, 64.")
     alpha = coerced.get("lora_alpha", 8)
     if alpha <= 0:
-        problems.append(f"lora.lora_alpha: must be positive, got {alpha}. A common choice is 2 * r.")
+        problems.append(f"lora.lora_alpha: must be positive, got {_shown(alpha)}. A common choice is 2 * r.")
     dropout = coerced.get("lora_dropout", 0.0)
     if not 0 <= dropout < 1:
-        problems.append(f"lora.lora_dropout: must be in [0, 1), got {dropout}. Typical values: 0 to 0.1.")
+        problems.append(f"lora.lora_dropout: must be in [0, 1), got {_shown(dropout)}. Typical values: 0 to 0.1.")
     coerced = options | coerced
     if coerced.get("init_lora_weights") == "loftq":
         problems.append("lora.init_lora_weights: loftq fits the adapter to a base that is quantized afterwards, "
@@ -354,7 +556,7 @@ def _check_lora(values: dict, problems: list[str]) -> dict:
         try:
             build_lora_config(coerced, total_step=10**9)  # AdaLoRA's real step count is known at planning
         except (ValueError, TypeError) as exc:
-            problems.append(f"{_blame('lora', coerced, str(exc))}: {' '.join(str(exc).split())}")
+            problems.append(f"{_blame('lora', coerced, str(exc))}: {_library_message(exc, coerced)}")
     return coerced
 
 
@@ -367,14 +569,37 @@ def _check_training(values: dict, problems: list[str], present: bool) -> dict:
             problems.append(f"training.{key}: not set here; {fix}.")
     values = {k: v for k, v in values.items() if k not in OWNED_TRAINING_KEYS}
     coerced, ok = _check_fields("training", values, SFTConfig, problems)
+    _check_bounds(coerced, problems)
     if present and not coerced.get("output_dir") and "output_dir" not in values:
         problems.append("training.output_dir: required key missing. Where the run is written, e.g. runs/my-run.")
     if ok and len(problems) == before and present:
         try:
             build_sft_config(coerced, max_length=512)
         except (ValueError, TypeError) as exc:
-            problems.append(f"{_blame('training', coerced, str(exc))}: {' '.join(str(exc).split())}")
+            problems.append(f"{_blame('training', coerced, str(exc))}: {_library_message(exc, coerced)}")
     return coerced
+
+
+def _check_bounds(training: dict, problems: list[str]) -> None:
+    """Refuse counts of zero or below (TRAINING_BOUNDS), checked with the bounds pydantic words."""
+    for key, (bound, fix) in TRAINING_BOUNDS.items():
+        value = training.get(key)
+        if value is None or isinstance(value, bool) or value == TRAINING_UNSET.get(key):
+            continue
+        try:
+            TypeAdapter(Annotated[float, bound]).validate_python(value)
+        except ValidationError as exc:
+            problems.append(f"training.{key}: {exc.errors()[0]['msg']}; got {_shown(value)}. {fix}.")
+
+
+def _library_message(exc: Exception, values: dict) -> str:
+    """A PEFT or TRL constructor's error on one line, with the long values it quotes cut."""
+    text = " ".join(str(exc).split())
+    for value in values.values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and len(item) > SHOWN_CHARS:
+                text = text.replace(item, _cut(item))
+    return _cut(text, 600)
 
 
 def lora_config_class(method: str) -> type:
