@@ -13,6 +13,7 @@ lora-tune tokenizes the data itself and hands SFTTrainer `input_ids` and `labels
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -120,7 +121,8 @@ def folder_files(folder: Path, split: str, label: str, spec: str) -> list[Path]:
     from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 
     try:
-        by_split = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
+        base = str(folder.resolve())
+        by_split = DataFilesDict.from_patterns(get_data_patterns(base), base_path=base)
     except EmptyDatasetError:
         raise UserError(f"{label}: the folder {spec} holds no data files",
                         [f"put {'/'.join(BUILDERS)} files in it, or give a file or a hub dataset"]) from None
@@ -179,15 +181,15 @@ def _load_group(builder: str, files: list[Path], label: str, spec: str, rows: st
     from datasets import load_dataset
 
     try:
-        dataset = load_dataset(builder, data_files=[str(f) for f in files], split="train" + rows)
+        with _builder_errors_unlogged():
+            dataset = load_dataset(builder, data_files=[str(f) for f in files], split="train" + rows)
     except Exception as exc:  # noqa: BLE001 (datasets wraps each reader's errors in many types; diagnosed here)
         problem = next(filter(None, (_bad_line(builder, f) for f in files)), None)
         if problem:
             raise UserError(f"{label}: cannot load {spec!r}: {problem}", [_LINE_FIXES[builder]]) from None
         if len(files) > 1:
             _check_columns_agree([([f], _columns(builder, f)) for f in files], label, spec)
-        names = ", ".join(map(str, files))
-        raise UserError(f"{label}: cannot load {spec!r}: {names}: {_cause(exc)}",
+        raise UserError(f"{label}: cannot load {spec!r}: {_some(files)}: {_cause(exc)}",
                         [f"check that the file is valid {builder} data"]) from None
     if builder == "json" and len(files) > 1:
         # The json builder merges differing keys of several files into one table, filling gaps
@@ -197,6 +199,19 @@ def _load_group(builder: str, files: list[Path], label: str, spec: str, rows: st
         _check_columns_agree([([f], merged if _first_keys(f) == set(merged) else _columns(builder, f))
                               for f in files], label, spec)
     return dataset
+
+
+@contextlib.contextmanager
+def _builder_errors_unlogged():
+    """Builders log a failure before raising it; lora-tune reports it once, diagnosed, instead."""
+    from datasets.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def _first_keys(file: Path) -> set[str] | None:
@@ -266,7 +281,7 @@ def _columns(builder: str, file: Path) -> list[str]:
         import pyarrow.parquet
 
         return pyarrow.parquet.read_schema(file).names
-    text = file.read_text(encoding="utf-8")
+    text = file.read_text(encoding="utf-8", errors="replace")
     if builder == "csv":
         return next(csv.reader(io.StringIO(text, newline="")), [])
     try:
@@ -281,11 +296,18 @@ def _check_columns_agree(files: list[tuple[list[Path], list[str]]], label: str, 
     """Raise UserError listing each file's columns unless all files have the same ones."""
     if len({frozenset(columns) for _, columns in files}) <= 1:
         return
-    listed = [f"{', '.join(map(str, group[:3]))}{f' and {len(group) - 3} more' if len(group) > 3 else ''}: "
-              f"columns {', '.join(columns)}" for group, columns in files]
+    listed = [f"{_some(group)}: columns {', '.join(columns)}" for group, columns in files]
     raise UserError(f"{label}: the files of {spec} have different columns",
                     [*listed, (f"give every file the same columns, or list the files as separate sources of "
                                f"{label} (each is formatted by its own columns)")])
+
+
+def _some(files: list[Path], shown: int = 3) -> str:
+    """The first few of many file names, and how many more there are."""
+    names = ", ".join(map(str, files[:shown]))
+    if len(files) > shown:
+        names += f" and {len(files) - shown} more"
+    return names
 
 
 def detect_format(columns: list[str], section, label: str, spec: str) -> str:
