@@ -63,7 +63,7 @@ BAD_INPUTS = {
                                     "data.train[5] holds more than 100,000 values"),
     "alias inside its anchor": (under("lora", "  target_modules: &t [q_proj, *t]"),
                                 "lora.target_modules[1] holds an alias to itself"),
-    "nesting too deep": (under("training", "  x: " + "[" * 60 + "]" * 60), "nested more than 50 levels deep"),
+    "nesting too deep": (under("training", "  x: " + "[" * 10_000 + "]" * 10_000), "nested more than 50 levels deep"),
     "file too large": (append("# " + "x" * 1_100_000 + "\n"), "bytes; a recipe is a few kilobytes"),
     "integer too long": (under("training", "  warmup_steps: " + "9" * 5000), "(5,000 characters) (quote it to keep it"),
     "impossible date": (under("data", "  revision: 2024-13-45"), "cannot read '2024-13-45' (quote it"),
@@ -176,7 +176,9 @@ from lora_tune.errors import UserError
 import trl  # the heavy imports happen before the limit
 def kib(name):
     return int(next(line.split()[1] for line in open('/proc/self/status') if line.startswith(name)))
-resource.setrlimit(resource.RLIMIT_AS, ((kib('VmSize:') + 2 * 1024 * 1024) * 1024, resource.RLIM_INFINITY))
+hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+soft = (kib('VmSize:') + 2 * 1024 * 1024) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 rss, started = kib('VmRSS:'), time.perf_counter()
 try:
     recipe.load({str(path)!r})
