@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from annotated_types import Ge, Gt
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from .errors import UserError, did_you_mean
@@ -52,16 +51,16 @@ METHODS = {"lora": "LoraConfig", "adalora": "AdaLoraConfig"}
 # Counts that TrainingArguments accepts at zero or below, and then divides by (batch 0), crashes on
 # later (eval batch 0, num_workers -1) or silently trains nothing with (0 epochs): key -> (bound, fix).
 TRAINING_BOUNDS = {
-    "per_device_train_batch_size": (Gt(0), "Samples per device and step, e.g. 8"),
-    "per_device_eval_batch_size": (Gt(0), "Samples per device and eval step, e.g. 8"),
-    "gradient_accumulation_steps": (Gt(0), "Batches per optimizer step; 1 (the default) updates after every batch"),
-    "eval_accumulation_steps": (Gt(0), "Eval steps kept on the device before moving outputs to the CPU, e.g. 4"),
-    "num_train_epochs": (Gt(0), "Passes over the training data, e.g. 3 (fractions such as 0.5 work)"),
-    "max_steps": (Gt(0), "Optimizer steps to train; -1 (the default) trains num_train_epochs instead"),
-    "save_steps": (Gt(0), "Steps between checkpoints, or a fraction of the run below 1, e.g. 0.25"),
-    "logging_steps": (Gt(0), "Steps between log lines, or a fraction of the run below 1, e.g. 0.1"),
-    "eval_steps": (Gt(0), "Steps between evaluations, or a fraction of the run below 1; default: logging_steps"),
-    "dataloader_num_workers": (Ge(0), "Data loading processes; 0 (the default) loads in the main process"),
+    "per_device_train_batch_size": (Field(gt=0), "Samples per device and step, e.g. 8"),
+    "per_device_eval_batch_size": (Field(gt=0), "Samples per device and eval step, e.g. 8"),
+    "gradient_accumulation_steps": (Field(gt=0), "Batches per optimizer step; 1 (the default) updates after every batch"),
+    "eval_accumulation_steps": (Field(gt=0), "Eval steps kept on the device before moving outputs to the CPU, e.g. 4"),
+    "num_train_epochs": (Field(gt=0), "Passes over the training data, e.g. 3 (fractions such as 0.5 work)"),
+    "max_steps": (Field(gt=0), "Optimizer steps to train; -1 (the default) trains num_train_epochs instead"),
+    "save_steps": (Field(gt=0), "Steps between checkpoints, or a fraction of the run below 1, e.g. 0.25"),
+    "logging_steps": (Field(gt=0), "Steps between log lines, or a fraction of the run below 1, e.g. 0.1"),
+    "eval_steps": (Field(gt=0), "Steps between evaluations, or a fraction of the run below 1; default: logging_steps"),
+    "dataloader_num_workers": (Field(ge=0), "Data loading processes; 0 (the default) loads in the main process"),
 }
 # Values of those keys that transformers reads as "not set" rather than as a count.
 TRAINING_UNSET = {"max_steps": -1}
@@ -206,6 +205,9 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raw = parse_yaml(path.read_bytes())
     except Refused as exc:
         raise exc.user_error(str(path)) from None
+    except yaml.reader.ReaderError as exc:  # bytes that are not text: no line to name
+        raise UserError(f"{path}: not UTF-8 text: {exc.reason} at byte {exc.position}",
+                        ["save the recipe as UTF-8 text"]) from None
     except yaml.YAMLError as exc:
         raise UserError(f"{_where(str(path), exc)}: the recipe is not valid YAML: {_yaml_problem(exc)}",
                         [YAML_FIX]) from None

@@ -65,6 +65,7 @@ BAD_INPUTS = {
                                 "lora.target_modules[1] holds an alias to itself"),
     "nesting too deep": (under("training", "  x: " + "[" * 10_000 + "]" * 10_000), "nested more than 50 levels deep"),
     "file too large": (append("# " + "x" * 1_100_000 + "\n"), "bytes; a recipe is a few kilobytes"),
+    "not text": (lambda text: text.replace("model:", "model: \udcff"), "not UTF-8 text: invalid start byte at byte"),
     "integer too long": (under("training", "  warmup_steps: " + "9" * 5000), "(5,000 characters) (quote it to keep it"),
     "impossible date": (under("data", "  revision: 2024-13-45"), "cannot read '2024-13-45' (quote it"),
     "batch of zero": (setting("training.per_device_train_batch_size", "0"),
@@ -109,7 +110,7 @@ def test_bad_input(name, tiny, tmp_path, capsys):
     case = tmp_path / "case"
     case.mkdir()
     path = write_recipe(case / "recipe.yaml", tiny, case / "run")
-    path.write_text(edit(path.read_text()))
+    path.write_bytes(edit(path.read_text()).encode(errors="surrogateescape"))
     before = files_under(case)
     started = time.perf_counter()
     assert run_cli("train", path, "--dry-run", *extra) == 2
