@@ -26,6 +26,7 @@ import yaml
 
 from . import runs
 from .errors import UserError
+from .recipe import parse_yaml
 
 LOCK = "lora-tune.lock"
 UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # filesystems without flock
@@ -139,8 +140,8 @@ def saved_recipe(out: Path) -> dict:
     """The resolved recipe the run was started with. Raises UserError when it cannot be read."""
     path = out / runs.RECIPE
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        data = parse_yaml(path.read_bytes())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise UserError(f"training.output_dir: {path} cannot be read ({type(exc).__name__}), so this run's recipe "
                         "is unknown", [("choose another training.output_dir, or --resume never to start over "
                                         "(the earlier run is moved aside)")]) from None
