@@ -9,6 +9,10 @@ lora-tune tokenizes the data itself and hands SFTTrainer `input_ids` and `labels
   token id, so this holds when the tokenizer pads with EOS too.
 - Rows with nothing to train (empty text, a chat without an assistant turn, a prompt that fills
   max_length) are skipped and counted; rows longer than max_length are truncated and counted.
+
+A local source is read whole or refused: every file of a folder's split is read by its type's
+datasets builder, and files must share their columns. A file that does not parse is named with
+its first bad line, a chat template that refuses a row with that row.
 """
 
 from __future__ import annotations
