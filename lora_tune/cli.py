@@ -64,10 +64,12 @@ def train(
                         main_process_port)
     if how.wanted() and not dry_run:
         # Fail here, before spawning processes, on any bad input, a busy or finished run directory.
-        if training.claim(loaded, resume, owner=machine_rank == 0) is ownership.State.COMPLETE:
+        if machine_rank == 0:  # only the main machine's main process takes the run's lock
+            ownership.check_free(loaded.output_dir)
+        training.make_plan(loaded)
+        if training.claim(loaded, resume) is ownership.State.COMPLETE:
             training.finished(loaded.output_dir)
             return
-        training.make_plan(loaded)
         raise typer.Exit(launch.relaunch(recipe, overrides, how, resume, _debug))
     if not training.is_main_process() and not _debug:
         launch.quiet_worker()

@@ -210,13 +210,10 @@ def resume_checkpoint(out: Path, resume: str) -> Path | None:
     return path
 
 
-def claim(recipe: Recipe, resume: str, owner: bool = True) -> ownership.State:
+def claim(recipe: Recipe, resume: str) -> ownership.State:
     """What this `train` may do with its run directory (see ownership.py); reads, writes nothing.
-    Raises UserError when another process trains there or the directory holds another run.
-    `owner`: False on machines other than the main one, whose processes never hold the lock."""
+    Raises UserError when the directory holds another recipe's run or files of no run."""
     out = recipe.output_dir
-    if owner and is_main_process():  # the main process holds the lock; the other ranks are its own
-        ownership.check_free(out)
     if resume == "never":
         ownership.check_is_run(out)
         return ownership.State.NEW
@@ -241,10 +238,12 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
     """Train and write the run directory. Returns the metrics (None for a dry run)."""
     started = time.perf_counter()
     out = recipe.output_dir
+    if is_main_process():  # at once, before planning; the other ranks are the lock holder's own
+        ownership.check_free(out)
+    plan = make_plan(recipe)
     if claim(recipe, resume) is ownership.State.COMPLETE:
         metrics = finished(out)
         return None if dry_run else metrics
-    plan = make_plan(recipe)
     checkpoint = resume_checkpoint(out, resume)
     main = is_main_process()
     if main:
