@@ -26,7 +26,7 @@ import yaml
 
 from . import runs
 from .errors import UserError
-from .recipe import parse_yaml
+from .yaml_reader import parse_yaml
 
 LOCK = "lora-tune.lock"
 UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # filesystems without flock

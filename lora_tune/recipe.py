@@ -1,9 +1,10 @@
-"""The recipe: YAML loading, `--set` overrides, and validation of every section.
+"""The recipe: loading, `--set` overrides, and validation of every section.
 
 `model` and `data` are lora-tune's own pydantic schemas. `lora` and `training` are checked
 against the real `peft.LoraConfig` and `trl.SFTConfig`: their dataclass fields give the valid
 keys and the types, and the objects are then built for real so their own checks run too.
-Every problem is collected and reported at once, each with its key path.
+Every problem is collected and reported at once, each with its key path. The YAML itself is
+read strictly by yaml_reader, which also cuts long values for messages.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import re
 import types
 import typing
 import warnings
-from collections import defaultdict
-from itertools import islice
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,6 +21,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from .errors import UserError, did_you_mean
+from .yaml_reader import SHOWN_CHARS, Refused, parse_yaml, where, yaml_problem
+from .yaml_reader import cut as _cut  # private here: `shown` is the --set text in apply_overrides
+from .yaml_reader import shown as _shown
 
 SECTIONS = ("model", "lora", "data", "training")
 REQUIRED_SECTIONS = ("model", "data", "training")
@@ -65,19 +67,9 @@ TRAINING_BOUNDS = {
 # Values of those keys that transformers reads as "not set" rather than as a count.
 TRAINING_UNSET = {"max_steps": -1}
 
-# Bounds on the YAML itself: real recipes are a few kilobytes, a few levels deep and hold a few
-# hundred values, so these only stop a runaway file or a "billion laughs" of nested aliases,
-# which PyYAML builds as shared lists that every later walk over the recipe would expand.
+# A real recipe is a few kilobytes: this only stops a runaway file.
 MAX_RECIPE_BYTES = 1_000_000
-MAX_DEPTH = 50
-MAX_VALUES = 100_000
 YAML_FIX = "indent with spaces (never tabs) and quote values containing ':' or '#'"
-ALIAS_FIX = "a recipe needs a few hundred values: write them out instead of nesting aliases, and keep data in data files"
-MERGE_TAG = "tag:yaml.org,2002:merge"
-# How much of a user's value an error message shows.
-SHOWN_CHARS = 80
-SHOWN_ITEMS = 8
-SHOWN_LEVELS = 3
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -209,7 +201,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise UserError(f"{path}: not UTF-8 text: {exc.reason} at byte {exc.position}",
                         ["save the recipe as UTF-8 text"]) from None
     except yaml.YAMLError as exc:
-        raise UserError(f"{_where(str(path), exc)}: the recipe is not valid YAML: {_yaml_problem(exc)}",
+        raise UserError(f"{where(str(path), exc)}: the recipe is not valid YAML: {yaml_problem(exc)}",
                         [YAML_FIX]) from None
     if raw is None:
         raw = {}
@@ -218,165 +210,6 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
                         ["start from a recipe in recipes/: top-level keys model:, lora:, data: and training:"])
     apply_overrides(raw, overrides)
     return validate(raw, source=str(path))
-
-
-class Refused(yaml.MarkedYAMLError):
-    """Valid YAML that a recipe refuses: keys written twice, or too many values or levels."""
-
-    def __init__(self, problems: list[str], fix: str | None = None, mark=None):
-        super().__init__(problem="; ".join(problems), problem_mark=mark)
-        self.problems, self.fix = problems, fix
-
-    def user_error(self, source: str) -> UserError:
-        if self.fix is None:  # a list of problems, reported the way validation reports them
-            n = len(self.problems)
-            return UserError(f"{source}: {n} problem{'s' if n > 1 else ''} in the recipe:", self.problems)
-        return UserError(f"{_where(source, self)}: {self.problem}", [self.fix])
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader, refusing nesting deeper than MAX_DEPTH while composing (PyYAML's
-    composer recurses once per level, so a file of 100,000 '[' would end in a RecursionError),
-    and naming the line of a scalar it cannot construct (a 5,000-digit integer, a 13th month)."""
-
-    depth = 0
-
-    def compose_node(self, parent, index):
-        if self.depth >= MAX_DEPTH:
-            raise Refused([f"nested more than {MAX_DEPTH} levels deep"],
-                          "a recipe nests a few levels (section, key, list): check the brackets and indentation",
-                          self.peek_event().start_mark)
-        self.depth += 1
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
-
-    def construct_object(self, node, deep=False):
-        try:
-            return super().construct_object(node, deep)
-        except ValueError as exc:
-            raise yaml.constructor.ConstructorError(
-                problem=f"cannot read {_shown(node.value)} (quote it to keep it as text): {_cut(str(exc), 200)}", problem_mark=node.start_mark) from None
-
-
-def parse_yaml(text: str | bytes, root: str = "") -> Any:
-    """YAML -> Python data through PyYAML's SafeLoader, strictly: a key written twice in a
-    mapping, a value that expands (through aliases) past MAX_VALUES values or MAX_DEPTH levels,
-    and an alias inside its own anchor raise Refused, naming key paths below `root`.
-    Other YAML errors raise yaml.YAMLError."""
-    loader = _StrictLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        repeated: list[str] = []
-        _census(node, root, {}, repeated)
-        if repeated:
-            raise Refused(repeated)
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-_WALKING = object()
-
-
-def _census(node: yaml.Node, path: str, seen: dict, repeated: list[str]) -> tuple[int, int]:
-    """(values, depth) of a composed node once its aliases are expanded; keys written twice go
-    to `repeated`. An anchored node is walked once and then counted from `seen`, so a billion
-    laughs is measured in microseconds and refused before anything expands it."""
-    known = seen.get(id(node))
-    if known is _WALKING:
-        raise Refused([f"{path or 'the recipe'} holds an alias to itself"],
-                      "an alias (*name) must refer to an anchor (&name) outside the value it sits in", node.start_mark)
-    if known:
-        return known
-    seen[id(node)] = _WALKING
-    if isinstance(node, yaml.MappingNode):
-        repeated += _repeated_keys(node, path)
-    values, depth = 1, 1
-    for child_path, child in _children(node, path):
-        count, levels = _census(child, child_path, seen, repeated)
-        values, depth = values + count, max(depth, levels + 1)
-        if values > MAX_VALUES:
-            problem = f"{path or 'the recipe'} holds more than {MAX_VALUES:,} values once its aliases (*name) are expanded"
-            raise Refused([problem], ALIAS_FIX, node.start_mark)
-        if depth > MAX_DEPTH:
-            problem = f"{path or 'the recipe'} nests more than {MAX_DEPTH} levels deep once its aliases (*name) are expanded"
-            raise Refused([problem], ALIAS_FIX, node.start_mark)
-    seen[id(node)] = (values, depth)
-    return values, depth
-
-
-def _children(node: yaml.Node, path: str) -> list[tuple[str, yaml.Node]]:
-    """(key path, node) of each key and value a node holds, in the file's order (anchors before aliases)."""
-    if isinstance(node, yaml.SequenceNode):
-        return [(f"{path}[{i}]", child) for i, child in enumerate(node.value)]
-    if not isinstance(node, yaml.MappingNode):
-        return []
-    children = []
-    for key, value in node.value:
-        child_path = _child_path(path, key)
-        children += [(child_path, key), (child_path, value)]
-    return children
-
-
-def _repeated_keys(node: yaml.MappingNode, path: str) -> list[str]:
-    """'training.learning_rate: written twice (lines 5 and 12); keep one.' for each key a mapping
-    repeats (keys that `<<: *anchor` merges in may be overridden: that is what merging is for)."""
-    marks = defaultdict(list)
-    for key, _ in node.value:
-        if isinstance(key, yaml.ScalarNode) and key.tag != MERGE_TAG:
-            marks[key.tag, key.value].append(key.start_mark)
-    problems = []
-    for (_, name), found in marks.items():
-        if len(found) > 1:
-            lines = [str(mark.line + 1) for mark in found]
-            if len(set(lines)) < len(lines):  # a flow mapping on one line: columns tell them apart
-                lines = [f"{mark.line + 1}:{mark.column + 1}" for mark in found]
-            times = "twice" if len(found) == 2 else f"{len(found)} times"
-            problems.append(f"{_child_path(path, name)}: written {times} (lines {', '.join(lines[:-1])} and "
-                            f"{lines[-1]}); keep one.")
-    return problems
-
-
-def _child_path(path: str, key: Any) -> str:
-    name = _cut(key.value if isinstance(key, yaml.ScalarNode) else str(key))
-    return f"{path}.{name}" if path else name
-
-
-def _where(source: str, exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    return f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    return _cut(getattr(exc, "problem", None) or str(exc), 300)
-
-
-def _cut(text: str, limit: int = SHOWN_CHARS) -> str:
-    """Text for a message, cut past `limit` characters so a huge value cannot flood it."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
-
-
-def _shown(value: Any, depth: int = 0) -> str:
-    """repr of a user's value for a message, with long strings, long lists and deep nesting cut.
-    (reprlib cuts too, but sorts dict keys and hides how much it left out.)"""
-    if isinstance(value, str):
-        return repr(value) if len(value) <= SHOWN_CHARS else f"{value[:SHOWN_CHARS]!r}... ({len(value):,} characters)"
-    if isinstance(value, (dict, list, tuple)) and depth >= SHOWN_LEVELS:
-        return "{...}" if isinstance(value, dict) else "[...]"
-    if isinstance(value, dict):
-        items = [f"{_shown(k, depth + 1)}: {_shown(v, depth + 1)}" for k, v in islice(value.items(), SHOWN_ITEMS)]
-        return "{" + _joined(items, len(value)) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + _joined([_shown(v, depth + 1) for v in value[:SHOWN_ITEMS]], len(value)) + "]"
-    return _cut(repr(value))
-
-
-def _joined(items: list[str], total: int) -> str:
-    return ", ".join(items if total <= len(items) else [*items, f"... ({total:,} in all)"])
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> None:
