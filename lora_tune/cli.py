@@ -236,6 +236,11 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors exit 2 with their message; bugs keep their traceback (exit 1)."""
     # Deprecation notices between transformers, peft and trl are theirs to fix, not the user's.
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # PEFT imports bitsandbytes whenever it is installed, and bitsandbytes loads (and announces)
+    # its kernels on import. Only a quantized base needs it: models.use_bitsandbytes lifts this.
+    hidden = "bitsandbytes" not in sys.modules
+    if hidden:
+        sys.modules["bitsandbytes"] = None
     try:
         app(args=join_weights(sys.argv[1:] if argv is None else argv), prog_name="lora-tune")
     except UserError as exc:
@@ -251,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print("Interrupted.", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if hidden and "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]  # for whoever calls main() in-process next
 
 
 if __name__ == "__main__":

@@ -79,6 +79,40 @@ def resolve_adapters(sources: list[Path]) -> list[Path]:
     return adapters
 
 
+def merge_inputs(adapters: list[Path], section) -> list[tuple[str, Path]]:
+    """What a merge reads, by name: each adapter, the run directory holding it, and a local base."""
+    inputs = []
+    for adapter in adapters:
+        if adapter.name == runs.ADAPTER and runs.is_run(adapter.parent):
+            inputs.append(("the run directory", adapter.parent))
+        inputs.append(("the adapter", adapter))
+    base = Path(section.id).expanduser()
+    if base.is_dir():
+        inputs.append(("the base model", base))
+    return inputs
+
+
+def check_output_spares_inputs(output: Path, inputs: list[tuple[str, Path]]) -> None:
+    """Raise UserError when OUTPUT is, or contains, an input of the merge: --force would delete it,
+    and the rename onto OUTPUT would replace it. Paths are compared resolved (links, `..`)."""
+    target = output.expanduser().resolve()
+    for label, path in inputs:
+        source = path.resolve()
+        if source == target or target in source.parents:
+            relation = "is" if source == target else "contains"
+            example = Path("merged") / (inputs[0][1].resolve().name or "model")
+            raise UserError(f"--output {output} {relation} {label} {path}; a merge never replaces its own inputs, "
+                            "even with --force", [f"write the merged model to a new folder, e.g. -o {example}"])
+
+
+def check_fits(adapters: list[Path], section) -> None:
+    """Refuse, before any weight loads, adapters whose layers the base does not have (another
+    architecture); a clear message also for a base that needs remote code."""
+    skeleton = models.meta_model(models.load_config(section), models.trusts_remote_code(section))
+    for adapter in adapters:
+        models.check_adapter_fits(adapter, skeleton, section)
+
+
 def check_same_base(adapters: list[Path]) -> None:
     configs = [runs.adapter_config(a) for a in adapters]
     bases = [(c.get("base_model_name_or_path"), c.get("revision")) for c in configs]
@@ -106,8 +140,6 @@ def run(sources: list[Path] | Path, output: Path, force: bool = False, dtype: st
         adapter_only: bool = False) -> dict:
     """Merge, verify and write OUTPUT atomically. Returns the report (also saved as merge_report.json)."""
     adapters = resolve_adapters(sources if isinstance(sources, list) else [sources])
-    if output.exists() and not force:
-        raise UserError(f"{output} already exists", ["choose another --output, or pass --force to replace it"])
     if dtype not in ("auto", *models.DTYPES):
         raise UserError(f"--dtype: unknown dtype {dtype!r}", ["use auto, float32, bfloat16 or float16"])
     if method not in ("auto", "stream", "memory"):
@@ -123,7 +155,11 @@ def run(sources: list[Path] | Path, output: Path, force: bool = False, dtype: st
     check_same_base(adapters)
     recipe = runs.run_recipe(adapters[0])
     section = models.adapter_base_section(adapters[0], recipe.model if recipe else None, allow_pickle)
+    check_output_spares_inputs(output, merge_inputs(adapters, section))
+    if output.exists() and not force:
+        raise UserError(f"{output} already exists", ["choose another --output, or pass --force to replace it"])
     models.check_weights(section)
+    check_fits(adapters, section)
 
     single = len(adapters) == 1 and weights == [1.0]
     reason = "several adapters are combined" if not single else None
@@ -142,7 +178,7 @@ def run(sources: list[Path] | Path, output: Path, force: bool = False, dtype: st
 
     partial = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    created = make_parents(output.parent)
     try:
         if reason is None:
             report = streamed(adapters[0], recipe, section, base_dir, merge_plan, partial, dtype, max_bytes, verify)
@@ -154,9 +190,11 @@ def run(sources: list[Path] | Path, output: Path, force: bool = False, dtype: st
                    "versions": runs.versions()}
         runs.write_json(partial / "merge_report.json", report)
         write_model_card(partial, report, recipe)
+        give_umask_modes(partial)
         replace(partial, output)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
+        remove_empty(created)
         raise
     console.print(f"{'Combined adapter' if adapter_only else 'Merged model'} written to {output.resolve()}")
     return report
@@ -271,6 +309,31 @@ def write_model_card(folder: Path, report: dict, recipe) -> None:
 
         lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip(), "```"]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def make_parents(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; return the ones created, deepest first."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed merge created, deepest first, where nothing else was put in them."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (someone else wrote there) or already gone: leave it
+            return
+
+
+def give_umask_modes(folder: Path) -> None:
+    """Give the files under `folder` the modes the user's umask asks for (0644 and 0755 under
+    022): safetensors writes each file through a private 0600 temporary file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def replace(partial: Path, output: Path) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
+import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,11 @@ from .errors import UserError
 console = output.console()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# False inside remote_code(allowed=False): a dry run checks a recipe without running any repository's code.
+_REMOTE_CODE_ALLOWED = contextvars.ContextVar("remote_code_allowed", default=True)
+REMOTE_CODE_FIX = ("set model.trust_remote_code: true in the recipe (lora-tune modules: --trust-remote-code) only if "
+                   "you trust that repository: it runs the repository's own Python code on this machine, with your "
+                   "user's rights")
 
 
 def has_cuda() -> bool:
@@ -59,6 +68,7 @@ def check_quantization(section) -> None:
 
     if section.quantization is None:
         return
+    use_bitsandbytes()
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("model.quantization: the bitsandbytes package is not installed", ["pip install bitsandbytes"])
     import bitsandbytes.functional as bnb
@@ -77,10 +87,18 @@ def check_quantization(section) -> None:
                          "model.quantization to train LoRA on the full-precision base"]) from None
 
 
+def use_bitsandbytes() -> None:
+    """Let bitsandbytes be imported again where the command line hid it (see cli.hide_bitsandbytes):
+    a quantized base needs it, and PEFT and transformers look for it when they quantize."""
+    if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+        del sys.modules["bitsandbytes"]
+
+
 def quantization_config(section, dtype: torch.dtype):
     """The transformers.BitsAndBytesConfig of model.quantization."""
     from transformers import BitsAndBytesConfig
 
+    use_bitsandbytes()
     q = section.quantization
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -92,17 +110,56 @@ def _looks_local(model_id: str) -> bool:
     return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or Path(model_id).exists()
 
 
+@contextlib.contextmanager
+def remote_code(allowed: bool):
+    """Within `remote_code(allowed=False)`, model.trust_remote_code counts as false: configs,
+    tokenizers and architectures come from transformers' own classes, or fail with a UserError."""
+    token = _REMOTE_CODE_ALLOWED.set(allowed)
+    try:
+        yield
+    finally:
+        _REMOTE_CODE_ALLOWED.reset(token)
+
+
+def trusts_remote_code(section) -> bool:
+    return bool(section.trust_remote_code) and _REMOTE_CODE_ALLOWED.get()
+
+
+def remote_code_error(section) -> UserError:
+    """The refusal for a model that needs its repository's own code (auto_map in config.json)."""
+    if section.trust_remote_code:  # allowed by the recipe, withheld by remote_code(allowed=False)
+        return UserError(f"model.id: {section.id} needs its own Python code (auto_map in config.json), and --dry-run "
+                         "runs no repository code, so its layers and tokenizer were not checked",
+                         ["run without --dry-run to check and train it (model.trust_remote_code: true runs that code)"])
+    return UserError(f"model.id: {section.id} needs its own Python code to load (auto_map in config.json), and "
+                     "model.trust_remote_code is false", [REMOTE_CODE_FIX])
+
+
+def check_model_dir(path: Path) -> None:
+    """Raise UserError for a local folder that holds no model config (transformers would ask for a model_type)."""
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: not a run, adapter or model directory (no config.json, adapter_config.json or "
+                        "adapter/ in it)", [("give a run directory (runs/NAME), an adapter directory, or a model "
+                                             "directory written by save_pretrained (or a hub id)")])
+
+
 def load_config(section):
-    """The model's config (no weights). Raises UserError when the model cannot be found."""
+    """The model's config (no weights). Raises UserError when the model cannot be found, or
+    needs its own code and that is not allowed."""
     from transformers import AutoConfig
 
-    if _looks_local(section.id) and not Path(section.id).expanduser().is_dir():
-        raise UserError(f"model.id: no model directory at {section.id!r}",
-                        ["give a local directory written by save_pretrained, or a hub id such as facebook/opt-350m"])
+    if _looks_local(section.id):
+        local = Path(section.id).expanduser()
+        if not local.is_dir():
+            raise UserError(f"model.id: no model directory at {section.id!r}",
+                            ["give a local directory written by save_pretrained, or a hub id such as facebook/opt-350m"])
+        check_model_dir(local)
     try:
         return AutoConfig.from_pretrained(section.id, revision=section.revision,
-                                          trust_remote_code=section.trust_remote_code)
+                                          trust_remote_code=trusts_remote_code(section))
     except (OSError, ValueError) as exc:
+        if "custom code" in str(exc):  # transformers' words when auto_map needs trust_remote_code
+            raise remote_code_error(section) from None
         raise UserError(f"model.id: cannot load the model config of {section.id!r}: {str(exc).splitlines()[0]}",
                         ["check the hub id or path, the network, and HF_TOKEN for gated models"]) from None
 
@@ -113,7 +170,8 @@ def meta_model(config, trust_remote_code: bool = False):
 
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            return AutoModelForCausalLM.from_config(
+                config, trust_remote_code=trust_remote_code and _REMOTE_CODE_ALLOWED.get())
     except ValueError as exc:
         raise UserError(f"model.id: not a causal language model: {str(exc).splitlines()[0]}") from None
 
@@ -226,8 +284,13 @@ def load_tokenizer(section, path: str | Path | None = None):
     from transformers import AutoTokenizer
 
     source = str(path) if path else section.id
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=None if path else section.revision,
-                                              trust_remote_code=section.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=None if path else section.revision,
+                                                  trust_remote_code=trusts_remote_code(section))
+    except ValueError as exc:
+        if "custom code" in str(exc):
+            raise remote_code_error(section) from None
+        raise
     if tokenizer.eos_token is None:
         raise UserError(f"model.id: the tokenizer of {section.id!r} has no eos_token, so samples cannot be ended.",
                         ["use a tokenizer with an end-of-sequence token"])
@@ -328,6 +391,7 @@ def attach_adapter(model, adapter: Path, model_section):
     if not (adapter / "adapter_model.safetensors").is_file() and not model_section.allow_pickle:
         raise UserError(f"{adapter}: no adapter_model.safetensors",
                         ["pickle (.bin) adapters can run code when loaded: pass --allow-pickle if you trust it"])
+    check_adapter_fits(adapter, model, model_section)
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter))
     except Exception as exc:  # safetensors, torch and peft each raise their own types here
@@ -337,3 +401,88 @@ def attach_adapter(model, adapter: Path, model_section):
                         ["check that the adapter was trained on this base model" if mismatch
                          else "the adapter file is truncated or corrupt: use an earlier checkpoint or retrain"]) from None
     return peft_model.eval()
+
+
+# The parts of a saved LoRA tensor's name that follow the name of the layer it changes.
+LORA_PART = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.|$)")
+
+
+def adapter_modules(adapter: Path) -> list[str]:
+    """Names of the layers an adapter changes, from its safetensors header (no tensor is read).
+    Empty for an adapter without one, or an unreadable one (attach_adapter says which)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(adapter / "adapter_model.safetensors", framework="pt") as f:
+            keys = list(f.keys())
+    except (OSError, SafetensorError):
+        return []
+    names = {}
+    for key in keys:
+        match = LORA_PART.search(key)
+        if match:
+            names[key[: match.start()].removeprefix("base_model.model.").replace(".base_layer", "")] = None
+    return list(names)
+
+
+def check_adapter_fits(adapter: Path, model, section) -> None:
+    """Raise UserError when `model` (the base, or its meta-device skeleton) lacks layers the
+    adapter changes: an adapter trained on another architecture. PEFT would call that a
+    missing target module, or load nothing for it."""
+    wanted = adapter_modules(adapter)
+    present = {name for name, _ in model.named_modules()}
+    missing = [name for name in wanted if name not in present]
+    if not missing:
+        return
+    # The ids recorded at training time, unless they name this base (its folder's contents changed since).
+    here = Path(section.id).expanduser().resolve()
+    others = [i for i in trained_on(adapter) if Path(i).expanduser().resolve() != here]
+    origins = [kind for kind in map(model_kind, others) if kind]
+    origin = origins[0] if origins else f"a model with layers such as {missing[0]}"
+    base = f"{model.config.model_type} ({', '.join(model.config.architectures or [type(model).__name__])}, {section.id})"
+    raise UserError(f"{adapter}: this adapter was trained on {origin}, the base is {base}: {len(missing)} of the "
+                    f"{len(wanted)} layers it changes are not in the base (e.g. {missing[0]})",
+                    [(f"use the base model it was trained on: set base_model_name_or_path in "
+                      f"{adapter / 'adapter_config.json'} to it")])
+
+
+def trained_on(adapter: Path) -> list[str]:
+    """Model ids the adapter was trained on, as recorded when it was saved: its run's recipe
+    (model.id) and PEFT's model card (base_model); adapter_config.json may have been edited since."""
+    import yaml
+
+    from .runs import ADAPTER, RECIPE
+
+    found = []
+    recipe = adapter.parent / RECIPE
+    if adapter.name == ADAPTER and recipe.is_file():
+        with contextlib.suppress(OSError, yaml.YAMLError, AttributeError, TypeError):  # an unreadable recipe: no id
+            found.append(str(yaml.safe_load(recipe.read_text())["model"]["id"]))
+    card = adapter / "README.md"
+    if card.is_file():
+        match = re.search(r"^base_model:\s*(\S.*?)\s*$", card.read_text(errors="replace"), re.MULTILINE)
+        if match:
+            found.append(match.group(1))
+    return found
+
+
+def model_kind(model_id: str) -> str | None:
+    """'llama (LlamaForCausalLM, ID)' from the model's config.json where it is a local folder
+    or in the hub cache (nothing is downloaded); None when it is not at hand."""
+    path = Path(model_id).expanduser() / "config.json"
+    if not path.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(model_id, "config.json")
+        except ValueError:  # not a valid hub id either
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    architectures = ", ".join(config.get("architectures") or [])
+    return f"{config.get('model_type', 'an unknown model type')} ({architectures + ', ' if architectures else ''}{model_id})"

@@ -240,7 +240,8 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
     out = recipe.output_dir
     if is_main_process():  # at once, before planning; the other ranks are the lock holder's own
         ownership.check_free(out)
-    plan = make_plan(recipe)
+    with models.remote_code(allowed=not dry_run):  # a dry run runs no repository code
+        plan = make_plan(recipe)
     if claim(recipe, resume) is ownership.State.COMPLETE:
         metrics = finished(out)
         return None if dry_run else metrics
