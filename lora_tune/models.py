@@ -460,7 +460,7 @@ def trained_on(adapter: Path) -> list[str]:
             found.append(str(yaml.safe_load(recipe.read_text())["model"]["id"]))
     card = adapter / "README.md"
     if card.is_file():
-        match = re.search(r"^base_model:\s*(\S.*?)\s*$", card.read_text(errors="replace"), re.MULTILINE)
+        match = re.search(r"^base_model:[ \t]*(\S.*?)[ \t]*$", card.read_text(errors="replace"), re.MULTILINE)
         if match:
             found.append(match.group(1))
     return found
