@@ -190,7 +190,7 @@ def run(sources: list[Path] | Path, output: Path, force: bool = False, dtype: st
                    "versions": runs.versions()}
         runs.write_json(partial / "merge_report.json", report)
         write_model_card(partial, report, recipe)
-        give_umask_modes(partial)
+        runs.give_umask_modes(partial)
         replace(partial, output)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -325,15 +325,6 @@ def remove_empty(folders: list[Path]) -> None:
             folder.rmdir()
         except OSError:  # not empty (someone else wrote there) or already gone: leave it
             return
-
-
-def give_umask_modes(folder: Path) -> None:
-    """Give the files under `folder` the modes the user's umask asks for (0644 and 0755 under
-    022): safetensors writes each file through a private 0600 temporary file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [folder, *folder.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def replace(partial: Path, output: Path) -> None:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -72,6 +73,15 @@ def latest_checkpoint(run: Path) -> Path | None:
     """The complete checkpoint with the highest step; one cut short by a crash is never chosen."""
     done = [p for p in run.glob("checkpoint-*") if is_complete_checkpoint(p)] if run.is_dir() else []
     return max(done, key=checkpoint_step, default=None)
+
+
+def give_umask_modes(folder: Path) -> None:
+    """Give the files under `folder` the modes the user's umask asks for (0644 and 0755 under
+    022): safetensors writes each file through a private 0600 temporary file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_json(path: Path, data: dict) -> None:

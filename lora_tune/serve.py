@@ -170,6 +170,10 @@ class Engine:
             raise ServeError(400, f"{path}: not a run or PEFT adapter directory", "invalid_adapter", "lora_path")
         self.check_fits(read_adapter_config(adapter, path), path)
         try:
+            models.check_adapter_fits(adapter, self.model, self.base_section)
+        except UserError as exc:
+            raise ServeError(400, exc.headline, "adapter_for_another_base", "lora_path") from None
+        try:
             tokenizer = models.adapter_tokenizer(adapter, self.base_section)
         except (UserError, OSError, ValueError) as exc:  # what a missing or corrupt tokenizer file raises
             console.print(f"{path}: its tokenizer does not load: {exc}")

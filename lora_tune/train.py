@@ -380,6 +380,7 @@ def save_adapter(trainer, plan: Plan, initial: Path | None) -> Path | None:
     except UserError:
         shutil.rmtree(staging)
         raise
+    runs.give_umask_modes(staging)
     shutil.rmtree(adapter, ignore_errors=True)
     staging.rename(adapter)
     return adapter
@@ -492,7 +493,9 @@ class RunGuard(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / runs.COMPLETE).touch()
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            runs.give_umask_modes(checkpoint)
+            (checkpoint / runs.COMPLETE).touch()
 
 
 def check_adapter(adapter: Path) -> None:

@@ -194,3 +194,18 @@ def test_the_lock_is_held_for_the_block_and_released_after(tmp_path):
             with ownership.lock(out):
                 pass
     assert ownership.holder(out) is None
+
+
+def test_adapters_and_checkpoints_get_the_users_file_modes(tiny, tmp_path):
+    """safetensors writes through private 0600 files; a run's outputs follow the umask instead."""
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 2, "save_steps": 2})
+    previous = os.umask(0o022)
+    try:
+        assert run_cli("train", path) == 0
+    finally:
+        os.umask(previous)
+    for folder in (out / "adapter", out / "checkpoint-2"):
+        modes = {p.name: p.stat().st_mode & 0o777 for p in folder.rglob("*")}
+        assert modes["adapter_model.safetensors"] == 0o644, modes
+        assert set(modes.values()) <= {0o644, 0o755}, modes

@@ -186,6 +186,26 @@ def test_an_unknown_adapter_type_is_not_quoted(engine, root, tmp_path):
     assert "(this one is of an unknown peft_type); merge it (lora-tune merge)" in refused["message"]
 
 
+def test_an_adapter_of_another_architecture_names_both(engine, tiny, tmp_path):
+    """An OPT adapter whose config was edited to name this server's Llama base: refused before PEFT
+    tries it, naming both architectures."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    other = tmp_path / "opt"
+    opt = AutoModelForCausalLM.from_pretrained(tiny / "tiny-opt")
+    get_peft_model(opt, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(tiny / "tiny-llama")}))
+    before = snapshot(tmp_path)
+    refused = error(client(engine, runtime_adapter_root=tmp_path.resolve()).post(
+        "/v1/load_lora_adapter", json={"lora_name": "opt", "lora_path": "opt"}), 400)
+    assert refused["code"] == "adapter_for_another_base" and refused["param"] == "lora_path"
+    assert refused["message"].startswith(f"{other}: this adapter was trained on opt (OPTForCausalLM, ")
+    assert ", the base is llama (LlamaForCausalLM, " in refused["message"]
+    assert engine.names() == ["base"] and snapshot(tmp_path) == before
+
+
 # --- request bodies and failures -----------------------------------------------------------------
 
 def test_a_body_over_the_limit_is_a_413(engine):
