@@ -10,6 +10,7 @@ read strictly by yaml_reader, which also cuts long values for messages.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -116,7 +117,7 @@ class Source(BaseModel):
 
 
 class DataSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     train: str | list[str | Source] = Field(
         description="Hub dataset name, local .jsonl/.json/.csv/.parquet/.txt file or folder, or a list of them.")
@@ -306,6 +307,10 @@ def _check_fields(section: str, values: dict, cls: type, problems: list[str],
             continue
         try:
             converted = TypeAdapter(hints[key]).validate_python(value)
+            if _non_finite(converted):
+                problems.append(f"{section}.{key}: expected a finite number, got {_shown(value)}. {NON_FINITE_FIX}")
+                ok = False
+                continue
             # Keep the user's own spelling where it already fits (10, not 10.0, for a float field).
             # Sub-configs (eva_config: {rho: 2}) stay plain data, for the saved recipe.
             coerced[key] = value if converted == value or dataclasses.is_dataclass(converted) else converted
@@ -320,6 +325,19 @@ def _check_fields(section: str, values: dict, cls: type, problems: list[str],
         except Exception:  # a type pydantic cannot describe: leave it to the real constructor
             coerced[key] = value
     return coerced, ok
+
+
+NON_FINITE_FIX = "YAML reads .inf, .nan and numbers beyond about 1e308 as infinite or not a number."
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether a value is or holds inf or nan: no setting means them, and as a count, a rate or a
+    probability they overflow where transformers rounds them, or poison every weight."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, (list, tuple)) and any(map(_non_finite, value))
 
 
 def _fills_placeholder(hint: Any, value: Any) -> bool:
@@ -369,7 +387,8 @@ def _check_lora(values: dict, problems: list[str]) -> dict:
     options = {key: values[key] for key in LORA_OPTIONS if key in values}
     for key in ("loraplus_lr_ratio", "loraplus_lr_embedding"):
         value = options.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value < math.inf):  # nan fails both comparisons
             problems.append(f"lora.{key}: expected a positive number, got {_shown(value)}. {LORA_OPTIONS[key]}.")
     fields = {key: value for key, value in values.items() if key not in LORA_OPTIONS}
     coerced, ok = _check_fields("lora", fields, lora_config_class(method), problems, tuple(LORA_OPTIONS))
