@@ -64,10 +64,11 @@ def train(
                         main_process_port)
     if how.wanted() and not dry_run:
         # Fail here, before spawning processes, on any bad input, a busy or finished run directory.
-        if machine_rank == 0:  # only the main machine's main process takes the run's lock
+        # Only the main machine owns the run directory: the others hold no lock and read nothing there.
+        if machine_rank == 0:
             ownership.check_free(loaded.output_dir)
         training.make_plan(loaded)
-        if training.claim(loaded, resume) is ownership.State.COMPLETE:
+        if machine_rank == 0 and ownership.claim(loaded, resume) is ownership.State.COMPLETE:
             training.finished(loaded.output_dir)
             return
         raise typer.Exit(launch.relaunch(recipe, overrides, how, resume, _debug))

@@ -7,6 +7,9 @@ A run directory belongs to one recipe and one process at a time:
 - a changed recipe is refused, except for the keys that continue the same run (a longer run,
   gradient clipping, how often it logs and saves);
 - `--resume never` moves the earlier run aside, so its checkpoints are never resumed later.
+
+With several processes only the main one reads and changes the run directory; the others
+receive its decision (`agreed`), so that all of them train, or stop, together.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
-import reprlib
 import socket
 import time
 import warnings
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -26,18 +30,19 @@ import yaml
 
 from . import runs
 from .errors import UserError
-from .yaml_reader import parse_yaml
+from .yaml_reader import parse_yaml, shown
 
 LOCK = "lora-tune.lock"
 UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # filesystems without flock
-# Keys a rerun may change and still continue the same run from its checkpoint. The learning rate
-# is not one: a resumed scheduler restores the old one, so a new value would be silently ignored.
-CONTINUES = {"training.max_steps", "training.num_train_epochs"}
+# Keys a rerun may change and still continue the same run from its checkpoint: a longer run
+# (with the defaults they have when unset), gradient clipping, and how often it logs and saves.
+# The learning rate is not one: a resumed scheduler restores the old one, so a new value would
+# be silently ignored.
+LENGTH = {"training.max_steps": -1, "training.num_train_epochs": 3.0}
 CADENCE = {"training.max_grad_norm", "training.logging_steps", "training.save_steps",
            "training.save_total_limit", "training.eval_steps", "training.report_to"}
-
-_short = reprlib.Repr()  # values in messages are cut: a recipe's value may be long
-_short.maxstring = _short.maxother = 60
+NOT_COMPARED = {"training.output_dir"}  # the same folder may be spelled in many ways
+MISSING = object()  # a key that one of the two recipes does not set
 
 
 class State(Enum):
@@ -45,6 +50,18 @@ class State(Enum):
     RESUME = "resume"        # the same run, not finished: continue it
     COMPLETE = "complete"    # the same run, finished: nothing to do
 
+
+@dataclass
+class Decision:
+    """What every process of a `train` does: the run's state, the checkpoint to resume from, and
+    where `--resume never` moved the earlier run."""
+
+    state: State
+    checkpoint: Path | None = None
+    aside: Path | None = None
+
+
+# --- the lock --------------------------------------------------------------------------------------
 
 def holder(out: Path) -> str | None:
     """'PID 1234 on host' of the process that holds the run's lock, or None when it is free."""
@@ -106,6 +123,8 @@ def lock(out: Path):
         os.close(fd)  # releases the lock
 
 
+# --- what a rerun may do ---------------------------------------------------------------------------
+
 def flatten(data: dict, prefix: str = "") -> dict:
     """{'training': {'seed': 0}} -> {'training.seed': 0}."""
     flat = {}
@@ -118,22 +137,31 @@ def flatten(data: dict, prefix: str = "") -> dict:
     return flat
 
 
-MISSING = object()  # a key that one of the two recipes does not set
-
-
 def differences(saved: dict, current: dict) -> dict[str, tuple]:
-    """Key path -> (saved value, current value) for every key whose value differs."""
+    """Key path -> (saved value, current value) for every compared key whose value differs."""
     before, after = flatten(saved), flatten(current)
-    return {key: (before.get(key, MISSING), after.get(key, MISSING)) for key in sorted(before.keys() | after.keys())
+    keys = sorted((before.keys() | after.keys()) - NOT_COMPARED)
+    return {key: (before.get(key, MISSING), after.get(key, MISSING)) for key in keys
             if before.get(key, MISSING) != after.get(key, MISSING)}
 
 
-def describe_change(key: str, old, new) -> str:
+def describe_change(key: str, old, new, note: str = "") -> str:
     """'training.learning_rate: 0.003 -> 0.001', long values cut."""
     def show(value):
-        return "(not set)" if value is MISSING else _short.repr(value)
+        return "(not set)" if value is MISSING else shown(value)
 
-    return f"{key}: {show(old)} -> {show(new)}"
+    return f"{key}: {show(old)} -> {show(new)}{note}"
+
+
+def grows(key: str, old, new, trained_steps: int) -> bool:
+    """Whether a new training length goes beyond the run's: only then is there more to train."""
+    old = LENGTH[key] if old is MISSING else old
+    new = LENGTH[key] if new is MISSING else new
+    if not all(isinstance(v, (int, float)) for v in (old, new)):
+        return False
+    if key == "training.max_steps":  # -1 trains by epochs: compare with the steps done
+        return new > max(old, trained_steps)
+    return new > old
 
 
 def saved_recipe(out: Path) -> dict:
@@ -141,11 +169,20 @@ def saved_recipe(out: Path) -> dict:
     path = out / runs.RECIPE
     try:
         data = parse_yaml(path.read_bytes())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:  # the strict reader's refusals included
         raise UserError(f"training.output_dir: {path} cannot be read ({type(exc).__name__}), so this run's recipe "
                         "is unknown", [("choose another training.output_dir, or --resume never to start over "
                                         "(the earlier run is moved aside)")]) from None
     return data if isinstance(data, dict) else {}
+
+
+def trained_steps(out: Path) -> int:
+    """Steps the run has trained: its last complete checkpoint's, or its metrics'."""
+    last = runs.latest_checkpoint(out)
+    steps = runs.checkpoint_step(last) if last else 0
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+        steps = max(steps, int(json.loads((out / runs.METRICS).read_text()).get("steps") or 0))
+    return steps
 
 
 def check_is_run(out: Path) -> None:
@@ -161,21 +198,105 @@ def state(out: Path, recipe_data: dict) -> State:
     if not out.is_dir() or not [p for p in out.iterdir() if p.name != LOCK]:
         return State.NEW
     check_is_run(out)
-    changed = differences(saved_recipe(out), yaml.safe_load(yaml.safe_dump(recipe_data)))
-    refused = {key: values for key, values in changed.items() if key not in CONTINUES | CADENCE}
-    if refused:
-        raise UserError(f"training.output_dir: {out} holds a run of another recipe; "
-                        f"{len(refused)} key(s) differ from its {runs.RECIPE}:",
-                        [describe_change(key, *values) for key, values in refused.items()]
-                        + ["to keep the earlier run: choose another training.output_dir",
-                           "to start over and move the earlier run aside: --resume never"])
+    changed = differences(saved_recipe(out), parse_yaml(yaml_text(recipe_data)))
+    steps = trained_steps(out)
+    length = {key: values for key, values in changed.items() if key in LENGTH}
+    shorter = {key: values for key, values in length.items() if not grows(key, *values, steps)}
+    refused = {key: values for key, values in changed.items() if key not in LENGTH.keys() | CADENCE}
+    if refused or shorter:
+        problems = [describe_change(key, *values) for key, values in refused.items()]
+        problems += [describe_change(key, *values, f" (the run has trained {steps} steps: nothing more to train)")
+                     for key, values in shorter.items()]
+        raise UserError(f"training.output_dir: {out} holds a run of another recipe; {len(problems)} key(s) "
+                        f"differ from its {runs.RECIPE}:",
+                        [*problems, "to keep the earlier run: choose another training.output_dir",
+                         "to start over and move the earlier run aside: --resume never"])
     finished = (out / runs.ADAPTER).is_dir() and (out / runs.METRICS).is_file()
-    return State.COMPLETE if finished and not changed.keys() & CONTINUES else State.RESUME
+    return State.COMPLETE if finished and not length else State.RESUME
+
+
+def yaml_text(data: dict) -> str:
+    """The recipe as saved, so that it compares with recipe.yaml value for value."""
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+# --- taking over the run directory -----------------------------------------------------------------
+
+def claim(recipe, resume: str) -> State:
+    """What a `train` with this recipe and --resume may do with its run directory; reads, writes
+    nothing. Raises UserError when the directory holds another recipe's run or files of no run."""
+    if resume == "never":
+        check_is_run(recipe.output_dir)
+        return State.NEW
+    return state(recipe.output_dir, recipe.to_dict())
+
+
+def resume_checkpoint(out: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: `auto` (the latest complete one, if any), `never`, or a path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return runs.latest_checkpoint(out)
+    path = Path(resume)
+    if not runs.is_complete_checkpoint(path):
+        raise UserError(f"--resume: {resume} is not a complete lora-tune checkpoint",
+                        [f"give a checkpoint-N folder that holds {runs.COMPLETE}, or --resume auto|never"])
+    return path
+
+
+def take_over(recipe, resume: str, held: contextlib.ExitStack, write: bool = True) -> Decision:
+    """Decide what this `train` does with its run directory. With `write`, take the lock (held
+    until `held` closes), move an earlier run aside for --resume never, and save the recipe."""
+    out = recipe.output_dir
+    current = claim(recipe, resume)
+    checkpoint = None if current is State.COMPLETE else resume_checkpoint(out, resume)  # checked before writing
+    if current is State.COMPLETE or not write:
+        return Decision(current, checkpoint)
+    held.enter_context(lock(out))
+    current = claim(recipe, resume)  # again, under the lock: another process may have written here since
+    if current is State.COMPLETE:
+        return Decision(current)
+    checkpoint = resume_checkpoint(out, resume)
+    aside = move_aside(out) if resume == "never" else None
+    save_recipe(recipe, out)
+    return Decision(current, checkpoint, aside)
+
+
+def save_recipe(recipe, out: Path) -> None:
+    """Write recipe.yaml whole or not at all (a reader never sees half a file)."""
+    partial = out / f".{runs.RECIPE}.partial"
+    recipe.save(partial)
+    os.replace(partial, out / runs.RECIPE)
+
+
+def agreed(decide):
+    """Run `decide` on the main process only and give its result (or its UserError) to every
+    process, so that none of them reads the run directory while the main one changes it, and all
+    train or stop together."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return decide()
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # the training config sets it up; this only covers other callers
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = decide()
+        except UserError as exc:
+            box[0] = exc
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], UserError):
+        raise box[0]
+    return box[0]
 
 
 def move_aside(out: Path) -> Path | None:
     """Move the earlier run's files (all but the lock) to a sibling folder; return it, or None
-    when there was nothing to move."""
+    when there was nothing to move. Raises UserError, with everything moved back, when it cannot."""
     entries = [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
     if not entries:
         return None
@@ -185,7 +306,18 @@ def move_aside(out: Path) -> Path | None:
     while aside.exists():
         n += 1
         aside = out.with_name(f"{out.name}.earlier-{stamp}-{n}")
-    aside.mkdir()
-    for entry in entries:
-        entry.rename(aside / entry.name)
+    moved = []
+    try:
+        aside.mkdir()
+        for entry in entries:
+            entry.rename(aside / entry.name)
+            moved.append(entry)
+    except OSError as exc:
+        for entry in moved:
+            (aside / entry.name).rename(entry)
+        with contextlib.suppress(OSError):
+            aside.rmdir()
+        raise UserError(f"--resume never: cannot move the earlier run in {out} to {aside}: {exc.strerror or exc}",
+                        [("make the folder above the run directory writable (the earlier run is kept beside it), "
+                          "or move or delete the earlier run yourself")]) from None
     return aside

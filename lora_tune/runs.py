@@ -78,10 +78,25 @@ def latest_checkpoint(run: Path) -> Path | None:
 def give_umask_modes(folder: Path) -> None:
     """Give the files under `folder` the modes the user's umask asks for (0644 and 0755 under
     022): safetensors writes each file through a private 0600 temporary file."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux): setting
+    it to read it would give files other threads create meanwhile the modes of umask 0."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o077)  # elsewhere: briefly the strictest common umask, never a looser one
+    os.umask(umask)
+    return umask
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -197,40 +197,20 @@ def tensorboard_dir(path: Path):
             os.environ["TENSORBOARD_LOGGING_DIR"] = previous
 
 
-def resume_checkpoint(out: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: `auto` (the latest complete one, if any), `never`, or a path."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return runs.latest_checkpoint(out)
-    path = Path(resume)
-    if not runs.is_complete_checkpoint(path):
-        raise UserError(f"--resume: {resume} is not a complete lora-tune checkpoint",
-                        [f"give a checkpoint-N folder that holds {runs.COMPLETE}, or --resume auto|never"])
-    return path
-
-
-def claim(recipe: Recipe, resume: str) -> ownership.State:
-    """What this `train` may do with its run directory (see ownership.py); reads, writes nothing.
-    Raises UserError when the directory holds another recipe's run or files of no run."""
-    out = recipe.output_dir
-    if resume == "never":
-        ownership.check_is_run(out)
-        return ownership.State.NEW
-    return ownership.state(out, recipe.to_dict())
-
-
 def finished(out: Path) -> dict:
     """Say that the run is complete and what to do instead; return its metrics."""
     try:
         metrics = json.loads((out / runs.METRICS).read_text())
     except (OSError, ValueError):  # the adapter is what counts; the figures are only reported
         metrics = {}
+    metrics = metrics if isinstance(metrics, dict) else {}
+    loss = metrics.get("final_loss")
     if is_main_process():
         console.print(f"{out} is complete: {metrics.get('steps', '?')} steps, final train loss "
-                      f"{metrics.get('final_loss', float('nan')):.4f}, adapter in {out / runs.ADAPTER}. Nothing to do.\n"
-                      "To train longer, raise training.max_steps or training.num_train_epochs (it resumes from the "
-                      "last checkpoint); to start over, add --resume never (the earlier run is moved aside).")
+                      f"{f'{loss:.4f}' if isinstance(loss, (int, float)) else '?'}, adapter in {out / runs.ADAPTER}. "
+                      "Nothing to do.\nTo train longer, raise training.max_steps or training.num_train_epochs (it "
+                      "resumes from the last checkpoint); to start over, add --resume never (the earlier run is "
+                      "moved aside).")
     return metrics
 
 
@@ -242,27 +222,19 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
         ownership.check_free(out)
     with models.remote_code(allowed=not dry_run):  # a dry run runs no repository code
         plan = make_plan(recipe)
-    if claim(recipe, resume) is ownership.State.COMPLETE:
-        metrics = finished(out)
-        return None if dry_run else metrics
-    checkpoint = resume_checkpoint(out, resume)
-    main = is_main_process()
-    if main:
-        print_plan(plan)
-    if dry_run:
-        return None
-    if not main:
-        return train_and_save(plan, checkpoint, started)
-    with ownership.lock(out):
-        if resume == "never":
-            aside = ownership.move_aside(out)
-            if aside:
-                console.print(f"Starting over: the earlier run moved to {aside} (its checkpoints are never resumed; "
-                              "delete the folder when you no longer need it)")
-        else:  # again, under the lock: another process may have written here since
-            ownership.state(out, recipe.to_dict())
-        recipe.save(out / runs.RECIPE)
-        return train_and_save(plan, checkpoint, started)
+    with contextlib.ExitStack() as held:  # the run's lock, on the main process
+        decision = ownership.agreed(lambda: ownership.take_over(recipe, resume, held, write=not dry_run))
+        if decision.state is ownership.State.COMPLETE:
+            metrics = finished(out)
+            return None if dry_run else metrics
+        if is_main_process():
+            if decision.aside:
+                console.print(f"Starting over: the earlier run moved to {decision.aside} (its checkpoints are never "
+                              "resumed; delete the folder when you no longer need it)")
+            print_plan(plan)
+        if dry_run:
+            return None
+        return train_and_save(plan, decision.checkpoint, started)
 
 
 def train_and_save(plan: Plan, checkpoint: Path | None, started: float) -> dict | None:

@@ -15,6 +15,7 @@ import pytest
 from helpers import run_cli, write_recipe
 
 from lora_tune import ownership, runs
+from lora_tune.errors import UserError
 
 
 def snapshot(path: Path) -> dict[str, tuple[int, int]]:
@@ -72,6 +73,78 @@ def test_a_longer_run_continues_from_the_last_checkpoint(finished, capsys):
     assert f"Resuming from {out / 'checkpoint-8'}" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["steps"] == 12
     assert ownership.saved_recipe(out)["training"]["max_steps"] == 12
+
+
+def test_a_shorter_run_than_the_one_trained_is_refused(finished, capsys):
+    path, out = finished
+    before = snapshot(out)
+    for setting, change in (("training.max_steps=6", "training.max_steps: 8 -> 6"),
+                            ("training.max_steps=-1", "training.max_steps: 8 -> -1")):
+        assert run_cli("train", path, "--set", setting) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"- {change} (the run has trained 8 steps: nothing more to train)" in err
+        assert snapshot(out) == before
+    # Trained longer once, the run is no longer the original recipe's.
+    assert run_cli("train", path, "--set", "training.max_steps=10") == 0
+    capsys.readouterr()
+    assert run_cli("train", path) == 2
+    assert "- training.max_steps: 10 -> 8 (the run has trained 10 steps" in " ".join(capsys.readouterr().err.split())
+
+
+def test_the_run_directory_may_be_spelled_another_way(finished, capsys):
+    path, out = finished
+    before = snapshot(out)
+    capsys.readouterr()
+    assert run_cli("train", path, "--set", f"training.output_dir={out.parent}/../{out.parent.name}/run/") == 0
+    assert "is complete: 8 steps" in capsys.readouterr().out
+    assert snapshot(out) == before
+
+
+def test_an_unfinished_run_resumes_with_a_new_cadence_and_saves_it(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 8, "save_steps": 4})
+    assert run_cli("train", path, "--set", "training.max_steps=4") == 0  # the first half of the run
+    (out / "adapter").rename(tmp_path / "adapter-of-the-first-half")  # as if stopped after checkpoint-4
+    capsys.readouterr()
+    assert run_cli("train", path, "--set", "training.logging_steps=2") == 0
+    assert f"Resuming from {out / 'checkpoint-4'}" in capsys.readouterr().out
+    assert ownership.saved_recipe(out)["training"]["logging_steps"] == 2
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 8
+
+
+@pytest.mark.parametrize("metrics", ["null", '{"steps": 8, "final_loss": null}', "{truncated"])
+def test_a_finished_run_with_odd_metrics_is_still_complete(finished, capsys, metrics):
+    path, out = finished
+    (out / "metrics.json").write_text(metrics)
+    capsys.readouterr()
+    assert run_cli("train", path) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"{out} is complete: " in said and "final train loss ?" in said
+
+
+def test_a_failed_move_aside_puts_everything_back(finished, capsys, monkeypatch):
+    path, out = finished
+    before = snapshot(out)
+    real = Path.rename
+    moved, failed = [], []
+
+    def rename(self, target):  # the third entry cannot move; moving back works
+        if len(moved) == 2 and not failed:
+            failed.append(self)
+            raise OSError(18, "Invalid cross-device link")
+        moved.append(self)
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    assert run_cli("train", path, "--resume", "never") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"error: --resume never: cannot move the earlier run in {out} to {out.parent}/run.earlier-" in err
+    assert "Invalid cross-device link" in err and "move or delete the earlier run yourself" in err
+    monkeypatch.undo()
+    after = snapshot(out)
+    assert after.pop(ownership.LOCK) and before.pop(ownership.LOCK)  # this attempt held the lock
+    assert after == before and len(moved) == 4 and len(failed) == 1  # 2 moved, 2 moved back
+    assert not list(out.parent.glob("run.earlier-*"))
 
 
 def test_resume_never_moves_the_earlier_run_aside(finished, capsys):
@@ -149,12 +222,14 @@ def test_a_second_train_on_the_same_directory_is_refused_with_the_first_ones_pid
     finally:
         first.kill()
         first.wait()
-    # A killed run does not leave the lock stuck: the next one resumes.
+    # A killed run does not leave the lock stuck: the next one takes the run over.
     assert ownership.holder(out) is None
-    reached = runs.checkpoint_step(runs.latest_checkpoint(out))
     capsys.readouterr()
-    assert run_cli("train", path, "--set", f"training.max_steps={reached + 2}") == 0
-    assert f"Resuming from {out / f'checkpoint-{reached}'}" in capsys.readouterr().out
+    assert run_cli("train", path, "--dry-run") == 0
+    assert "lora-tune plan" in capsys.readouterr().out
+    assert run_cli("train", path, "--resume", "never", "--set", "training.max_steps=2") == 0
+    assert "Starting over: the earlier run moved to" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
 
 
 @pytest.mark.slow
@@ -169,7 +244,7 @@ def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(tiny, tmp_pa
     assert "Traceback" not in err
     err = " ".join(err.split())
     last = runs.latest_checkpoint(out)
-    assert f"Interrupted at step " in err
+    assert "Interrupted at step " in err
     assert f"The last complete checkpoint is {last} (step {runs.checkpoint_step(last)}): rerun the same command " \
            "to resume from it." in err
     assert not (out / "adapter").exists() and ownership.holder(out) is None
@@ -186,13 +261,13 @@ def test_the_lock_is_held_for_the_block_and_released_after(tmp_path):
     out = tmp_path / "run"
     assert ownership.holder(out) is None
     with ownership.lock(out):
-        probe = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
-                                "from lora_tune import ownership; print(ownership.holder(Path(sys.argv[1])))", str(out)],
-                               capture_output=True, text=True, check=True)
+        code = "import sys; from pathlib import Path; from lora_tune import ownership; " \
+               "print(ownership.holder(Path(sys.argv[1])))"
+        probe = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True)
         assert probe.stdout.strip() == f"PID {os.getpid()} on {os.uname().nodename}"
-        with pytest.raises(Exception, match=f"is in use by another `lora-tune train` \\(PID {os.getpid()} on "):
-            with ownership.lock(out):
-                pass
+        busy = f"is in use by another `lora-tune train` \\(PID {os.getpid()} on "
+        with pytest.raises(UserError, match=busy), ownership.lock(out):
+            pass
     assert ownership.holder(out) is None
 
 
@@ -209,3 +284,62 @@ def test_adapters_and_checkpoints_get_the_users_file_modes(tiny, tmp_path):
         modes = {p.name: p.stat().st_mode & 0o777 for p in folder.rglob("*")}
         assert modes["adapter_model.safetensors"] == 0o644, modes
         assert set(modes.values()) <= {0o644, 0o755}, modes
+
+
+AGREE = """
+import json, os, sys
+from lora_tune import ownership
+from lora_tune.errors import UserError
+
+def decide():
+    print(f"decided on rank {os.environ['RANK']}", flush=True)
+    if sys.argv[1] == "refuse":
+        raise UserError("refused on the main process", ["the fix"])
+    return ownership.Decision(ownership.State.RESUME, None)
+
+try:
+    print(json.dumps({"rank": os.environ["RANK"], "state": ownership.agreed(decide).state.value}), flush=True)
+except UserError as exc:
+    print(json.dumps({"rank": os.environ["RANK"], "error": exc.render()}), flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outcome", ["resume", "refuse"])
+def test_only_the_main_process_decides_and_every_process_follows(tmp_path, outcome):
+    from helpers import free_port
+
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "--main_process_port", str(free_port()), str(script), outcome],
+                            capture_output=True, text=True, timeout=120, check=False)
+    lines = result.stdout.splitlines()
+    assert [line for line in lines if line.startswith("decided")] == ["decided on rank 0"]
+    answers = sorted((json.loads(line) for line in lines if line.startswith("{")), key=lambda a: a["rank"])
+    if outcome == "resume":
+        assert answers == [{"rank": "0", "state": "resume"}, {"rank": "1", "state": "resume"}]
+    else:
+        assert answers == [{"rank": r, "error": "refused on the main process\n  - the fix"} for r in ("0", "1")]
+
+
+@pytest.mark.slow
+def test_two_processes_leave_a_finished_run_alone_and_start_over_together(tiny, tmp_path):
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny, out, training={
+        "max_steps": 4, "per_device_train_batch_size": 4, "save_steps": 2})
+    command = [sys.executable, "-m", "lora_tune.cli", "train", str(path), "--num-processes", "2"]
+    first = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
+    assert again.returncode == 0 and again.stdout.count(f"{out} is complete: 4 steps") == 1
+    assert "lora-tune plan" not in again.stdout  # decided before any process was launched
+    over = subprocess.run([*command, "--resume", "never", "--set", "lora.r=4"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300, check=False)
+    assert over.returncode == 0, over.stderr[-3000:]
+    assert over.stdout.count("Starting over: the earlier run moved to") == 1
+    assert len(list(tmp_path.glob("run.earlier-*"))) == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["world_size"], metrics["steps"]) == (2, 4)
+    assert ownership.saved_recipe(out)["lora"]["r"] == 4
