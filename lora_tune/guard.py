@@ -10,8 +10,13 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import re
 
 API_KEY_ENV = "LORA_TUNE_API_KEY"
+# RFC 6750's token68: what an `Authorization: Bearer` header carries unchanged. Any other character
+# (non-ASCII, a space, a control character) reaches the server re-encoded or cut, and never matches.
+KEY_CHARACTERS = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+KEY_RULE = "letters A-Z and a-z, digits and - . _ ~ + /, then optionally = at the end (RFC 6750's token68)"
 OPEN_PATHS = ("/health",)  # as in vLLM: load balancers probe it without credentials
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # a 128k-token prompt is ~0.5 MB of text, JSON escaping at most doubles it
 # OpenAI-style error codes for the refusals that come from HTTP itself rather than from a route.

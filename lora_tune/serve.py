@@ -536,6 +536,12 @@ def make_access(api_key: str | None, allow_runtime_lora: bool, adapter_root: Pat
     """Access from serve's options. Raises UserError for options that would not do what they say."""
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty", [f"give a key, or unset {guard.API_KEY_ENV}"])
+    if api_key is not None and not guard.KEY_CHARACTERS.fullmatch(api_key.strip()):
+        # The key itself is not shown: it is a secret, and may be in a terminal's scrollback.
+        raise UserError(f"--api-key (or {guard.API_KEY_ENV}) holds characters that an 'Authorization: Bearer' "
+                        f"header cannot carry, so no client could ever send it",
+                        [f"use only {guard.KEY_RULE}",
+                         "for example: python -c 'import secrets; print(secrets.token_urlsafe(32))'"])
     if adapter_root is not None and not allow_runtime_lora:
         raise UserError("--adapter-root only applies with --allow-runtime-lora",
                         ["add --allow-runtime-lora, or drop --adapter-root"])

@@ -275,6 +275,25 @@ def test_serve_options_that_would_not_do_what_they_say(tiny, capsys, args, messa
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("key", ["clé-secrète", "two words", "tab\there", "bell\x07", "ends=with=equals", "ok!"])
+def test_a_key_no_bearer_header_can_carry_is_refused_at_start(tiny, capsys, monkeypatch, key):
+    # A bad --adapter-root too, checked after the key: without the key's check serve stops there, not serving.
+    for args in (["--api-key", key], []):
+        monkeypatch.setenv("LORA_TUNE_API_KEY", key)
+        assert run_cli("serve", tiny / "tiny-llama", "--allow-runtime-lora", "--adapter-root", "no-such-folder",
+                       *args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --api-key (or LORA_TUNE_API_KEY) holds characters that an 'Authorization: "
+                              "Bearer' header cannot carry"), err
+        assert "use only letters A-Z and a-z, digits and - . _ ~ + /, then optionally = at the end" in err
+        assert key not in err and "Traceback" not in err
+
+
+def test_keys_of_token68_characters_are_accepted():
+    for key in ("A-Za-z0-9._~+/", "c2VjcmV0==", "  padded-by-the-shell\n"):
+        assert serve.make_access(key, False, None, None).api_key == key.strip()
+
+
 def test_vllm_gets_the_key_by_environment_and_runtime_loading_off():
     environ = {"PATH": "/bin", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     assert serve.vllm_environment(environ, KEY) == {"PATH": "/bin", "VLLM_API_KEY": KEY}
