@@ -323,7 +323,7 @@ def interrupted(out: Path, step: int) -> str:
         return (f"Interrupted at step {step}, before the first checkpoint was saved: nothing to resume. "
                 "Rerun the same command to start again.")
     return (f"Interrupted at step {step}. The last complete checkpoint is {last} (step {runs.checkpoint_step(last)}): "
-            "rerun the same command to resume from it.")
+            "rerun `lora-tune train` with the same recipe (and without --resume never) to resume from it.")
 
 
 def save_adapter(trainer, plan: Plan, initial: Path | None) -> Path | None:

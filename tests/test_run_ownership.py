@@ -245,8 +245,8 @@ def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(tiny, tmp_pa
     err = " ".join(err.split())
     last = runs.latest_checkpoint(out)
     assert "Interrupted at step " in err
-    assert f"The last complete checkpoint is {last} (step {runs.checkpoint_step(last)}): rerun the same command " \
-           "to resume from it." in err
+    assert f"The last complete checkpoint is {last} (step {runs.checkpoint_step(last)}): rerun `lora-tune " \
+           "train` with the same recipe (and without --resume never) to resume from it." in err
     assert not (out / "adapter").exists() and ownership.holder(out) is None
 
 
