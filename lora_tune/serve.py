@@ -161,8 +161,9 @@ class Engine:
         self.context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
 
     # --- adapters ---
-    def add(self, name: str, path: str) -> None:
-        """Load an adapter under `name`. Raises ServeError (400) when it cannot serve here."""
+    def add(self, name: str, path: str, runtime: bool = False) -> None:
+        """Load an adapter under `name`. Raises ServeError (400) when it cannot serve here.
+        A `runtime` adapter is a client's: answers name nothing read from outside its folder."""
         if name in self.tokenizers:
             raise ServeError(400, f"a model named {name!r} is already served", "model_exists", "lora_name")
         adapter = runs.adapter_dir(Path(path))
@@ -172,7 +173,8 @@ class Engine:
         try:
             models.check_adapter_fits(adapter, self.model, self.base_section)
         except UserError as exc:
-            raise ServeError(400, exc.headline, "adapter_for_another_base", "lora_path") from None
+            raise ServeError(400, self.unfit_message(exc, path, runtime), "adapter_for_another_base",
+                             "lora_path") from None
         try:
             tokenizer = models.adapter_tokenizer(adapter, self.base_section)
         except (UserError, OSError, ValueError) as exc:  # what a missing or corrupt tokenizer file raises
@@ -195,6 +197,19 @@ class Engine:
             what = "adds tokens" if config.trainable_token_indices else f"is {kind}"
             raise ServeError(400, f"{path}: only plain LoRA adapters share a base (this one {what}); merge it "
                                   "(lora-tune merge) and serve the merged model", "unsupported_adapter", "lora_path")
+
+    def unfit_message(self, exc: UserError, path: str, runtime: bool) -> str:
+        """The answer to an adapter of another architecture. Its headline names the model the adapter
+        was trained on as read from that model's config.json, which for a client's adapter may lie
+        anywhere on this machine: a client gets the served base only, the log gets the rest."""
+        if not runtime:
+            return exc.headline
+        console.print(exc.headline)
+        config = self.model.config
+        kind = f"{config.model_type} ({', '.join(config.architectures or [type(self.model).__name__])})"
+        return (f"{path}: this adapter was trained on a model of another architecture: it changes layers that "
+                f"{self.base_section.id}, a {kind} model, does not have; load an adapter trained on it (the "
+                "server's log names the model this one was trained on)")
 
     def attach(self, name: str, adapter: Path, path: str) -> None:
         """Load the adapter's weights into the model; on failure leave the model as it was."""
@@ -414,7 +429,7 @@ def create_app(engine: Engine, access: Access | None = None):
 
     @app.post("/v1/load_lora_adapter")
     def load_adapter(body: LoadAdapter):
-        engine.add(body.lora_name, str(runtime_adapter(runtime_root(access), body.lora_path)))
+        engine.add(body.lora_name, str(runtime_adapter(runtime_root(access), body.lora_path)), runtime=True)
         return {"status": "ok", "model": body.lora_name}
 
     @app.post("/v1/unload_lora_adapter")
@@ -483,12 +498,13 @@ def runtime_root(access: Access) -> Path:
 
 def runtime_adapter(root: Path, given: str) -> Path:
     """The adapter directory a runtime request names (relative to root, or absolute), resolved
-    with links followed. Raises ServeError (403) unless it and every file in it lie in root."""
+    with links followed. Raises ServeError (403) unless it, every file in it and its run's recipe
+    (which models.trained_on reads) lie in root."""
     try:
         path = (root / given).resolve()  # an absolute `given` replaces root here
         adapter = runs.adapter_dir(path) if path.is_relative_to(root) else None
-        inside = [path, *([adapter.resolve(), *(f.resolve() for f in adapter.iterdir())] if adapter else [])]
-    except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a folder this server may not list
+        inside = [path, *(adapter_files(adapter) if adapter else [])]
+    except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a name too long, an unlistable folder, a link loop
         reason = getattr(exc, "strerror", None) or str(exc)
         raise ServeError(400, f"{given!r} is not a usable path ({reason}); name an adapter folder under the server's "
                               "--adapter-root", "invalid_adapter", "lora_path") from None
@@ -497,6 +513,15 @@ def runtime_adapter(root: Path, given: str) -> Path:
                               "adapter under that folder and name it relative to it", "adapter_outside_root",
                          "lora_path")
     return path
+
+
+def adapter_files(adapter: Path) -> list[Path]:
+    """What loading `adapter` reads, links followed: the folder, its files, and the recipe of the
+    run it belongs to (read for the model it was trained on)."""
+    files = [adapter.resolve(), *(f.resolve() for f in adapter.iterdir())]
+    if adapter.name == runs.ADAPTER:
+        files.append((adapter.parent / runs.RECIPE).resolve())
+    return files
 
 
 def sse(payload: dict) -> str:

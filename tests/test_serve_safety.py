@@ -186,24 +186,82 @@ def test_an_unknown_adapter_type_is_not_quoted(engine, root, tmp_path):
     assert "(this one is of an unknown peft_type); merge it (lora-tune merge)" in refused["message"]
 
 
-def test_an_adapter_of_another_architecture_names_both(engine, tiny, tmp_path):
-    """An OPT adapter whose config was edited to name this server's Llama base: refused before PEFT
-    tries it, naming both architectures."""
+@pytest.fixture(scope="module")
+def opt_adapter(tiny, tmp_path_factory) -> Path:
+    """An OPT adapter whose config was edited to name the tiny Llama as its base."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    other = tmp_path / "opt"
+    adapter = tmp_path_factory.mktemp("opt") / "adapter"
     opt = AutoModelForCausalLM.from_pretrained(tiny / "tiny-opt")
-    get_peft_model(opt, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(other)
-    config = json.loads((other / "adapter_config.json").read_text())
-    (other / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(tiny / "tiny-llama")}))
+    get_peft_model(opt, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(tiny / "tiny-llama")}))
+    return adapter
+
+
+def test_an_adapter_of_another_architecture_names_both(engine, opt_adapter):
+    """Given at start (--adapter), such an adapter is refused before PEFT tries it, naming both
+    architectures: the model it was trained on is read from the model card's base_model line."""
+    with pytest.raises(serve.ServeError) as refused:
+        engine.add("opt", str(opt_adapter))
+    assert refused.value.code == "adapter_for_another_base"
+    assert refused.value.message.startswith(f"{opt_adapter}: this adapter was trained on opt (OPTForCausalLM, ")
+    assert ", the base is llama (LlamaForCausalLM, " in refused.value.message
+    assert engine.names() == ["base"]
+
+
+def test_a_client_adapter_of_another_architecture_names_nothing_outside_the_root(engine, opt_adapter, tmp_path,
+                                                                                capsys):
+    """A client's adapter may name any folder as the model it was trained on (in its model card, or
+    its run's recipe): the answer names the served base only, never what that folder's config holds."""
+    secret = tmp_path / "elsewhere"  # a model folder outside the root, its config.json private
+    secret.mkdir()
+    (secret / "config.json").write_text(json.dumps({"model_type": SECRET, "architectures": [SECRET + "Model"]}))
+    root = tmp_path / "root"
+    shutil.copytree(opt_adapter, root / "card")
+    (root / "card" / "README.md").write_text(f"---\nbase_model: {secret}\n---\n")
+    shutil.copytree(opt_adapter, root / "run" / "adapter")
+    (root / "run" / "adapter" / "README.md").unlink()
+    (root / "run" / "recipe.yaml").write_text(f"model:\n  id: {secret}\n")
     before = snapshot(tmp_path)
-    refused = error(client(engine, runtime_adapter_root=tmp_path.resolve()).post(
-        "/v1/load_lora_adapter", json={"lora_name": "opt", "lora_path": "opt"}), 400)
-    assert refused["code"] == "adapter_for_another_base" and refused["param"] == "lora_path"
-    assert refused["message"].startswith(f"{other}: this adapter was trained on opt (OPTForCausalLM, ")
-    assert ", the base is llama (LlamaForCausalLM, " in refused["message"]
+    app = client(engine, runtime_adapter_root=root.resolve())
+    for given in ("card", "run"):
+        refused = error(app.post("/v1/load_lora_adapter", json={"lora_name": "opt", "lora_path": given}), 400)
+        assert refused["code"] == "adapter_for_another_base" and refused["param"] == "lora_path"
+        assert refused["message"].startswith(f"{root / given}: this adapter was trained on a model of another "
+                                             "architecture: it changes layers that ")
+        assert "a llama (LlamaForCausalLM) model, does not have; load an adapter trained on it" in refused["message"]
+        assert str(secret) not in refused["message"]
+    assert capsys.readouterr().out.count(f"this adapter was trained on {SECRET} ({SECRET}Model, {secret})") == 2
     assert engine.names() == ["base"] and snapshot(tmp_path) == before
+
+
+def test_a_run_recipe_linked_from_outside_the_root_is_refused(engine, root, tmp_path):
+    """Loading a run reads its recipe.yaml for the model it was trained on: a link out of the root
+    is refused like a linked adapter file, a link to itself is no usable path."""
+    (tmp_path / "private.yaml").write_text(f"model:\n  id: {SECRET}\n")
+    run = tmp_path / "root" / "run"
+    shutil.copytree(root / "good", run / "adapter")
+    recipe = run / "recipe.yaml"
+    app = client(engine, runtime_adapter_root=(tmp_path / "root").resolve())
+    recipe.symlink_to(tmp_path / "private.yaml")
+    before = snapshot(tmp_path)
+    for given in ("run", "run/adapter"):
+        refused = error(app.post("/v1/load_lora_adapter", json={"lora_name": "run", "lora_path": given}), 403)
+        assert refused["code"] == "adapter_outside_root" and refused["message"].startswith(f"{given}: outside this")
+    recipe.unlink()
+    recipe.symlink_to(recipe)
+    refused = error(app.post("/v1/load_lora_adapter", json={"lora_name": "run", "lora_path": "run"}), 400)
+    assert refused["code"] == "invalid_adapter" and refused["message"].startswith("'run' is not a usable path (")
+    assert refused["message"].endswith("); name an adapter folder under the server's --adapter-root")
+    assert engine.names() == ["base"] and snapshot(tmp_path).keys() == before.keys()
+    recipe.unlink()
+    recipe.write_text(f"model:\n  id: {root / 'good'}\n")
+    response = app.post("/v1/load_lora_adapter", json={"lora_name": "run", "lora_path": "run"})
+    assert response.json() == {"status": "ok", "model": "run"} and engine.names() == ["base", "run"]
+    assert app.post("/v1/unload_lora_adapter", json={"lora_name": "run"}).status_code == 200
+    assert engine.names() == ["base"]
 
 
 # --- request bodies and failures -----------------------------------------------------------------
