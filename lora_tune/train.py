@@ -205,9 +205,10 @@ def finished(out: Path) -> dict:
         metrics = {}
     metrics = metrics if isinstance(metrics, dict) else {}
     loss = metrics.get("final_loss")
+    loss_text = f"{loss:.4f}" if isinstance(loss, (int, float)) else "?"
     if is_main_process():
         console.print(f"{out} is complete: {metrics.get('steps', '?')} steps, final train loss "
-                      f"{f'{loss:.4f}' if isinstance(loss, (int, float)) else '?'}, adapter in {out / runs.ADAPTER}. "
+                      f"{loss_text}, adapter in {out / runs.ADAPTER}. "
                       "Nothing to do.\nTo train longer, raise training.max_steps or training.num_train_epochs (it "
                       "resumes from the last checkpoint); to start over, add --resume never (the earlier run is "
                       "moved aside).")
@@ -254,7 +255,8 @@ def train_and_save(plan: Plan, checkpoint: Path | None, started: float) -> dict 
     if guard.problem:
         raise UserError(f"training stopped at {guard.problem}; nothing after that was saved. "
                         f"Last good checkpoint: {runs.latest_checkpoint(out) or 'none'}",
-                        ["set training.max_grad_norm (e.g. 1.0) and rerun: it resumes from the last good checkpoint",
+                        [("clip gradients harder (training.max_grad_norm below its default 1.0, e.g. 0.3) and rerun: "
+                          "it resumes from the last good checkpoint"),
                          ("or lower training.learning_rate and start over with --resume never (a resumed run "
                           "keeps the learning rate schedule it started with)")])
     adapter = save_adapter(trainer, plan, initial)
