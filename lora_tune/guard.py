@@ -1,8 +1,13 @@
-"""Who may use `lora-tune serve`, and how much one request may send.
+"""Who may use `lora-tune serve`, how much one request may send, and where its adapters may come from.
 
-Both checks are plain ASGI middleware, so they run before FastAPI reads or parses a body: a
-client without the key learns nothing about the routes, and an oversized body is refused
-before it is held in memory. Refusals are OpenAI-style JSON errors, as clients expect.
+`Access` is what serve's options allow (checked by `make_access`): the API key, the largest
+body, and the one folder runtime-loaded adapters may come from (runtime loading is off without
+it); `runtime_adapter` keeps a client's adapter, every file in it and its run's recipe inside
+that folder. The warning for a server reachable from other machines without a key lives here too.
+
+The key and the body size are checked by plain ASGI middleware, so they run before FastAPI reads
+or parses a body: a client without the key learns nothing about the routes, and an oversized body
+is refused before it is held in memory. Refusals are OpenAI-style JSON errors, as clients expect.
 """
 
 from __future__ import annotations
@@ -11,6 +16,12 @@ import hmac
 import ipaddress
 import json
 import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import output, runs
+from .errors import UserError
+from .serve_errors import HTTP_CODES, ServeError, error_body
 
 API_KEY_ENV = "LORA_TUNE_API_KEY"
 # RFC 6750's token68: what an `Authorization: Bearer` header carries unchanged. Any other character
@@ -19,13 +30,6 @@ KEY_CHARACTERS = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 KEY_RULE = "letters A-Z and a-z, digits and - . _ ~ + /, then optionally = at the end (RFC 6750's token68)"
 OPEN_PATHS = ("/health",)  # as in vLLM: load balancers probe it without credentials
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # a 128k-token prompt is ~0.5 MB of text, JSON escaping at most doubles it
-# OpenAI-style error codes for the refusals that come from HTTP itself rather than from a route.
-HTTP_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-
-
-def error_body(message: str, kind: str, code: str | None, param: str | None = None) -> dict:
-    """OpenAI's error object."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 async def send_json(send, status: int, body: dict, headers: tuple = ()) -> None:
@@ -115,3 +119,80 @@ def exposure_warning(host: str, port: int, api_key: str | None) -> str | None:
         return None
     return (f"listening on {host}:{port} without an API key: anyone who can reach this port can use the models. "
             f"Set --api-key (or {API_KEY_ENV}), or listen on 127.0.0.1.")
+
+
+def warn_if_exposed(host: str, port: int, api_key: str | None) -> None:
+    warning = exposure_warning(host, port, api_key)
+    if warning:
+        output.console(stderr=True).print(f"[bold yellow]warning:[/] {warning}", highlight=False)
+
+
+@dataclass
+class Access:
+    """What clients of the server may do: the key they must send (None: no key), the folder
+    runtime adapter loading may read from (None: runtime loading off), the largest body."""
+
+    api_key: str | None = None
+    runtime_adapter_root: Path | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+
+def make_access(api_key: str | None, allow_runtime_lora: bool, adapter_root: Path | None,
+                max_body_bytes: int | None) -> Access:
+    """Access from serve's options. Raises UserError for options that would not do what they say."""
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key is empty", [f"give a key, or unset {API_KEY_ENV}"])
+    if api_key is not None and not KEY_CHARACTERS.fullmatch(api_key.strip()):
+        # The key itself is not shown: it is a secret, and may be in a terminal's scrollback.
+        raise UserError(f"--api-key (or {API_KEY_ENV}) holds characters that an 'Authorization: Bearer' "
+                        f"header cannot carry, so no client could ever send it",
+                        [f"use only {KEY_RULE}",
+                         "for example: python -c 'import secrets; print(secrets.token_urlsafe(32))'"])
+    if adapter_root is not None and not allow_runtime_lora:
+        raise UserError("--adapter-root only applies with --allow-runtime-lora",
+                        ["add --allow-runtime-lora, or drop --adapter-root"])
+    if allow_runtime_lora and adapter_root is None:
+        raise UserError("--allow-runtime-lora needs --adapter-root DIR, the folder clients may load adapters from",
+                        ["for example: --allow-runtime-lora --adapter-root runs"])
+    if adapter_root is not None and not adapter_root.is_dir():
+        raise UserError(f"--adapter-root {adapter_root}: not a directory",
+                        ["give the folder holding the adapters clients may load"])
+    return Access(api_key.strip() if api_key else None, adapter_root.resolve() if adapter_root else None,
+                  max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+
+
+def runtime_root(access: Access) -> Path:
+    """The folder runtime-loaded adapters must lie in. Raises ServeError (403) when runtime loading is off."""
+    if access.runtime_adapter_root is None:
+        raise ServeError(403, "loading and unloading adapters at run time is off on this server; start it with "
+                              "--allow-runtime-lora --adapter-root DIR to allow adapters under DIR",
+                         "runtime_lora_disabled")
+    return access.runtime_adapter_root
+
+
+def runtime_adapter(root: Path, given: str) -> Path:
+    """The adapter directory a runtime request names (relative to root, or absolute), resolved
+    with links followed. Raises ServeError (403) unless it, every file in it and its run's recipe
+    (which models.trained_on reads) lie in root."""
+    try:
+        path = (root / given).resolve()  # an absolute `given` replaces root here
+        adapter = runs.adapter_dir(path) if path.is_relative_to(root) else None
+        inside = [path, *(adapter_files(adapter) if adapter else [])]
+    except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a name too long, an unlistable folder, a link loop
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ServeError(400, f"{given!r} is not a usable path ({reason}); name an adapter folder under the server's "
+                              "--adapter-root", "invalid_adapter", "lora_path") from None
+    if not all(p.is_relative_to(root) for p in inside):
+        raise ServeError(403, f"{given}: outside this server's --adapter-root (after following links); put the "
+                              "adapter under that folder and name it relative to it", "adapter_outside_root",
+                         "lora_path")
+    return path
+
+
+def adapter_files(adapter: Path) -> list[Path]:
+    """What loading `adapter` reads, links followed: the folder, its files, and the recipe of the
+    run it belongs to (read for the model it was trained on)."""
+    files = [adapter.resolve(), *(f.resolve() for f in adapter.iterdir())]
+    if adapter.name == runs.ADAPTER:
+        files.append((adapter.parent / runs.RECIPE).resolve())
+    return files

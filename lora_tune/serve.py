@@ -5,8 +5,9 @@ disabled. One generation runs at a time, with only its adapter active, so a resp
 exactly what its adapter alone produces. For throughput (batching requests across adapters)
 `--engine vllm` hands the same adapters to vLLM's own server.
 
-What clients may do is set by `Access`: an API key, the largest request body, and the one
-folder runtime-loaded adapters may come from (runtime loading is off without it).
+This module holds the engine, the request models, the routes and the command. What clients may
+do (`guard.Access`) lives in guard.py, the OpenAI error answers in serve_errors.py, and the
+`--engine vllm` command in serve_vllm.py.
 """
 
 from __future__ import annotations
@@ -25,30 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import guard, models, output, runs
 from .errors import UserError
+from .serve_errors import ServeError, add_error_handlers
+from .serve_vllm import run_vllm
 
 console = output.console()
-
-
-class ServeError(Exception):
-    """An error answered as OpenAI's JSON error body with this HTTP status."""
-
-    def __init__(self, status: int, message: str, code: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-
-    def body(self) -> dict:
-        kind = {404: "not_found_error", 500: "server_error"}.get(self.status, "invalid_request_error")
-        return guard.error_body(self.message, kind, self.code, self.param)
-
-
-@dataclass
-class Access:
-    """What clients of the server may do: the key they must send (None: no key), the folder
-    runtime adapter loading may read from (None: runtime loading off), the largest body."""
-
-    api_key: str | None = None
-    runtime_adapter_root: Path | None = None
-    max_body_bytes: int = guard.DEFAULT_MAX_BODY_BYTES
 
 
 # --- requests, as the OpenAI API defines them (the fields lora-tune acts on) -----------------
@@ -359,12 +340,12 @@ def _same_model(a: str, b: str) -> bool | None:
 
 # --- the HTTP API ------------------------------------------------------------------------------
 
-def create_app(engine: Engine, access: Access | None = None):
+def create_app(engine: Engine, access: guard.Access | None = None):
     """The FastAPI application answering OpenAI's /v1 routes (and vLLM's adapter routes)."""
     from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
 
-    access = access or Access()
+    access = access or guard.Access()
     app = FastAPI(title="lora-tune serve")
     add_error_handlers(app)
     app.add_middleware(guard.LimitBody, limit=access.max_body_bytes)
@@ -429,99 +410,17 @@ def create_app(engine: Engine, access: Access | None = None):
 
     @app.post("/v1/load_lora_adapter")
     def load_adapter(body: LoadAdapter):
-        engine.add(body.lora_name, str(runtime_adapter(runtime_root(access), body.lora_path)), runtime=True)
+        adapter = guard.runtime_adapter(guard.runtime_root(access), body.lora_path)
+        engine.add(body.lora_name, str(adapter), runtime=True)
         return {"status": "ok", "model": body.lora_name}
 
     @app.post("/v1/unload_lora_adapter")
     def unload_adapter(body: UnloadAdapter):
-        runtime_root(access)
+        guard.runtime_root(access)
         engine.remove(body.lora_name)
         return {"status": "ok", "model": body.lora_name}
 
     return app
-
-
-def add_error_handlers(app) -> None:
-    """Every failure answers OpenAI's JSON error object; none shows a traceback to the client."""
-    from fastapi import Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from starlette.exceptions import HTTPException
-
-    @app.exception_handler(ServeError)
-    def serve_error(request: Request, exc: ServeError):
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    def invalid_body(request: Request, exc: RequestValidationError):
-        where, message = describe_invalid(exc.errors()[0])
-        return JSONResponse(ServeError(400, message, "invalid_request", where).body(), status_code=400)
-
-    @app.exception_handler(HTTPException)
-    def http_error(request: Request, exc: HTTPException):
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-        body = guard.error_body(message, "invalid_request_error", guard.HTTP_CODES.get(exc.status_code))
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(UserError)
-    def user_error(request: Request, exc: UserError):
-        return JSONResponse(ServeError(400, exc.render(), "invalid_request").body(), status_code=400)
-
-    @app.exception_handler(Exception)
-    def server_error(request: Request, exc: Exception):
-        # The traceback goes to the server's log (uvicorn prints it), never to the client.
-        message = "the server failed while answering this request; its log has the details"
-        return JSONResponse(ServeError(500, message, "internal_error").body(), status_code=500)
-
-
-def describe_invalid(error: dict) -> tuple[str | None, str]:
-    """(the field, a message) for pydantic's first complaint about a request body."""
-    where = ".".join(str(p) for p in error["loc"] if p != "body") or None
-    if error["type"] == "json_invalid":
-        reason = error.get("ctx", {}).get("error", "")
-        return None, f"the request body is not valid JSON ({reason} at character {where}); send a JSON object"
-    if where is None and error["type"] == "missing":
-        return None, "the request body is empty; send a JSON object with Content-Type: application/json"
-    if where is None:
-        return None, "the request body must be a JSON object sent with Content-Type: application/json"
-    return where, f"{where}: {error['msg']}"
-
-
-def runtime_root(access: Access) -> Path:
-    """The folder runtime-loaded adapters must lie in. Raises ServeError (403) when runtime loading is off."""
-    if access.runtime_adapter_root is None:
-        raise ServeError(403, "loading and unloading adapters at run time is off on this server; start it with "
-                              "--allow-runtime-lora --adapter-root DIR to allow adapters under DIR",
-                         "runtime_lora_disabled")
-    return access.runtime_adapter_root
-
-
-def runtime_adapter(root: Path, given: str) -> Path:
-    """The adapter directory a runtime request names (relative to root, or absolute), resolved
-    with links followed. Raises ServeError (403) unless it, every file in it and its run's recipe
-    (which models.trained_on reads) lie in root."""
-    try:
-        path = (root / given).resolve()  # an absolute `given` replaces root here
-        adapter = runs.adapter_dir(path) if path.is_relative_to(root) else None
-        inside = [path, *(adapter_files(adapter) if adapter else [])]
-    except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a name too long, an unlistable folder, a link loop
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise ServeError(400, f"{given!r} is not a usable path ({reason}); name an adapter folder under the server's "
-                              "--adapter-root", "invalid_adapter", "lora_path") from None
-    if not all(p.is_relative_to(root) for p in inside):
-        raise ServeError(403, f"{given}: outside this server's --adapter-root (after following links); put the "
-                              "adapter under that folder and name it relative to it", "adapter_outside_root",
-                         "lora_path")
-    return path
-
-
-def adapter_files(adapter: Path) -> list[Path]:
-    """What loading `adapter` reads, links followed: the folder, its files, and the recipe of the
-    run it belongs to (read for the model it was trained on)."""
-    files = [adapter.resolve(), *(f.resolve() for f in adapter.iterdir())]
-    if adapter.name == runs.ADAPTER:
-        files.append((adapter.parent / runs.RECIPE).resolve())
-    return files
 
 
 def sse(payload: dict) -> str:
@@ -556,37 +455,13 @@ def resolve(target: str, adapter_specs: list[str]):
     return base, named
 
 
-def make_access(api_key: str | None, allow_runtime_lora: bool, adapter_root: Path | None,
-                max_body_bytes: int | None) -> Access:
-    """Access from serve's options. Raises UserError for options that would not do what they say."""
-    if api_key is not None and not api_key.strip():
-        raise UserError("--api-key is empty", [f"give a key, or unset {guard.API_KEY_ENV}"])
-    if api_key is not None and not guard.KEY_CHARACTERS.fullmatch(api_key.strip()):
-        # The key itself is not shown: it is a secret, and may be in a terminal's scrollback.
-        raise UserError(f"--api-key (or {guard.API_KEY_ENV}) holds characters that an 'Authorization: Bearer' "
-                        f"header cannot carry, so no client could ever send it",
-                        [f"use only {guard.KEY_RULE}",
-                         "for example: python -c 'import secrets; print(secrets.token_urlsafe(32))'"])
-    if adapter_root is not None and not allow_runtime_lora:
-        raise UserError("--adapter-root only applies with --allow-runtime-lora",
-                        ["add --allow-runtime-lora, or drop --adapter-root"])
-    if allow_runtime_lora and adapter_root is None:
-        raise UserError("--allow-runtime-lora needs --adapter-root DIR, the folder clients may load adapters from",
-                        ["for example: --allow-runtime-lora --adapter-root runs"])
-    if adapter_root is not None and not adapter_root.is_dir():
-        raise UserError(f"--adapter-root {adapter_root}: not a directory",
-                        ["give the folder holding the adapters clients may load"])
-    return Access(api_key.strip() if api_key else None, adapter_root.resolve() if adapter_root else None,
-                  max_body_bytes or guard.DEFAULT_MAX_BODY_BYTES)
-
-
 def run(target: str, adapter_specs: list[str], host: str, port: int, engine_name: str = "local",
         base_name: str | None = None, dtype: str = "auto", api_key: str | None = None,
         allow_runtime_lora: bool = False, adapter_root: Path | None = None, max_body_bytes: int | None = None) -> None:
     """Serve until interrupted."""
     import importlib.util
 
-    access = make_access(api_key, allow_runtime_lora, adapter_root, max_body_bytes)
+    access = guard.make_access(api_key, allow_runtime_lora, adapter_root, max_body_bytes)
     base, named = resolve(target, adapter_specs)
     base_name = base_name or base.id
     if base_name in named:
@@ -603,79 +478,7 @@ def run(target: str, adapter_specs: list[str], host: str, port: int, engine_name
             engine.add(name, str(adapter))
         except ServeError as exc:
             raise UserError(f"--adapter {name}: {exc.message}") from None
-    warn_if_exposed(host, port, access.api_key)
+    guard.warn_if_exposed(host, port, access.api_key)
     console.print(f"Serving {', '.join(engine.names())} on {engine.device}; OpenAI clients: "
                   f"base_url=http://{host}:{port}/v1")
     uvicorn.run(create_app(engine, access), host=host, port=port, log_level="warning")
-
-
-def warn_if_exposed(host: str, port: int, api_key: str | None) -> None:
-    warning = guard.exposure_warning(host, port, api_key)
-    if warning:
-        output.console(stderr=True).print(f"[bold yellow]warning:[/] {warning}", highlight=False)
-
-
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
-
-
-def vllm_command(base, named: dict[str, Path], host: str, port: int, base_name: str) -> list[str]:
-    """`vllm serve` with LoRA enabled and every adapter registered, after checking each against
-    what vLLM's LoRA support loads (plain LoRA matrices, rank at most 512). Raises UserError."""
-    problems, ranks = [], []
-    for name, adapter in named.items():
-        config = runs.adapter_config(adapter)
-        unsupported = [what for what, present in (
-            (f"{config.get('peft_type')} adapters", config.get("peft_type") != "LORA"),
-            ("DoRA", config.get("use_dora")), ("modules_to_save", config.get("modules_to_save")),
-            ("added tokens (trainable_token_indices)", config.get("trainable_token_indices")),
-            ("LoRA biases", config.get("bias", "none") != "none" or config.get("lora_bias"))) if present]
-        if unsupported:
-            problems.append(f"{name} ({adapter}) uses {', '.join(unsupported)}, which vLLM does not serve as LoRA")
-        ranks.append(max([config.get("r", 8), *(config.get("rank_pattern") or {}).values()]))
-    rank = next((r for r in VLLM_RANKS if r >= max(ranks, default=1)), None)
-    if rank is None:
-        problems.append(f"rank {max(ranks)} is above vLLM's largest --max-lora-rank, {VLLM_RANKS[-1]}")
-    if problems:
-        raise UserError("--engine vllm: " + "; ".join(problems),
-                        ["merge such an adapter (lora-tune merge) and serve the merged model, or use --engine local"])
-    command = ["vllm", "serve", base.id, "--served-model-name", base_name, "--host", host, "--port", str(port)]
-    if base.revision:
-        command += ["--revision", base.revision]
-    if named:
-        command += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(len(named)), "--lora-modules",
-                    *(f"{name}={adapter.resolve()}" for name, adapter in named.items())]
-    return command
-
-
-def run_vllm(base, named: dict[str, Path], host: str, port: int, base_name: str, access: Access,
-             explicit_limit: bool = False) -> None:
-    """Replace this process with vLLM's OpenAI server, adapters registered."""
-    import importlib.util
-    import os
-
-    if access.runtime_adapter_root is not None:
-        raise UserError("--engine vllm: vLLM cannot keep runtime adapter loading to --adapter-root",
-                        ["use --engine local, or drop --allow-runtime-lora",
-                         "adapters given with --adapter are served either way"])
-    if explicit_limit:
-        raise UserError("--engine vllm: --max-body-bytes applies to the local engine only",
-                        ["drop --max-body-bytes, or limit request sizes in a proxy in front of vLLM"])
-    command = vllm_command(base, named, host, port, base_name)
-    if importlib.util.find_spec("vllm") is None:
-        raise UserError("--engine vllm: vLLM is not installed", ["pip install vllm (Linux with a CUDA GPU), "
-                                                                  "or use --engine local"])
-    if not torch.cuda.is_available():
-        raise UserError("--engine vllm: vLLM's LoRA serving needs a CUDA GPU, and this machine has none",
-                        ["use --engine local"])
-    warn_if_exposed(host, port, access.api_key or os.environ.get("VLLM_API_KEY"))
-    console.print("Starting: " + " ".join(command))
-    os.execvpe(command[0], command, vllm_environment(dict(os.environ), access.api_key))
-
-
-def vllm_environment(environ: dict[str, str], api_key: str | None) -> dict[str, str]:
-    """The environment for vLLM: the key in VLLM_API_KEY, which vLLM reads like its --api-key but
-    which, unlike an argument, no process listing shows; runtime adapter loading off."""
-    environ = {name: value for name, value in environ.items() if name != "VLLM_ALLOW_RUNTIME_LORA_UPDATING"}
-    if api_key:
-        environ["VLLM_API_KEY"] = api_key
-    return environ

@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers import free_port, run_cli, write_recipe
 
-from lora_tune import serve
+from lora_tune import serve, serve_vllm
 from lora_tune.errors import UserError
 from lora_tune.tiny import CHAT_TEMPLATE
 
@@ -209,7 +209,7 @@ def test_vllm_command_and_its_checks(runs, tmp_path, capsys):
     from lora_tune.recipe import ModelSection
 
     base = ModelSection(id="meta-llama/Llama-3.1-8B")
-    command = serve.vllm_command(base, {"answers": runs / "answers" / "adapter"}, "0.0.0.0", 8000, "llama")
+    command = serve_vllm.vllm_command(base, {"answers": runs / "answers" / "adapter"}, "0.0.0.0", 8000, "llama")
     assert command == ["vllm", "serve", "meta-llama/Llama-3.1-8B", "--served-model-name", "llama", "--host", "0.0.0.0",
                        "--port", "8000", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "1", "--lora-modules",
                        f"answers={(runs / 'answers' / 'adapter').resolve()}"]
@@ -219,7 +219,7 @@ def test_vllm_command_and_its_checks(runs, tmp_path, capsys):
     (dora / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True, "r": 1024}))
     (dora / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(UserError) as info:
-        serve.vllm_command(base, {"d": dora}, "0.0.0.0", 8000, "llama")
+        serve_vllm.vllm_command(base, {"d": dora}, "0.0.0.0", 8000, "llama")
     assert info.value.headline == (f"--engine vllm: d ({dora}) uses DoRA, which vLLM does not serve as LoRA; "
                                    "rank 1024 is above vLLM's largest --max-lora-rank, 512")
     if importlib.util.find_spec("vllm") is None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import free_port, run_cli
 
-from lora_tune import guard, serve
+from lora_tune import guard, serve, serve_errors, serve_vllm
 from lora_tune.recipe import ModelSection
 
 pytest.importorskip("fastapi")
@@ -57,7 +57,7 @@ def engine(tiny):
 
 
 def client(engine, **access) -> TestClient:
-    return TestClient(serve.create_app(engine, serve.Access(**access)), raise_server_exceptions=False)
+    return TestClient(serve.create_app(engine, guard.Access(**access)), raise_server_exceptions=False)
 
 
 # --- the API key ---------------------------------------------------------------------------------
@@ -91,8 +91,8 @@ def test_exposure_warning_only_beyond_loopback_without_a_key(capsys):
         assert warning.startswith(f"listening on {host}:8000 without an API key: anyone who can reach this port")
         assert "Set --api-key (or LORA_TUNE_API_KEY), or listen on 127.0.0.1." in warning
         assert guard.exposure_warning(host, 8000, KEY) is None
-    serve.warn_if_exposed("0.0.0.0", 9000, None)
-    serve.warn_if_exposed("127.0.0.1", 9000, None)
+    guard.warn_if_exposed("0.0.0.0", 9000, None)
+    guard.warn_if_exposed("127.0.0.1", 9000, None)
     captured = capsys.readouterr()
     assert captured.err.count("warning: listening on 0.0.0.0:9000 without an API key") == 1 and not captured.out
 
@@ -203,7 +203,7 @@ def opt_adapter(tiny, tmp_path_factory) -> Path:
 def test_an_adapter_of_another_architecture_names_both(engine, opt_adapter):
     """Given at start (--adapter), such an adapter is refused before PEFT tries it, naming both
     architectures: the model it was trained on is read from the model card's base_model line."""
-    with pytest.raises(serve.ServeError) as refused:
+    with pytest.raises(serve_errors.ServeError) as refused:
         engine.add("opt", str(opt_adapter))
     assert refused.value.code == "adapter_for_another_base"
     assert refused.value.message.startswith(f"{opt_adapter}: this adapter was trained on opt (OPTForCausalLM, ")
@@ -278,7 +278,7 @@ def test_a_body_over_the_limit_is_a_413(engine):
                                       "--max-body-bytes")
     # Under the limit the request reaches the route (which knows no model "nope").
     assert error(app.post("/v1/completions", json={"model": "nope", "prompt": "x"}), 404)["code"] == "model_not_found"
-    assert serve.Access().max_body_bytes == 4 * 1024 * 1024
+    assert guard.Access().max_body_bytes == 4 * 1024 * 1024
 
 
 def test_a_malformed_body_is_named_as_such(engine):
@@ -349,13 +349,13 @@ def test_a_key_no_bearer_header_can_carry_is_refused_at_start(tiny, capsys, monk
 
 def test_keys_of_token68_characters_are_accepted():
     for key in ("A-Za-z0-9._~+/", "c2VjcmV0==", "  padded-by-the-shell\n"):
-        assert serve.make_access(key, False, None, None).api_key == key.strip()
+        assert guard.make_access(key, False, None, None).api_key == key.strip()
 
 
 def test_vllm_gets_the_key_by_environment_and_runtime_loading_off():
     environ = {"PATH": "/bin", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    assert serve.vllm_environment(environ, KEY) == {"PATH": "/bin", "VLLM_API_KEY": KEY}
-    assert serve.vllm_environment(environ, None) == {"PATH": "/bin"}
+    assert serve_vllm.vllm_environment(environ, KEY) == {"PATH": "/bin", "VLLM_API_KEY": KEY}
+    assert serve_vllm.vllm_environment(environ, None) == {"PATH": "/bin"}
 
 
 # --- over a real socket --------------------------------------------------------------------------
@@ -366,7 +366,7 @@ def live(engine):
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(serve.create_app(engine, serve.Access(api_key=KEY, max_body_bytes=1000)),
+    server = uvicorn.Server(uvicorn.Config(serve.create_app(engine, guard.Access(api_key=KEY, max_body_bytes=1000)),
                                            host="127.0.0.1", port=port, log_level="critical"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
