@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers import free_port, run_cli, write_recipe
 
-from lora_tune import serve, serve_vllm
+from lora_tune import serve_engine, serve_schemas, serve_vllm
 from lora_tune.errors import UserError
 from lora_tune.tiny import CHAT_TEMPLATE
 
@@ -230,12 +230,13 @@ def test_vllm_command_and_its_checks(runs, tmp_path, capsys):
 def test_engine_serves_the_plain_base_again_after_its_last_adapter_goes(runs, tiny, references):
     from lora_tune.recipe import ModelSection
 
-    engine = serve.Engine(ModelSection(id=str(tiny / "tiny-llama")), "base", "float32")
+    engine = serve_engine.Engine(ModelSection(id=str(tiny / "tiny-llama")), "base", "float32")
     tokenizer = engine.tokenizer("base")
 
     def answer(name):
-        job = engine.prepare(serve.CompletionRequest(model=name, prompt=PROMPTS[0], max_tokens=MAX_TOKENS,
-                                                     temperature=0), tokenizer(PROMPTS[0])["input_ids"], MAX_TOKENS)
+        job = engine.prepare(serve_schemas.CompletionRequest(model=name, prompt=PROMPTS[0], max_tokens=MAX_TOKENS,
+                                                             temperature=0),
+                             tokenizer(PROMPTS[0])["input_ids"], MAX_TOKENS)
         return "".join(engine.stream(job)), job.finish_reason
 
     assert answer("base") == (references["base"][PROMPTS[0]], "length")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import free_port, run_cli
 
-from lora_tune import guard, serve, serve_errors, serve_vllm
+from lora_tune import guard, serve, serve_engine, serve_errors, serve_vllm
 from lora_tune.recipe import ModelSection
 
 pytest.importorskip("fastapi")
@@ -53,7 +53,7 @@ def root(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(tiny):
-    return serve.Engine(ModelSection(id=str(tiny / "tiny-llama")), "base", "float32")
+    return serve_engine.Engine(ModelSection(id=str(tiny / "tiny-llama")), "base", "float32")
 
 
 def client(engine, **access) -> TestClient:
