@@ -14,34 +14,15 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from . import data, generate, models, output, reports, runs
+from . import data, generate, hardware, models, output, reports, runs
+from .common import batches, compare_logits
 from .errors import UserError
-from .merge import compare_logits
 
 console = output.console()
 SHOWN = [("loss", "loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"), ("token_accuracy", "token acc", "{:.2%}"),
          ("exact_match", "exact", "{:.2%}"), ("normalized_exact_match", "norm. exact", "{:.2%}"),
          ("token_f1", "token F1", "{:.3f}"), ("generated_tokens", "gen. len", "{:.1f}"),
          ("tokens_per_second", "tokens/s", "{:,.0f}")]
-
-
-def batches(dataset, batch_size: int, pad_id: int, device) -> list[dict[str, torch.Tensor]]:
-    """Length-sorted, right-padded batches; labels are -100 on padding."""
-    order = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))
-    result = []
-    for start in range(0, len(order), batch_size):
-        rows = [dataset[i] for i in order[start:start + batch_size]]
-        width = len(rows[0]["input_ids"])
-        ids = torch.full((len(rows), width), pad_id)
-        labels = torch.full((len(rows), width), -100)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, row in enumerate(rows):
-            n = len(row["input_ids"])
-            ids[j, :n] = torch.tensor(row["input_ids"])
-            labels[j, :n] = torch.tensor(row["labels"])
-            mask[j, :n] = 1
-        result.append({"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)})
-    return result
 
 
 @torch.no_grad()
@@ -114,7 +95,7 @@ def run(targets: list[str] | str, data_spec: str | None = None, compare: bool = 
     if tasks and not merge and not compare:
         raise UserError("--tasks runs lm-evaluation-harness on merged (plain) models, and --no-merge keeps the adapter "
                         "unmerged", ["drop --no-merge, or add --compare to score the base too"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = hardware.device()
     report = {"targets": targets, "results": {}, "merged_vs_adapter": None, "device": device,
               "settings": {"batch_size": batch_size, "max_samples": max_samples, "tasks": tasks, "stop": list(stop)}}
     first_run, generations, evaluator = None, {}, None

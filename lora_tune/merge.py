@@ -18,13 +18,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, models, output, runs, stream_merge
+from . import __version__, hardware, models, output, runs, stream_merge
+from .common import compare_logits
 from .errors import UserError
 
 console = output.console()
-# Largest allowed |merged - adapter| logit difference, relative to the largest |logit| (at
-# least 1). Merging rounds W + scale * B @ A once to the weight dtype, so the bound follows it.
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 PROBE_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Fine-tuning changes a model; merging must not.",
@@ -55,17 +53,6 @@ def probe_batch(tokenizer, device, samples=None, seed: int = 0) -> dict[str, tor
 def logits_of(model, batch) -> torch.Tensor:
     """Logits at the real (non-padding) positions, as float32."""
     return model(**batch).logits[batch["attention_mask"].bool()].float()
-
-
-def compare_logits(reference: torch.Tensor, other: torch.Tensor, dtype: torch.dtype) -> dict:
-    """Max and mean absolute difference, and whether they are within the dtype's tolerance."""
-    diff = (other - reference).abs()
-    scale = max(1.0, reference.abs().max().item())
-    tolerance = TOLERANCE.get(dtype, 5e-2) * scale
-    finite = bool(torch.isfinite(other).all())
-    max_diff = diff.max().item()
-    return {"max_abs_diff": max_diff, "mean_abs_diff": diff.mean().item(), "tolerance": tolerance,
-            "ok": finite and max_diff <= tolerance}
 
 
 def resolve_adapters(sources: list[Path]) -> list[Path]:
@@ -215,7 +202,7 @@ def streamed(adapter, recipe, section, base_dir, merge_plan, partial, dtype, max
     """Stream the merge into `partial`; verify against adapter-on-base, one model in memory at a time."""
     from transformers import AutoModelForCausalLM
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = hardware.device()
     report: dict = {"method": "stream"}
     if verify:
         model, tokenizer, _ = models.load_with_adapter(adapter, dtype, section)
@@ -252,7 +239,7 @@ def in_memory(adapters, recipe, section, partial, dtype, max_bytes, weights, com
         model.set_adapter("combined")
         for name in names:
             model.delete_adapter(name)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = hardware.device()
     model.to(device)
     report: dict = {"method": "memory"}
     if adapter_only:

@@ -1,4 +1,4 @@
-"""Base model and tokenizer loading, hardware-dependent choices, and target-module checks."""
+"""Base model and tokenizer loading, dtype choice, target-module checks, and adapters on their base."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
 
-from . import output
+from . import hardware, output
+from .common import first_line
 from .errors import UserError
+from .recipe import ModelSection
+from .runs import ADAPTER, RECIPE, adapter_config
 
 console = output.console()
 
@@ -28,37 +30,13 @@ REMOTE_CODE_FIX = ("set model.trust_remote_code: true in the recipe (lora-tune m
                    "user's rights")
 
 
-def has_cuda() -> bool:
-    return torch.cuda.is_available()
-
-
 def resolve_dtype(name: str) -> torch.dtype:
     """`auto` becomes bfloat16 on GPUs that support it, float16 on other GPUs, float32 on CPU."""
     if name != "auto":
         return DTYPES[name]
-    if has_cuda():
+    if hardware.has_cuda():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def hardware_training_defaults(training: dict[str, Any]) -> dict[str, Any]:
-    """SFTConfig values chosen from the hardware; the recipe's own values win over these.
-
-    TRL defaults to bf16 autocast and gradient checkpointing. On a CPU without native bf16 that
-    makes each step many times slower, and checkpointing trades speed for memory that small
-    LoRA runs do not need, so both are opt-in here.
-    """
-    # Every LoRA parameter takes part in each forward pass, so DDP need not search for unused
-    # ones (the search costs a graph traversal per step).
-    # A NaN loss must show in the logs (and stop the run), not be averaged away.
-    defaults: dict[str, Any] = {"gradient_checkpointing": False, "report_to": "tensorboard",
-                                "ddp_find_unused_parameters": False, "logging_nan_inf_filter": False}
-    if "bf16" not in training and "fp16" not in training:
-        bf16 = has_cuda() and torch.cuda.is_bf16_supported()
-        defaults |= {"bf16": bf16, "fp16": has_cuda() and not bf16}
-    if not has_cuda():
-        defaults["use_cpu"] = True
-    return defaults
 
 
 def check_quantization(section) -> None:
@@ -73,7 +51,7 @@ def check_quantization(section) -> None:
         raise UserError("model.quantization: the bitsandbytes package is not installed", ["pip install bitsandbytes"])
     import bitsandbytes.functional as bnb
 
-    device = "cuda" if has_cuda() else "cpu"
+    device = hardware.device()
     try:  # a 64 x 64 probe, quantized the way the model's weights will be
         probe = torch.randn(64, 64, device=device, dtype=torch.float16)
         if section.quantization.bits == 4:
@@ -82,7 +60,7 @@ def check_quantization(section) -> None:
             bnb.int8_vectorwise_quant(probe)
     except Exception as exc:  # bitsandbytes raises its own types per backend
         raise UserError(f"model.quantization: bitsandbytes cannot quantize on this machine's {device}: "
-                        f"{_first_line(exc)[:200]}",
+                        f"{first_line(exc)[:200]}",
                         ["upgrade bitsandbytes (pip install -U bitsandbytes), run on a CUDA GPU, or remove "
                          "model.quantization to train LoRA on the full-precision base"]) from None
 
@@ -160,7 +138,7 @@ def load_config(section):
     except (OSError, ValueError) as exc:
         if "custom code" in str(exc):  # transformers' words when auto_map needs trust_remote_code
             raise remote_code_error(section) from None
-        raise UserError(f"model.id: cannot load the model config of {section.id!r}: {str(exc).splitlines()[0]}",
+        raise UserError(f"model.id: cannot load the model config of {section.id!r}: {first_line(exc)}",
                         ["check the hub id or path, the network, and HF_TOKEN for gated models"]) from None
 
 
@@ -173,7 +151,7 @@ def meta_model(config, trust_remote_code: bool = False):
             return AutoModelForCausalLM.from_config(
                 config, trust_remote_code=trust_remote_code and _REMOTE_CODE_ALLOWED.get())
     except ValueError as exc:
-        raise UserError(f"model.id: not a causal language model: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"model.id: not a causal language model: {first_line(exc)}") from None
 
 
 def linear_module_names(model) -> list[str]:
@@ -323,27 +301,19 @@ def load_model(section, dtype, source: str | None = None):
         kwargs["attn_implementation"] = section.attn_implementation
     if section.quantization:  # quantized weights are placed on this process's GPU as they load
         kwargs["quantization_config"] = quantization_config(section, dtype)
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0")) if has_cuda() else "cpu"}
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0")) if hardware.has_cuda() else "cpu"}
     check_weights(section, source)
     try:
         return AutoModelForCausalLM.from_pretrained(source, revision=section.revision, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise UserError(f"model.id: cannot load the weights of {source}: {_first_line(exc)}",
+        raise UserError(f"model.id: cannot load the weights of {source}: {first_line(exc)}",
                         ["check that the download or copy is complete (re-download corrupt or truncated files)"]) \
             from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def adapter_base_section(adapter: Path, model_section=None, allow_pickle: bool = False):
     """The model section of an adapter's base: the run recipe's, else from adapter_config.json
     (base_model_name_or_path, revision). Raises UserError when the base is gone."""
-    from .recipe import ModelSection
-    from .runs import adapter_config
-
     config = adapter_config(adapter)
     base = config.get("base_model_name_or_path") or ""
     if model_section is None or model_section.id != base:
@@ -397,7 +367,7 @@ def attach_adapter(model, adapter: Path, model_section):
     except Exception as exc:  # safetensors, torch and peft each raise their own types here
         mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), None)
         raise UserError(f"{adapter}: {'the adapter does not fit its base ' + base if mismatch else 'cannot read the adapter'}"
-                        f": {(mismatch or _first_line(exc))[:300]}",
+                        f": {(mismatch or first_line(exc))[:300]}",
                         ["check that the adapter was trained on this base model" if mismatch
                          else "the adapter file is truncated or corrupt: use an earlier checkpoint or retrain"]) from None
     return peft_model.eval()
@@ -450,8 +420,6 @@ def trained_on(adapter: Path) -> list[str]:
     """Model ids the adapter was trained on, as recorded when it was saved: its run's recipe
     (model.id) and PEFT's model card (base_model); adapter_config.json may have been edited since."""
     import yaml
-
-    from .runs import ADAPTER, RECIPE
 
     found = []
     recipe = adapter.parent / RECIPE

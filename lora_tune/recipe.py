@@ -480,7 +480,7 @@ def build_sft_config(training: dict, max_length: int | None, **extra):
     """
     from trl import SFTConfig
 
-    from .models import hardware_training_defaults
+    from .hardware import hardware_training_defaults
 
     kwargs = hardware_training_defaults(training) | training | {"max_length": max_length} | extra
     with warnings.catch_warnings():

@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .common import first_line
 from .errors import UserError
 
 PREFIX = "base_model.model."
@@ -85,7 +86,7 @@ def plan(adapter: Path, base_dir: Path) -> Plan:
     try:
         saved = load_file(adapter / "adapter_model.safetensors")
     except Exception as exc:  # truncated or corrupt file
-        raise UserError(f"{adapter}: cannot read the adapter: {str(exc).strip().splitlines()[0]}",
+        raise UserError(f"{adapter}: cannot read the adapter: {first_line(exc)}",
                         ["the adapter file is truncated or corrupt: use an earlier checkpoint or retrain"]) from None
     tensors = {k.removeprefix(PREFIX).replace(".base_layer.", "."): v for k, v in saved.items()}
     parts: dict[str, dict[str, torch.Tensor]] = {}

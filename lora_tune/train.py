@@ -25,6 +25,7 @@ from rich.table import Table
 from transformers import TrainerCallback
 
 from . import data, models, output, ownership, runs
+from .common import batches
 from .errors import UserError
 from .recipe import Recipe, build_lora_config, build_sft_config
 
@@ -368,8 +369,6 @@ def calibrate_corda(model, plan: Plan, samples: int = 256) -> None:
     training samples: run up to `samples` of them through the model before LoRA is added."""
     from peft.tuners.lora.corda import preprocess_corda
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
-
-    from .evaluate import batches
 
     rows = plan.train.select(range(min(samples, len(plan.train))))
     device = next(model.parameters()).device
