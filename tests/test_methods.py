@@ -54,8 +54,31 @@ def eval_batches(tiny):
     return evaluate.batches(rows, 64, tokenizer.pad_token_id, "cpu")
 
 
+# What each option leaves in the saved adapter_config.json: proof it reached PEFT.
+SAVED_FIELDS = {
+    "rslora": {"use_rslora": True},
+    "gaussian": {"init_lora_weights": "gaussian"},
+    "orthogonal": {"init_lora_weights": "orthogonal"},
+    "eva": {"init_lora_weights": "eva"},
+    "mica": {"init_lora_weights": "mica"},
+}
+
+
+@pytest.fixture(scope="module")
+def default_adapter(tiny, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The adapter of the same run with no variant option: what a dropped option would give."""
+    out = train_variant(tiny, tmp_path_factory.mktemp("default"), {}, "default")
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def differs(weights: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> bool:
+    """Another shape (EVA reallocates ranks) or values apart by more than rounding."""
+    return weights.keys() != other.keys() or any(
+        weights[k].shape != other[k].shape or (weights[k] - other[k]).abs().max().item() > 1e-3 for k in weights)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_variant_trains_reloads_and_merges(variant, tiny, tmp_path, capsys):
+def test_variant_trains_reloads_and_merges(variant, tiny, tmp_path, capsys, request):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -82,6 +105,9 @@ def test_variant_trains_reloads_and_merges(variant, tiny, tmp_path, capsys):
     text = capsys.readouterr().out
     if variant == "dora":
         assert any("lora_magnitude_vector" in k for k in weights) and "DoRA" in text
+    if variant in SAVED_FIELDS:  # the option reached PEFT: saved, and the adapter is not the default one
+        assert {key: config[key] for key in SAVED_FIELDS[variant]} == SAVED_FIELDS[variant]
+        assert differs(weights, request.getfixturevalue("default_adapter"))
     if variant in ("pissa", "pissa_niter", "olora", "corda"):
         # Converted for the original base: twice the rank, and the initial state kept in the run.
         assert config["r"] == 16 and config["init_lora_weights"] is True
