@@ -54,6 +54,26 @@ def test_run_directory(run_dir, tiny):
     assert list((run_dir / "checkpoint-150").glob("optimizer.pt"))
     assert list((run_dir / "logs").rglob("events.out.tfevents.*"))
 
+    # The loss curve: one logged loss per 10 steps, falling by far (~5.74 -> ~5.04 as measured).
+    losses = [e["loss"] for e in metrics["log_history"] if "loss" in e]
+    assert len(losses) == 15 and metrics["final_loss"] == losses[-1]
+    assert losses[-1] < losses[0] - 0.4 and losses[-1] < losses[4] - 0.1  # still learning after epoch 1
+    assert metrics["train_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-3)
+    # Every B started at zero and was trained; the last checkpoint holds the same adapter at step 150.
+    assert all(t.abs().max().item() > 1e-3 for k, t in weights.items() if "lora_B" in k)
+    checkpoint = run_dir / "checkpoint-150"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 150
+    assert load_file(checkpoint / "adapter_model.safetensors").keys() == weights.keys()
+    assert all(torch.equal(load_file(checkpoint / "adapter_model.safetensors")[k], t) for k, t in weights.items())
+    assert (checkpoint / "optimizer.pt").stat().st_size > (run_dir / "adapter" / "adapter_model.safetensors").stat().st_size
+    # The tokenizer saved with the adapter is the base's: the same ids for the same text.
+    from transformers import AutoTokenizer
+
+    text = json.loads((tiny / "data" / "text_eval.jsonl").read_text().splitlines()[0])["text"]
+    assert AutoTokenizer.from_pretrained(run_dir / "adapter")(text)["input_ids"] == AutoTokenizer.from_pretrained(
+        tiny / "tiny-llama")(text)["input_ids"]
+    assert sum(p.stat().st_size for p in (run_dir / "logs").rglob("events.out.tfevents.*")) > 1000
+
 
 def test_eval_compare_shows_improvement_and_merged_equals_adapter(run_dir, tmp_path, capsys):
     report_file = tmp_path / "report.json"
