@@ -200,3 +200,50 @@ def test_probe_inputs_come_from_the_runs_eval_data(tiny, tmp_path):
     samples = merge.probe_samples(runs.run_recipe(out / "adapter"), tokenizer)
     first_eval_text = json.loads((tiny / "data" / "text_eval.jsonl").read_text().splitlines()[0])["text"]
     assert len(samples) == 4 and tokenizer.decode(samples[0], skip_special_tokens=True) == first_eval_text
+
+
+@pytest.mark.parametrize("combination, extra", [("linear", []), ("ties", ["--density", "0.5"])])
+def test_other_combinations_are_peft_s(combination, extra, tiny, tmp_path, capsys):
+    """--combination reaches PEFT's add_weighted_adapter: the merged weights are PEFT's, and not cat's."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    base = tiny / "tiny-llama"
+    first = make_adapter(base, tmp_path / "a", target_modules=["q_proj", "v_proj"])
+    second = make_adapter(base, tmp_path / "b", target_modules=["q_proj", "v_proj"])
+    torch.manual_seed(5)  # the same seed made the same tensors: make the second adapter another one
+    weights = {k: v + torch.randn_like(v) * 0.1 for k, v in load_file(second / "adapter_model.safetensors").items()}
+    save_file(weights, second / "adapter_model.safetensors")
+
+    out = tmp_path / combination
+    assert run_cli("merge", first, second, "--weights", "0.7", "0.3", "--combination", combination, *extra,
+                   "-o", out) == 0
+    assert f"Merged model written to {out}" in capsys.readouterr().out
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["ok"] and report["combination"] == combination
+    merged = load_file(out / "model.safetensors")
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(first), adapter_name="a")
+    model.load_adapter(str(second), adapter_name="b")
+    density = {"density": 0.5} if extra else {}
+    for name, kind in (("expected", combination), ("cat", "cat")):
+        model.add_weighted_adapter(["a", "b"], [0.7, 0.3], name, combination_type=kind, **density)
+    key = "model.layers.1.self_attn.v_proj.weight"
+    expected, cat = {}, {}
+    for name, into in (("expected", expected), ("cat", cat)):
+        model.set_adapter(name)
+        layer = model.base_model.model.model.layers[1].self_attn.v_proj
+        into[key] = layer.get_base_layer().weight + layer.get_delta_weight(name)
+    assert (merged[key] - expected[key]).abs().max().item() < 1e-6
+    assert (merged[key] - cat[key]).abs().max().item() > 1e-3
+
+
+def test_unknown_combination_is_refused(tiny, tmp_path, capsys):
+    base = tiny / "tiny-llama"
+    first = make_adapter(base, tmp_path / "a", target_modules=["q_proj"])
+    second = make_adapter(base, tmp_path / "b", target_modules=["q_proj"])
+    assert run_cli("merge", first, second, "--combination", "average", "-o", tmp_path / "merged") == 2
+    err = capsys.readouterr().err
+    assert "--combination: unknown combination 'average'" in err and "use one of " in err and "cat" in err
+    assert not (tmp_path / "merged").exists()
