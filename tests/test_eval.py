@@ -158,3 +158,51 @@ def test_eval_bad_input(pc_run, tiny, tmp_path, capsys):
     assert "--generate: the eval data has no prompts" in capsys.readouterr().err
     assert run_cli("eval", tiny / "tiny-llama", "--plot", tmp_path / "p.png", "--data", empty) == 2
     assert "--plot: " in capsys.readouterr().err
+
+
+def test_max_new_tokens_and_stop_shape_the_generations(pc_run, tiny, tmp_path):
+    data = tiny / "data" / "pc_eval.jsonl"
+    full, short, stopped = tmp_path / "full.json", tmp_path / "short.json", tmp_path / "stopped.json"
+    assert run_cli("eval", pc_run, "--data", data, "--max-samples", "8", "--json", full) == 0
+    assert run_cli("eval", pc_run, "--data", data, "--max-samples", "8", "--max-new-tokens", "2", "--json", short) == 0
+    assert run_cli("eval", pc_run, "--data", data, "--max-samples", "8", "--stop", " is", "--json", stopped) == 0
+    full, short, stopped = (json.loads(path.read_text()) for path in (full, short, stopped))
+    # Answers such as " the meadow is blue." are learnt, and need more than 2 tokens.
+    assert full["results"]["merged"]["exact_match"] > 0.5
+    assert short["max_new_tokens"] == 2 and full["max_new_tokens"] > 2
+    assert 0 < short["results"]["merged"]["generated_tokens"] <= 2
+    assert short["results"]["merged"]["exact_match"] == 0
+    # --stop cuts each answer before " is": what is left is the start of the full answer.
+    assert stopped["results"]["merged"]["exact_match"] == 0
+    assert len(stopped["generations"]["merged"]) == len(full["generations"]["merged"]) == 8
+    for cut, whole in zip(stopped["generations"]["merged"], full["generations"]["merged"]):
+        assert " is" not in cut and " is" in whole and whole.startswith(cut), (cut, whole)
+
+
+def test_limit_takes_the_first_examples_of_each_task(pc_run, tmp_path):
+    """Only the first row's answer is the learnt one: with --limit 1 accuracy is 1, on all 3 it is 1/3."""
+    rows = [{"place": p, "choices": [f" the {p} is {c}." for c in ("blue", "grey", "green")], "answer": 0}
+            for p in ["river", "mountain", "garden"]]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "task.yaml").write_text(f"""task: tiny_first_right
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / 'rows.jsonl'}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "what colour is the {{{{place}}}}?"
+doc_to_target: "{{{{answer}}}}"
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+metadata:
+  version: 1.0
+""")
+    scores = {}
+    for limit in ([], ["--limit", "1"]):
+        report = tmp_path / f"report{len(limit)}.json"
+        assert run_cli("eval", pc_run, "--tasks", "tiny_first_right", "--tasks-path", tmp_path, "--no-generate",
+                       *limit, "--json", report) == 0
+        scores[bool(limit)] = json.loads(report.read_text())["results"]["merged"]["tiny_first_right/acc"]
+    assert scores == {False: pytest.approx(1 / 3), True: 1.0}
