@@ -10,8 +10,9 @@ lora-tune tokenizes the data itself and hands SFTTrainer `input_ids` and `labels
 - Rows with nothing to train (empty text, a chat without an assistant turn, a prompt that fills
   max_length) are skipped and counted; rows longer than max_length are truncated and counted.
 
-Reading the sources themselves (files, folders, hub datasets) is sources.py's; a chat template
-that refuses a row is named here with that row.
+Reading the sources themselves (files, folders, hub datasets) is sources.py's, and what each
+format reads and how its rows become text is formats.py's; a chat template that refuses a row
+is named here with that row.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from __future__ import annotations
 import statistics
 from dataclasses import asdict, dataclass, field
 
+from . import formats
 from .errors import UserError
+from .formats import FORMATS
 from .sources import load_source
 
 SKIP_REASONS = ("empty", "no assistant turn", "nothing left to train after truncation")
@@ -76,66 +79,32 @@ def detect_format(columns: list[str], section, label: str, spec: str) -> str:
     """The data.format of a source: the recipe's, or guessed from its columns."""
     if section.format != "auto":
         return section.format
-    chosen = section.model_fields_set  # a field name the recipe sets says which format it means
-    if chosen & {"prompt_field", "completion_field"}:
-        return "prompt_completion"
-    for name, fmt in (("messages_field", "messages"), ("text_field", "text")):
-        if name in chosen:
-            return fmt
-    present = set(columns)
-    if section.messages_field in present:
-        return "messages"
-    if {section.prompt_field, section.completion_field} <= present:
-        return "prompt_completion"
-    if {"instruction", "output"} <= present:
-        return "alpaca"
-    if section.text_field in present:
-        return "text"
+    detected = formats.detect(columns, section)
+    if detected is not None:
+        return detected.name
+    fields = [f"data.{field}" for fmt in FORMATS.values() for field in fmt.fields]
     raise UserError(f"data.format: cannot tell the format of {label} ({spec}) from its columns: {', '.join(columns)}",
-                    [("set data.format (text, prompt_completion, messages, alpaca) and the field names "
-                      "(data.text_field, data.prompt_field, data.completion_field, data.messages_field)")])
+                    [f"set data.format ({', '.join(FORMATS)}) and the field names ({', '.join(fields)})"])
 
 
 def required_columns(fmt: str, section) -> list[tuple[str, str]]:
     """(recipe key, column name) pairs that a format needs."""
-    return {
-        "text": [("data.text_field", section.text_field)],
-        "prompt_completion": [("data.prompt_field", section.prompt_field),
-                              ("data.completion_field", section.completion_field)],
-        "messages": [("data.messages_field", section.messages_field)],
-        "alpaca": [("data.format", "instruction"), ("data.format", "output")],
-    }[fmt]
+    return FORMATS[fmt].required(section)
 
 
 def check_columns(columns: list[str], fmt: str, section, label: str, spec: str) -> None:
     for recipe_key, column in required_columns(fmt, section):
         if column not in columns:
+            fixed = " and ".join(FORMATS[fmt].columns)
             fix = (f"set {recipe_key} to one of its columns" if recipe_key != "data.format"
-                   else "alpaca data needs instruction and output columns; choose another data.format")
+                   else f"{fmt} data needs {fixed} columns; choose another data.format")
             raise UserError(f"{recipe_key}: column {column!r} not found in {label} ({spec}); "
                             f"its columns: {', '.join(columns)}", [fix])
 
 
-def _text(row: dict, column: str, where: str) -> str:
-    """A string cell; None counts as empty. Anything else is a user error naming file, row and field."""
-    value = row.get(column)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise UserError(f"{where}, field {column!r}: expected text, got {type(value).__name__} {str(value)[:60]!r}",
-                        ["fix the row or drop it from the data"])
-    return value
-
-
 def to_prompt_completion(row: dict, fmt: str, section, where: str = "row") -> tuple[str, str]:
     """One row as (prompt, completion) text; the text format has an empty prompt."""
-    if fmt == "text":
-        return "", _text(row, section.text_field, where)
-    if fmt == "prompt_completion":
-        return _text(row, section.prompt_field, where), _text(row, section.completion_field, where)
-    extra = _text(row, "input", where).strip()
-    template = section.prompt_template if extra else section.prompt_template_no_input
-    return template.format(instruction=_text(row, "instruction", where), input=extra), _text(row, "output", where)
+    return FORMATS[fmt].convert(row, section, where)
 
 
 def tokenize(tokenizer, prompt: str, completion: str, max_length: int, train_on_prompt: bool) -> dict:
@@ -233,7 +202,7 @@ def prepare_tokenizer(tokenizer, section, model_id: str) -> list[int]:
     tokenizer.add_tokens(section.add_special_tokens, special_tokens=True)
     if section.chat_template:
         tokenizer.chat_template = section.chat_template
-    elif section.format == "messages" and not tokenizer.chat_template:
+    elif section.format in FORMATS and FORMATS[section.format].chat and not tokenizer.chat_template:
         raise UserError(f"data.chat_template: the tokenizer of {model_id} has no chat template for messages data",
                         ["set data.chat_template to the Jinja template the model will be served with"])
     return tokenizer.convert_tokens_to_ids(section.add_tokens + section.add_special_tokens)
@@ -243,14 +212,14 @@ def tokenize_dataset(dataset, section, tokenizer, label: str, spec: str):
     """Format and tokenize one source. Returns (dataset of input_ids/labels, DataStats)."""
     fmt = detect_format(dataset.column_names, section, label, spec)
     check_columns(dataset.column_names, fmt, section, label, spec)
-    if fmt == "messages" and not tokenizer.chat_template:
+    if FORMATS[fmt].chat and not tokenizer.chat_template:
         raise UserError(f"data.chat_template: {label} ({spec}) holds chat messages and the tokenizer has no "
                         "chat template", ["set data.chat_template to the Jinja template the model will be served with"])
 
     def encode(row, index):
         where = f"{label} ({spec}), row {index}"
-        if fmt == "messages":
-            messages = row[section.messages_field] or []
+        if FORMATS[fmt].chat:
+            messages = FORMATS[fmt].convert(row, section, where)
             check_turns(messages, where)
             if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
                 return skipped("no assistant turn")

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from .errors import UserError, did_you_mean
+from .formats import FORMATS
 from .yaml_reader import SHOWN_CHARS, Refused, parse_yaml, where, yaml_problem
 from .yaml_reader import cut as _cut  # private here: `shown` is the --set text in apply_overrides
 from .yaml_reader import shown as _shown
@@ -74,6 +75,7 @@ YAML_FIX = "indent with spaces (never tabs) and quote values containing ':' or '
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+FormatName = Literal[("auto", *FORMATS)]  # data.format: auto, or a format of formats.FORMATS
 
 
 class Quantization(BaseModel):
@@ -127,7 +129,7 @@ class DataSection(BaseModel):
     split: str = Field("train", description="Hub dataset split to train on.")
     eval_split: str | None = Field(None, description="Hub dataset split to evaluate on (default: split).")
     revision: str | None = Field(None, description="Hub dataset branch, tag or commit.")
-    format: Literal["auto", "text", "prompt_completion", "messages", "alpaca"] = Field(
+    format: FormatName = Field(
         "auto", description="How rows become training text; auto detects it from each source's columns.")
     text_field: str = Field("text", description="Column holding the text (format: text).")
     prompt_field: str = Field("prompt", description="Column holding the prompt (format: prompt_completion).")

@@ -1,0 +1,98 @@
+"""Data formats: one table, read by the recipe, detection, tokenization, `lora-tune data` and the README."""
+
+from __future__ import annotations
+
+import json
+import typing
+from pathlib import Path
+
+import pytest
+from helpers import run_cli, write_recipe
+
+from lora_tune import data, formats
+from lora_tune.errors import UserError
+from lora_tune.formats import FORMATS, Format, cell
+from lora_tune.models import load_tokenizer
+from lora_tune.recipe import DataSection, ModelSection, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_section(title: str) -> str:
+    """A README section's text, its lines joined by single spaces."""
+    section = (ROOT / "README.md").read_text().split(f"### {title}\n", 1)[1].split("\n### ", 1)[0]
+    return " ".join(section.split())
+
+
+def test_every_format_is_described_in_the_readme():
+    section = readme_section("Data formats")
+    for name, fmt in FORMATS.items():
+        assert f"**{name}**: {fmt.description}" in section
+
+
+def test_the_recipe_accepts_exactly_auto_and_the_formats():
+    assert typing.get_args(DataSection.model_fields["format"].annotation) == ("auto", *FORMATS)
+    assert list(FORMATS) == ["text", "prompt_completion", "messages", "alpaca"]
+    recipe = {"model": {"id": "m"}, "data": {"train": "x.jsonl", "format": "sharegpt"},
+              "training": {"output_dir": "out"}}
+    with pytest.raises(UserError) as info:
+        validate(recipe)
+    assert info.value.problems == [("data.format: Input should be 'auto', 'text', 'prompt_completion', 'messages' "
+                                    "or 'alpaca'; got 'sharegpt'.")]
+
+
+@pytest.mark.parametrize("columns, settings, expected", [
+    (["messages", "prompt", "completion", "text"], {}, "messages"),  # the most specific columns win
+    (["prompt", "completion", "instruction", "output", "text"], {}, "prompt_completion"),
+    (["instruction", "output", "text"], {}, "alpaca"),
+    (["text"], {}, "text"),
+    (["q", "a"], {"messages_field": "a", "prompt_field": "q"}, "prompt_completion"),  # set fields name a format
+    (["chat"], {"messages_field": "chat", "text_field": "chat"}, "messages"),
+])
+def test_detection_order(columns, settings, expected):
+    assert data.detect_format(columns, DataSection(train="x", **settings), "data.train", "x") == expected
+
+
+def test_the_detection_error_names_every_format_and_setting():
+    with pytest.raises(UserError) as info:
+        data.detect_format(["question", "answer"], DataSection(train="q.jsonl"), "data.train", "q.jsonl")
+    assert info.value.problems == [("set data.format (text, prompt_completion, messages, alpaca) and the field names "
+                                    "(data.text_field, data.prompt_field, data.completion_field, data.messages_field)")]
+
+
+# A format added by one table entry: questions and answers, the answer trained.
+QA = Format("qa", "only the answer is trained.",
+            lambda row, section, where: (f"Q: {cell(row, 'question', where)}\nA:", " " + cell(row, "answer", where)),
+            columns=("question", "answer"))
+
+
+@pytest.fixture()
+def qa_rows(tmp_path, monkeypatch):
+    monkeypatch.setitem(FORMATS, "qa", QA)
+    path = tmp_path / "qa.jsonl"
+    rows = [{"question": f"what colour is river {i}?", "answer": "blue"} for i in range(4)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_a_format_added_to_the_table_is_detected_and_tokenized(qa_rows, tiny):
+    tokenizer = load_tokenizer(ModelSection(id=str(tiny / "tiny-llama")))
+    section = DataSection(train=str(qa_rows))
+    assert formats.detect(["question", "answer"], section) is QA
+    train, _, stats = data.load_datasets(section, tokenizer)
+    prompt = tokenizer("Q: what colour is river 0?\nA:")["input_ids"]
+    answer = tokenizer(" blue", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert train[0]["input_ids"] == prompt + answer
+    assert train[0]["labels"] == [-100] * len(prompt) + answer
+    assert stats["train"].samples == 4
+    with pytest.raises(UserError) as info:
+        data.check_columns(["question"], "qa", section, "data.train", "q.jsonl")
+    assert info.value.headline == "data.format: column 'answer' not found in data.train (q.jsonl); its columns: question"
+    assert info.value.problems == ["qa data needs question and answer columns; choose another data.format"]
+
+
+def test_the_data_command_shows_a_format_added_to_the_table(qa_rows, tiny, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", data={"train": str(qa_rows), "eval": None})
+    assert run_cli("data", recipe, "-n", "1") == 0
+    assert "<s>Q: what colour is river 0?\nA:[[ blue</s>]]" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
