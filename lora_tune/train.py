@@ -18,7 +18,7 @@ import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from rich.table import Table
@@ -29,23 +29,29 @@ from .common import batches
 from .errors import UserError
 from .recipe import Recipe, build_lora_config, build_sft_config
 
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from peft import PeftConfig
+    from transformers import PreTrainedTokenizerBase
+    from trl import SFTConfig
+
 console = output.console()
 
 
 @dataclass
-class Plan:
-    """Everything checked before a weight loads."""
+class TrainingPlan:
+    """Everything checked before a weight loads; the PEFT and TRL configs are built once, here."""
 
     recipe: Recipe
-    lora_config: Any
-    sft_config: Any
-    tokenizer: Any
-    train: Any
-    eval: Any
+    lora_config: PeftConfig
+    sft_config: SFTConfig
+    tokenizer: PreTrainedTokenizerBase
+    train: Dataset
+    eval: Dataset | None
     trainable: int
     total: int
     steps: int
-    data_stats: dict
+    data_stats: dict[str, dict]
     new_tokens: list[int]  # ids of data.add_tokens / add_special_tokens
 
 
@@ -80,56 +86,74 @@ def check_output_dir(path: Path) -> None:
                         ["choose a directory on a writable disk with free space, or fix its permissions"]) from None
 
 
-def make_plan(recipe: Recipe) -> Plan:
+def make_plan(recipe: Recipe) -> TrainingPlan:
     """Validate the recipe against the model's config and the data; load no weights."""
     check_output_dir(recipe.output_dir)
+    skeleton = check_model(recipe)
+    tokenizer = models.load_tokenizer(recipe.model)
+    new_tokens = data.prepare_tokenizer(tokenizer, recipe.data, recipe.model.id)
+    models.fit_vocabulary(skeleton, tokenizer)
+    padding_free = choose_padding_free(recipe, skeleton)
+    train, evaluation, data_stats = data.load_datasets(recipe.data, tokenizer)
+    # Samples are truncated to max_length during tokenization; TRL refuses max_length with padding-free batches.
+    max_length = None if padding_free and not recipe.data.packing else recipe.data.max_length
+    sft_config = build_sft_config(recipe.training, max_length, packing=recipe.data.packing, padding_free=padding_free)
+    if sft_config.eval_strategy != "no" and evaluation is None:
+        raise UserError(f"training.eval_strategy: {sft_config.eval_strategy.value} evaluation needs eval data",
+                        ["set data.eval or data.eval_fraction, or remove training.eval_strategy"])
+    steps = count_steps(recipe, sft_config, len(train), data_stats["train"].lengths)
+    lora_config = lora_config_for(recipe, steps)
+    models.train_token_rows(lora_config, skeleton, new_tokens)
+    trainable, total = models.count_trainable(skeleton, lora_config)
+    return TrainingPlan(recipe, lora_config, sft_config, tokenizer, train, evaluation, trainable, total, steps,
+                        {name: stats.summary() for name, stats in data_stats.items()}, new_tokens)
+
+
+def check_model(recipe: Recipe):
+    """The model as a meta-device skeleton (no weights), once its config, weights, quantization
+    and the recipe's target modules are checked."""
     models.check_quantization(recipe.model)
     config = models.load_config(recipe.model)
     models.check_weights(recipe.model)
     skeleton = models.meta_model(config, recipe.model.trust_remote_code)
-    lora_config = build_lora_config(recipe.lora, total_step=10**9)  # AdaLoRA's steps are set below
-    models.check_target_modules(lora_config.target_modules, skeleton, recipe.model.id)
-    tokenizer = models.load_tokenizer(recipe.model)
-    new_tokens = data.prepare_tokenizer(tokenizer, recipe.data, recipe.model.id)
-    models.fit_vocabulary(skeleton, tokenizer)
-    models.train_token_rows(lora_config, skeleton, new_tokens)
-    trainable, total = models.count_trainable(skeleton, lora_config)
-    padding_free = recipe.data.padding_free
-    if recipe.data.packing or padding_free:
+    models.check_target_modules(recipe.lora.get("target_modules"), skeleton, recipe.model.id)
+    if recipe.data.packing or recipe.data.padding_free:
         models.check_packing(skeleton, recipe.model.id, "packing" if recipe.data.packing else "padding_free")
-    if padding_free is None:
-        # Flash attention's variable-length kernels skip the padding's compute exactly. Elsewhere
-        # (SDPA, eager) a padding-free row needs a mask over the whole batch: twice as slow on CPU.
-        padding_free = ("flash" in (recipe.model.attn_implementation or "")
-                        and recipe.training.get("per_device_train_batch_size", 8) > 1
-                        and models.keeps_samples_apart(skeleton))
-    train, evaluation, data_stats = data.load_datasets(recipe.data, tokenizer)
-    # Samples are truncated to max_length during tokenization; TRL refuses max_length with padding-free batches.
-    sft_config = build_sft_config(recipe.training, None if padding_free and not recipe.data.packing
-                                  else recipe.data.max_length, packing=recipe.data.packing, padding_free=padding_free)
-    if sft_config.eval_strategy != "no" and evaluation is None:
-        raise UserError(f"training.eval_strategy: {sft_config.eval_strategy.value} evaluation needs eval data",
-                        ["set data.eval or data.eval_fraction, or remove training.eval_strategy"])
+    return skeleton
+
+
+def choose_padding_free(recipe: Recipe, skeleton) -> bool:
+    """data.padding_free, or its default: flash attention's variable-length kernels skip the
+    padding's compute exactly. Elsewhere (SDPA, eager) a padding-free row needs a mask over the
+    whole batch: twice as slow on CPU."""
+    if recipe.data.padding_free is not None:
+        return recipe.data.padding_free
+    return ("flash" in (recipe.model.attn_implementation or "")
+            and recipe.training.get("per_device_train_batch_size", 8) > 1
+            and models.keeps_samples_apart(skeleton))
+
+
+def count_steps(recipe: Recipe, sft_config: SFTConfig, rows: int, lengths: list[int]) -> int:
+    """Optimizer steps the run will take, over every process."""
     if sft_config.max_steps > 0:
-        steps = sft_config.max_steps
-    else:
-        rows = len(train)
-        if recipe.data.packing:  # best-fit packing leaves about total tokens / max_length rows
-            rows = math.ceil(sum(data_stats["train"].lengths) / recipe.data.max_length)
-        per_step = sft_config.per_device_train_batch_size * sft_config.gradient_accumulation_steps * world_size()
-        steps = math.ceil(rows / per_step) * math.ceil(sft_config.num_train_epochs)
-    if recipe.lora.get("method") == "adalora":
-        try:
-            lora_config = build_lora_config(recipe.lora, total_step=steps)
-            models.train_token_rows(lora_config, skeleton, new_tokens)
-        except ValueError as exc:
-            raise UserError(f"lora: {exc} (this run trains {steps} steps)",
-                            ["lower lora.tinit and lora.tfinal, or train for more steps"]) from None
-    return Plan(recipe, lora_config, sft_config, tokenizer, train, evaluation, trainable, total, steps,
-                {name: stats.summary() for name, stats in data_stats.items()}, new_tokens)
+        return sft_config.max_steps
+    if recipe.data.packing:  # best-fit packing leaves about total tokens / max_length rows
+        rows = math.ceil(sum(lengths) / recipe.data.max_length)
+    per_step = sft_config.per_device_train_batch_size * sft_config.gradient_accumulation_steps * world_size()
+    return math.ceil(rows / per_step) * math.ceil(sft_config.num_train_epochs)
 
 
-def print_plan(plan: Plan) -> None:
+def lora_config_for(recipe: Recipe, steps: int) -> PeftConfig:
+    """The recipe's PEFT config, built once the run's length is known (AdaLoRA schedules its
+    rank budget over the steps)."""
+    try:
+        return build_lora_config(recipe.lora, total_step=steps)
+    except ValueError as exc:
+        raise UserError(f"lora: {exc} (this run trains {steps} steps)",
+                        ["lower lora.tinit and lora.tfinal, or train for more steps"]) from None
+
+
+def print_plan(plan: TrainingPlan) -> None:
     args = plan.sft_config
     table = Table(title="lora-tune plan", show_header=False)
     table.add_column(no_wrap=True)
@@ -239,7 +263,7 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
         return train_and_save(plan, decision.checkpoint, started)
 
 
-def train_and_save(plan: Plan, checkpoint: Path | None, started: float) -> dict | None:
+def train_and_save(plan: TrainingPlan, checkpoint: Path | None, started: float) -> dict | None:
     """Load the model, train, and write the adapter and metrics. Returns the metrics on the
     main process, None on the others."""
     out = plan.recipe.output_dir
@@ -272,7 +296,7 @@ def train_and_save(plan: Plan, checkpoint: Path | None, started: float) -> dict 
     return metrics
 
 
-def build_trainer(plan: Plan, checkpoint: Path | None):
+def build_trainer(plan: TrainingPlan, checkpoint: Path | None):
     """Load the base, add LoRA and build the trainer: (trainer, its RunGuard, the initial-adapter
     folder of PiSSA-like runs or None)."""
     recipe, out = plan.recipe, plan.recipe.output_dir
@@ -329,7 +353,7 @@ def interrupted(out: Path, step: int) -> str:
             "rerun `lora-tune train` with the same recipe (and without --resume never) to resume from it.")
 
 
-def save_adapter(trainer, plan: Plan, initial: Path | None) -> Path | None:
+def save_adapter(trainer, plan: TrainingPlan, initial: Path | None) -> Path | None:
     """Write adapter/ through a staging folder, checked before it is renamed, so that it is
     complete and sound, or absent. Returns its path on the main process, None on the others."""
     out = plan.recipe.output_dir
@@ -364,7 +388,7 @@ def save_adapter(trainer, plan: Plan, initial: Path | None) -> Path | None:
 CONVERTED_INITS = ("pissa", "olora", "corda")
 
 
-def calibrate_corda(model, plan: Plan, samples: int = 256) -> None:
+def calibrate_corda(model, plan: TrainingPlan, samples: int = 256) -> None:
     """CorDA builds its initialisation from the covariance of each target layer's inputs on
     training samples: run up to `samples` of them through the model before LoRA is added."""
     from peft.tuners.lora.corda import preprocess_corda
@@ -511,7 +535,7 @@ def step_times(started: float, ends: list[float]) -> dict:
             "step_time_s": statistics.median(gaps) if gaps else None}
 
 
-def collect_metrics(plan: Plan, trainer, result, wall: float, dtype: str, start_epoch: float) -> dict:
+def collect_metrics(plan: TrainingPlan, trainer, result, wall: float, dtype: str, start_epoch: float) -> dict:
     state = trainer.state
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     # Non-padding tokens per epoch times the epochs this invocation trained (a resumed run
