@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from .errors import UserError, did_you_mean
 from .formats import FORMATS
+from .lora_methods import LORA_METHODS
+from .methods import METHODS
 from .yaml_reader import SHOWN_CHARS, Refused, parse_yaml, where, yaml_problem
 from .yaml_reader import cut as _cut  # private here: `shown` is the --set text in apply_overrides
 from .yaml_reader import shown as _shown
@@ -45,12 +47,11 @@ OWNED_TRAINING_KEYS = {
 
 # Keys of the `lora` section that lora-tune handles itself, beside the chosen PEFT config's fields.
 LORA_OPTIONS = {
-    "method": "lora (peft.LoraConfig, the default) or adalora (peft.AdaLoraConfig: ranks reallocated while training)",
+    "method": " or ".join(f"{name} ({method.description})" for name, method in LORA_METHODS.items()),
     "loraplus_lr_ratio": "LoRA+: learning rate of the B matrices over that of A, e.g. 16 "
                          "(peft's create_loraplus_optimizer)",
     "loraplus_lr_embedding": "LoRA+: learning rate of LoRA on embedding layers (default 1e-6)",
 }
-METHODS = {"lora": "LoraConfig", "adalora": "AdaLoraConfig"}
 
 # Counts that TrainingArguments accepts at zero or below, and then divides by (batch 0), crashes on
 # later (eval batch 0, num_workers -1) or silently trains nothing with (0 epochs): key -> (bound, fix).
@@ -383,8 +384,8 @@ def _blame(section: str, values: dict, message: str) -> str:
 def _check_lora(values: dict, problems: list[str]) -> dict:
     before = len(problems)
     method = values.get("method", "lora")
-    if method not in METHODS:
-        problems.append(f"lora.method: expected one of {', '.join(METHODS)}, got {_shown(method)}.")
+    if method not in LORA_METHODS:
+        problems.append(f"lora.method: expected one of {', '.join(LORA_METHODS)}, got {_shown(method)}.")
         method = "lora"
     options = {key: values[key] for key in LORA_OPTIONS if key in values}
     for key in ("loraplus_lr_ratio", "loraplus_lr_embedding"):
@@ -417,14 +418,12 @@ def _check_lora(values: dict, problems: list[str]) -> dict:
 
 
 def _check_training(values: dict, problems: list[str], present: bool) -> dict:
-    from trl import SFTConfig
-
     before = len(problems)
     for key, fix in OWNED_TRAINING_KEYS.items():
         if key in values:
             problems.append(f"training.{key}: not set here; {fix}.")
     values = {k: v for k, v in values.items() if k not in OWNED_TRAINING_KEYS}
-    coerced, ok = _check_fields("training", values, SFTConfig, problems)
+    coerced, ok = _check_fields("training", values, METHODS["sft"].config_class(), problems)
     _check_bounds(coerced, problems)
     if present and not coerced.get("output_dir") and "output_dir" not in values:
         problems.append("training.output_dir: required key missing. Where the run is written, e.g. runs/my-run.")
@@ -461,7 +460,7 @@ def _library_message(exc: Exception, values: dict) -> str:
 def lora_config_class(method: str) -> type:
     import peft
 
-    return getattr(peft, METHODS[method])
+    return getattr(peft, LORA_METHODS[method].config)
 
 
 def build_lora_config(lora: dict, total_step: int | None = None):
@@ -469,7 +468,7 @@ def build_lora_config(lora: dict, total_step: int | None = None):
     `method: adalora`, whose total_step defaults to the run's step count. task_type defaults to CAUSAL_LM."""
     method = lora.get("method", "lora")
     fields = {"task_type": "CAUSAL_LM"} | {k: v for k, v in lora.items() if k not in LORA_OPTIONS}
-    if method == "adalora" and total_step is not None:
+    if LORA_METHODS[method].total_step and total_step is not None:
         fields.setdefault("total_step", total_step)
     return lora_config_class(method)(**fields)
 
@@ -480,11 +479,9 @@ def build_sft_config(training: dict, max_length: int | None, **extra):
     TRL's own defaults (bf16 autocast, gradient checkpointing) are wrong for many machines, so
     precision and checkpointing follow the hardware unless the recipe sets them.
     """
-    from trl import SFTConfig
-
     from .hardware import hardware_training_defaults
 
     kwargs = hardware_training_defaults(training) | training | {"max_length": max_length} | extra
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return SFTConfig(**kwargs)
+        return METHODS["sft"].config_class()(**kwargs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import output, runs
+from . import lora_methods, output, runs
 from .errors import UserError
 from .guard import Access, warn_if_exposed
 
@@ -25,11 +25,9 @@ def vllm_command(base, named: dict[str, Path], host: str, port: int, base_name: 
     problems, ranks = [], []
     for name, adapter in named.items():
         config = runs.adapter_config(adapter)
-        unsupported = [what for what, present in (
-            (f"{config.get('peft_type')} adapters", config.get("peft_type") != "LORA"),
-            ("DoRA", config.get("use_dora")), ("modules_to_save", config.get("modules_to_save")),
-            ("added tokens (trainable_token_indices)", config.get("trainable_token_indices")),
-            ("LoRA biases", config.get("bias", "none") != "none" or config.get("lora_bias"))) if present]
+        unsupported = [feature.label for feature in lora_methods.unhandled(config, "vllm")]
+        if not lora_methods.handles_type(config, "vllm"):
+            unsupported.insert(0, f"{config.get('peft_type')} adapters")
         if unsupported:
             problems.append(f"{name} ({adapter}) uses {', '.join(unsupported)}, which vLLM does not serve as LoRA")
         ranks.append(max([config.get("r", 8), *(config.get("rank_pattern") or {}).values()]))

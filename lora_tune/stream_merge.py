@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from . import lora_methods
 from .common import first_line
 from .errors import UserError
 
@@ -75,11 +76,11 @@ def plan(adapter: Path, base_dir: Path) -> Plan:
     from .runs import adapter_config
 
     config = adapter_config(adapter)  # read as JSON: importing peft alone costs seconds
-    if config.get("peft_type") != "LORA":
+    if not lora_methods.handles_type(config, "stream_merge"):
         raise CannotStream(f"{config.get('peft_type')} adapters")
-    for option in ("layer_replication", "target_parameters", "trainable_token_indices", "alora_invocation_tokens"):
-        if config.get(option):
-            raise CannotStream(f"the {option} option")
+    unhandled = lora_methods.unhandled(config, "stream_merge")
+    if unhandled:
+        raise CannotStream(f"the {unhandled[0].key} option")
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     if not (adapter / "adapter_model.safetensors").is_file():
         raise CannotStream("the adapter has no safetensors file")

@@ -1,4 +1,9 @@
-"""Data formats: one table, read by the recipe, detection, tokenization, `lora-tune data` and the README."""
+"""The tables of data formats, training methods and LoRA features, and what reads them.
+
+Data formats: the recipe, detection, tokenization, `lora-tune data` and the README. Training
+methods: the recipe's training section. LoRA methods and features: the recipe, the streaming
+merge and the vLLM engine.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,11 @@ from pathlib import Path
 import pytest
 from helpers import run_cli, write_recipe
 
-from lora_tune import data, formats
+from lora_tune import data, formats, lora_methods, serve_vllm, stream_merge
 from lora_tune.errors import UserError
 from lora_tune.formats import FORMATS, Format, cell
+from lora_tune.lora_methods import Feature
+from lora_tune.methods import METHODS, Method
 from lora_tune.models import load_tokenizer
 from lora_tune.recipe import DataSection, ModelSection, validate
 
@@ -96,3 +103,65 @@ def test_the_data_command_shows_a_format_added_to_the_table(qa_rows, tiny, tmp_p
     assert run_cli("data", recipe, "-n", "1") == 0
     assert "<s>Q: what colour is river 0?\nA:[[ blue</s>]]" in capsys.readouterr().out
     assert not (tmp_path / "run").exists()
+
+
+RECIPE = {"model": {"id": "m"}, "data": {"train": "x.jsonl"}, "training": {"output_dir": "out", "beta": 0.5}}
+
+
+def test_training_is_checked_against_the_config_class_of_the_method_table(monkeypatch):
+    with pytest.raises(UserError) as info:
+        validate(RECIPE)
+    assert info.value.problems[0].startswith("training.beta: unknown key.")
+    assert info.value.problems[0].endswith("training accepts the fields of trl.SFTConfig.")
+    monkeypatch.setitem(METHODS, "sft", Method("sft", "DPOConfig", "DPOTrainer"))
+    assert validate(RECIPE).training == {"output_dir": "out", "beta": 0.5}
+
+
+def test_lora_methods_come_from_their_table():
+    recipe = RECIPE | {"lora": {"method": "ia3"}, "training": {"output_dir": "out"}}
+    with pytest.raises(UserError) as info:
+        validate(recipe)
+    assert info.value.problems == ["lora.method: expected one of lora, adalora, got 'ia3'."]
+    assert list(lora_methods.LORA_METHODS) == ["lora", "adalora"]
+
+
+def adapter(folder: Path, **config) -> Path:
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8} | config))
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize("config, streamed, served", [
+    ({"use_dora": True, "modules_to_save": ["lm_head"]}, None, "DoRA, modules_to_save"),
+    ({"layer_replication": [[0, 1]], "trainable_token_indices": [5]}, "the layer_replication option",
+     "added tokens (trainable_token_indices)"),
+    ({"bias": "all", "alora_invocation_tokens": [1]}, "the alora_invocation_tokens option", "LoRA biases"),
+    ({"peft_type": "ADALORA", "lora_bias": True}, "ADALORA adapters", "ADALORA adapters, LoRA biases"),
+])
+def test_lora_features_decide_what_stream_merge_and_vllm_take(config, streamed, served, tmp_path):
+    from lora_tune.recipe import ModelSection as Base
+
+    folder = adapter(tmp_path / "a", **config)
+    if streamed is None:  # the configuration is accepted: reading the (empty) weights is what fails
+        with pytest.raises(UserError, match="cannot read the adapter"):
+            stream_merge.plan(folder, tmp_path)
+    else:
+        with pytest.raises(stream_merge.CannotStream) as refused:
+            stream_merge.plan(folder, tmp_path)
+        assert str(refused.value) == streamed
+    with pytest.raises(UserError) as info:
+        serve_vllm.vllm_command(Base(id="m"), {"a": folder}, "0.0.0.0", 8000, "m")
+    assert info.value.headline == f"--engine vllm: a ({folder}) uses {served}, which vLLM does not serve as LoRA"
+
+
+def test_a_feature_added_to_the_table_is_refused_by_stream_merge_and_vllm(tmp_path, monkeypatch):
+    from lora_tune.recipe import ModelSection as Base
+
+    monkeypatch.setattr(lora_methods, "FEATURES", (*lora_methods.FEATURES, Feature("spin", "spun adapters", False, False)))
+    spun = adapter(tmp_path / "spun", spin=True)
+    with pytest.raises(stream_merge.CannotStream, match="^the spin option$"):
+        stream_merge.plan(spun, tmp_path)
+    with pytest.raises(UserError) as info:
+        serve_vllm.vllm_command(Base(id="m"), {"s": spun}, "0.0.0.0", 8000, "m")
+    assert info.value.headline == f"--engine vllm: s ({spun}) uses spun adapters, which vLLM does not serve as LoRA"
