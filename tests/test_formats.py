@@ -39,13 +39,13 @@ def test_every_format_is_described_in_the_readme():
 
 def test_the_recipe_accepts_exactly_auto_and_the_formats():
     assert typing.get_args(DataSection.model_fields["format"].annotation) == ("auto", *FORMATS)
-    assert list(FORMATS) == ["text", "prompt_completion", "messages", "alpaca"]
+    assert list(FORMATS)[:4] == ["text", "prompt_completion", "messages", "alpaca"]
     recipe = {"model": {"id": "m"}, "data": {"train": "x.jsonl", "format": "sharegpt"},
               "training": {"output_dir": "out"}}
     with pytest.raises(UserError) as info:
         validate(recipe)
-    assert info.value.problems == [("data.format: Input should be 'auto', 'text', 'prompt_completion', 'messages' "
-                                    "or 'alpaca'; got 'sharegpt'.")]
+    *names, last = [repr(name) for name in ("auto", *FORMATS)]
+    assert info.value.problems == [f"data.format: Input should be {', '.join(names)} or {last}; got 'sharegpt'."]
 
 
 @pytest.mark.parametrize("columns, settings, expected", [
@@ -62,9 +62,10 @@ def test_detection_order(columns, settings, expected):
 
 def test_the_detection_error_names_every_format_and_setting():
     with pytest.raises(UserError) as info:
-        data.detect_format(["question", "answer"], DataSection(train="q.jsonl"), "data.train", "q.jsonl")
-    assert info.value.problems == [("set data.format (text, prompt_completion, messages, alpaca) and the field names "
-                                    "(data.text_field, data.prompt_field, data.completion_field, data.messages_field)")]
+        data.detect_format(["body", "title"], DataSection(train="q.jsonl"), "data.train", "q.jsonl")
+    assert info.value.problems == [(f"set data.format ({', '.join(FORMATS)}) and the field names (data.text_field, "
+                                    "data.prompt_field, data.completion_field, data.messages_field)")]
+    assert info.value.problems[0].startswith("set data.format (text, prompt_completion, messages, alpaca")
 
 
 # A format added by one table entry: questions and answers, the answer trained.
