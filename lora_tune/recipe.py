@@ -30,7 +30,11 @@ from .yaml_reader import cut as _cut  # private here: `shown` is the --set text 
 from .yaml_reader import shown as _shown
 
 SECTIONS = ("model", "lora", "data", "training")
-REQUIRED_SECTIONS = ("model", "data", "training")
+REQUIRED_SECTIONS = {  # each with the smallest useful example, for the error that misses it
+    "model": "Add the model to tune, e.g. model: {id: facebook/opt-350m}.",
+    "data": "Add the training data, e.g. data: {train: data/train.jsonl}.",
+    "training": "Add where the run is written, e.g. training: {output_dir: runs/my-run}.",
+}
 # SFTConfig keys that lora-tune sets itself from the `data` section (two places for one
 # setting would let them disagree), and secrets, which must not be saved with the run.
 OWNED_TRAINING_KEYS = {
@@ -250,9 +254,9 @@ def validate(raw: dict, source: str = "<recipe>") -> Recipe:
         if key not in SECTIONS:
             name = _cut(str(key))
             problems.append(f"{name}: unknown section.{did_you_mean(name, SECTIONS)} Valid sections: {', '.join(SECTIONS)}.")
-    for key in REQUIRED_SECTIONS:
+    for key, example in REQUIRED_SECTIONS.items():
         if key not in raw:
-            problems.append(f"{key}: required section missing.")
+            problems.append(f"{key}: required section missing. {example}")
     sections = {}
     for key in SECTIONS:
         value = raw.get(key)

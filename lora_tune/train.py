@@ -417,7 +417,10 @@ def trainer_class():
     transformers' Trainer. Other loss types, Liger kernels and auxiliary losses keep TRL's path.
     """
     from transformers import Trainer
-    from trl import SFTTrainer
+
+    from .methods import METHODS
+
+    SFTTrainer = METHODS["sft"].trainer_class()  # a class, named as TRL names it
 
     class LoraTuneTrainer(SFTTrainer):
         loraplus: typing.ClassVar[dict] = {}  # loraplus_lr_ratio (and loraplus_lr_embedding) from the recipe's lora section

@@ -112,8 +112,10 @@ def test_missing_recipe_and_sections(tmp_path):
     empty.write_text("lora: {r: 4}\n")
     with pytest.raises(UserError) as info:
         recipes.load(empty)
-    assert info.value.problems == ["model: required section missing.", "data: required section missing.",
-                                   "training: required section missing."]
+    assert info.value.problems == [
+        "model: required section missing. Add the model to tune, e.g. model: {id: facebook/opt-350m}.",
+        "data: required section missing. Add the training data, e.g. data: {train: data/train.jsonl}.",
+        "training: required section missing. Add where the run is written, e.g. training: {output_dir: runs/my-run}."]
 
 
 def test_set_overrides_parse_yaml_values(tmp_path, tiny):
