@@ -90,11 +90,7 @@ def run(targets: list[str] | str, data_spec: str | None = None, compare: bool = 
         tasks_path: Path | None = None, plot: Path | None = None) -> dict:
     """Evaluate each target; print one table; return (and optionally write) the report."""
     targets = [targets] if isinstance(targets, str) else list(targets)
-    if compare and len(targets) > 1:
-        raise UserError("--compare takes one run or adapter", ["give several targets without --compare"])
-    if tasks and not merge and not compare:
-        raise UserError("--tasks runs lm-evaluation-harness on merged (plain) models, and --no-merge keeps the adapter "
-                        "unmerged", ["drop --no-merge, or add --compare to score the base too"])
+    check_options(targets, compare, merge, tasks)
     device = hardware.device()
     report = {"targets": targets, "results": {}, "merged_vs_adapter": None, "device": device,
               "settings": {"batch_size": batch_size, "max_samples": max_samples, "tasks": tasks, "stop": list(stop)}}
@@ -103,52 +99,93 @@ def run(targets: list[str] | str, data_spec: str | None = None, compare: bool = 
         adapter = runs.adapter_dir(Path(target))
         recipe = runs.run_recipe(adapter) if adapter else None
         first_run = first_run or (adapter.parent if recipe else None)
-        if compare and adapter is None:
-            raise UserError(f"--compare: {target} is not a run or adapter directory",
-                            ["--compare needs an adapter to compare with its base"])
-        if plot and target == targets[0] and not recipe:
-            raise UserError(f"--plot: {target} is not a run directory",
-                            ["plot a run written by lora-tune train (the first target)"])
-        if adapter is not None:
-            section = models.adapter_base_section(adapter, recipe.model if recipe else None, allow_pickle)
-            tokenizer = models.adapter_tokenizer(adapter, section)
-        else:
-            from .recipe import ModelSection
-
-            section = ModelSection(id=target, allow_pickle=allow_pickle)
-            models.load_config(section)  # a clear error for a path or id that is not a model
-            tokenizer = models.load_tokenizer(section)
-        dataset = data.load_eval(data_spec, recipe.data if recipe else None, tokenizer)
-        if max_samples:
-            dataset = dataset.select(range(min(max_samples, len(dataset))))
+        check_target(target, adapter, recipe, compare, plotted=bool(plot) and target == targets[0])
+        section, tokenizer = load_target(target, adapter, recipe, allow_pickle)
+        dataset = eval_dataset(data_spec, recipe, tokenizer, max_samples)
         evaluator = Evaluator(dataset, tokenizer, device, batch_size, max_new_tokens, list(stop), tasks, limit,
                               tasks_path, generation)
         report["data"] = data_spec or (recipe.data.eval or f"{recipe.data.train} (eval_fraction)")
         report["samples"] = len(dataset)
         prefix = "" if len(targets) == 1 else f"{target} "
-        model = models.load_model(section, "auto").to(device).eval()
-        models.fit_vocabulary(model, tokenizer)  # an adapter trained with added tokens
-        if adapter is None:
-            evaluator(prefix + "model", model)
-        else:
-            if compare or samples:
-                evaluator(prefix + "base", model, harness=compare)
-            model = models.attach_adapter(model, adapter, section)
-            if compare or not merge:
-                adapter_logits = evaluator(prefix + "adapter", model, harness=False)  # the harness takes plain models
-            if compare or merge:
-                merged = model.merge_and_unload()
-                merged_logits = evaluator(prefix + "merged", merged)
-            if compare:
-                report["merged_vs_adapter"] = compare_logits(adapter_logits, merged_logits, merged.dtype)
+        comparison = evaluate_target(evaluator, section, adapter, prefix, compare, merge, samples)
+        if comparison is not None:
+            report["merged_vs_adapter"] = comparison
         report["results"] |= evaluator.rows
         generations |= evaluator.generations
         report["max_new_tokens"] = evaluator.max_new_tokens if evaluator.items else None
     report["versions"] = runs.versions()
+    publish(report, evaluator, generations, samples, first_run, plot, json_file)
+    return report
+
+
+def check_options(targets: list[str], compare: bool, merge: bool, tasks: list[str] | None) -> None:
+    """Refuse, before anything loads, options that cannot go together."""
+    if compare and len(targets) > 1:
+        raise UserError("--compare takes one run or adapter", ["give several targets without --compare"])
+    if tasks and not merge and not compare:
+        raise UserError("--tasks runs lm-evaluation-harness on merged (plain) models, and --no-merge keeps the adapter "
+                        "unmerged", ["drop --no-merge, or add --compare to score the base too"])
+
+
+def check_target(target: str, adapter: Path | None, recipe, compare: bool, plotted: bool) -> None:
+    """Refuse a target that --compare or --plot cannot use: they need an adapter and a run directory."""
+    if compare and adapter is None:
+        raise UserError(f"--compare: {target} is not a run or adapter directory",
+                        ["--compare needs an adapter to compare with its base"])
+    if plotted and not recipe:
+        raise UserError(f"--plot: {target} is not a run directory",
+                        ["plot a run written by lora-tune train (the first target)"])
+
+
+def load_target(target: str, adapter: Path | None, recipe, allow_pickle: bool):
+    """(model section, tokenizer) of the model to load: an adapter's base, or the target itself."""
+    if adapter is not None:
+        section = models.adapter_base_section(adapter, recipe.model if recipe else None, allow_pickle)
+        return section, models.adapter_tokenizer(adapter, section)
+    from .recipe import ModelSection
+
+    section = ModelSection(id=target, allow_pickle=allow_pickle)
+    models.load_config(section)  # a clear error for a path or id that is not a model
+    return section, models.load_tokenizer(section)
+
+
+def eval_dataset(data_spec: str | None, recipe, tokenizer, max_samples: int | None):
+    """The eval data (given, else the run's), tokenized, cut to max_samples."""
+    dataset = data.load_eval(data_spec, recipe.data if recipe else None, tokenizer)
+    if max_samples:
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    return dataset
+
+
+def evaluate_target(evaluator: Evaluator, section, adapter: Path | None, prefix: str, compare: bool, merge: bool,
+                    samples: int) -> dict | None:
+    """Load the model and measure what was asked: the model itself, or base, adapter and merged.
+    Returns the merged-vs-adapter logits comparison under --compare, else None."""
+    model = models.load_model(section, "auto").to(evaluator.device).eval()
+    models.fit_vocabulary(model, evaluator.tokenizer)  # an adapter trained with added tokens
+    if adapter is None:
+        evaluator(prefix + "model", model)
+        return None
+    if compare or samples:
+        evaluator(prefix + "base", model, harness=compare)
+    model = models.attach_adapter(model, adapter, section)
+    if compare or not merge:
+        adapter_logits = evaluator(prefix + "adapter", model, harness=False)  # the harness takes plain models
+    if compare or merge:
+        merged = model.merge_and_unload()
+        merged_logits = evaluator(prefix + "merged", merged)
+    if compare:
+        return compare_logits(adapter_logits, merged_logits, merged.dtype)
+    return None
+
+
+def publish(report: dict, evaluator: Evaluator | None, generations: dict[str, list[str]], samples: int,
+            first_run: Path | None, plot: Path | None, json_file: Path | None) -> None:
+    """Print the report (and samples, and the change since the run's previous eval); write the plot and JSON."""
     print_report(report)
     if samples and generations:
         print_samples(evaluator.items, generations, samples)
-    if first_run is not None and len(targets) == 1:
+    if first_run is not None and len(report["targets"]) == 1:
         previous = reports.record_history(first_run, report)
         if previous:
             print_previous(previous, report)
@@ -158,7 +195,6 @@ def run(targets: list[str] | str, data_spec: str | None = None, compare: bool = 
     if json_file:
         json_file.parent.mkdir(parents=True, exist_ok=True)
         runs.write_json(json_file, report | {"generations": generations})
-    return report
 
 
 def print_report(report: dict) -> None:

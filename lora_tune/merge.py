@@ -127,17 +127,8 @@ def run(sources: list[Path] | Path, output: Path, force: bool = False, dtype: st
         adapter_only: bool = False) -> dict:
     """Merge, verify and write OUTPUT atomically. Returns the report (also saved as merge_report.json)."""
     adapters = resolve_adapters(sources if isinstance(sources, list) else [sources])
-    if dtype not in ("auto", *models.DTYPES):
-        raise UserError(f"--dtype: unknown dtype {dtype!r}", ["use auto, float32, bfloat16 or float16"])
-    if method not in ("auto", "stream", "memory"):
-        raise UserError(f"--method: unknown method {method!r}", ["use auto, stream or memory"])
-    if combination not in COMBINATIONS:
-        raise UserError(f"--combination: unknown combination {combination!r}", [f"use one of {', '.join(COMBINATIONS)}"])
     weights = weights or [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise UserError(f"--weights: {len(weights)} weights for {len(adapters)} adapters", ["give one weight per adapter"])
-    if adapter_only and len(adapters) < 2:
-        raise UserError("--adapter-only combines several adapters into one", ["give two or more adapters"])
+    check_options(adapters, dtype, method, combination, weights, adapter_only)
     max_bytes = parse_size(max_shard_size)
     check_same_base(adapters)
     recipe = runs.run_recipe(adapters[0])
@@ -148,26 +139,13 @@ def run(sources: list[Path] | Path, output: Path, force: bool = False, dtype: st
     models.check_weights(section)
     check_fits(adapters, section)
 
-    single = len(adapters) == 1 and weights == [1.0]
-    reason = "several adapters are combined" if not single else None
-    if single and method != "memory":
-        try:
-            base_dir = stream_merge.base_directory(section)
-            merge_plan = stream_merge.plan(adapters[0], base_dir)
-        except stream_merge.CannotStream as exc:
-            reason = str(exc)
-    elif method == "memory":
-        reason = "--method memory"
-    if reason and method == "stream":
-        raise UserError(f"--method stream: cannot stream this merge: {reason}", ["use --method auto or memory"])
-    if reason and method == "auto":
-        console.print(f"Merging in memory with merge_and_unload ({'not streamed: ' if single else ''}{reason}).")
-
+    stream = stream_plan(adapters, section, weights, method)
     partial = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     created = make_parents(output.parent)
     try:
-        if reason is None:
+        if stream is not None:
+            base_dir, merge_plan = stream
             report = streamed(adapters[0], recipe, section, base_dir, merge_plan, partial, dtype, max_bytes, verify)
         else:
             report = in_memory(adapters, recipe, section, partial, dtype, max_bytes, weights, combination, density,
@@ -185,6 +163,41 @@ def run(sources: list[Path] | Path, output: Path, force: bool = False, dtype: st
         raise
     console.print(f"{'Combined adapter' if adapter_only else 'Merged model'} written to {output.resolve()}")
     return report
+
+
+def check_options(adapters: list[Path], dtype: str, method: str, combination: str, weights: list[float],
+                  adapter_only: bool) -> None:
+    """Refuse, before anything loads, an unknown option value or options that do not fit the adapters."""
+    if dtype not in ("auto", *models.DTYPES):
+        raise UserError(f"--dtype: unknown dtype {dtype!r}", ["use auto, float32, bfloat16 or float16"])
+    if method not in ("auto", "stream", "memory"):
+        raise UserError(f"--method: unknown method {method!r}", ["use auto, stream or memory"])
+    if combination not in COMBINATIONS:
+        raise UserError(f"--combination: unknown combination {combination!r}", [f"use one of {', '.join(COMBINATIONS)}"])
+    if len(weights) != len(adapters):
+        raise UserError(f"--weights: {len(weights)} weights for {len(adapters)} adapters", ["give one weight per adapter"])
+    if adapter_only and len(adapters) < 2:
+        raise UserError("--adapter-only combines several adapters into one", ["give two or more adapters"])
+
+
+def stream_plan(adapters: list[Path], section, weights: list[float], method: str):
+    """(base checkpoint directory, plan) when the merge streams, else None: the merge runs in memory,
+    which --method auto says and --method stream refuses."""
+    single = len(adapters) == 1 and weights == [1.0]
+    reason = "several adapters are combined" if not single else None
+    if single and method != "memory":
+        try:
+            base_dir = stream_merge.base_directory(section)
+            return base_dir, stream_merge.plan(adapters[0], base_dir)
+        except stream_merge.CannotStream as exc:
+            reason = str(exc)
+    elif method == "memory":
+        reason = "--method memory"
+    if reason and method == "stream":
+        raise UserError(f"--method stream: cannot stream this merge: {reason}", ["use --method auto or memory"])
+    if reason and method == "auto":
+        console.print(f"Merging in memory with merge_and_unload ({'not streamed: ' if single else ''}{reason}).")
+    return None
 
 
 def parse_size(text: str | None) -> int | None:

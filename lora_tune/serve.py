@@ -33,7 +33,6 @@ console = output.console()
 def create_app(engine: Engine, access: guard.Access | None = None):
     """The FastAPI application answering OpenAI's /v1 routes (and vLLM's adapter routes)."""
     from fastapi import FastAPI
-    from fastapi.responses import StreamingResponse
 
     access = access or guard.Access()
     app = FastAPI(title="lora-tune serve")
@@ -46,12 +45,25 @@ def create_app(engine: Engine, access: guard.Access | None = None):
     def health():
         return {}
 
+    add_model_routes(app, engine)
+    add_generation_routes(app, engine)
+    add_adapter_routes(app, engine, access)
+    return app
+
+
+def add_model_routes(app, engine: Engine) -> None:
+    """GET /v1/models: the base and every adapter, each adapter with the base as its parent."""
+
     @app.get("/v1/models")
     def list_models():
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": engine.created, "owned_by": "lora-tune",
              "root": engine.paths.get(name, engine.base_section.id),
              "parent": engine.base_name if name in engine.paths else None} for name in engine.names()]}
+
+
+def add_generation_routes(app, engine: Engine) -> None:
+    """POST /v1/completions and /v1/chat/completions: tokenize the request, generate, answer."""
 
     @app.post("/v1/completions")
     def completions(body: CompletionRequest):
@@ -60,7 +72,7 @@ def create_app(engine: Engine, access: guard.Access | None = None):
         if len(prompts) != 1:
             raise ServeError(400, "one prompt per request", "invalid_request", "prompt")
         job = engine.prepare(body, tokenizer(prompts[0])["input_ids"], body.max_tokens)
-        return respond(job, "text_completion", lambda text: {"text": text, "logprobs": None})
+        return respond(engine, job, "text_completion", lambda text: {"text": text, "logprobs": None})
 
     @app.post("/v1/chat/completions")
     def chat(body: ChatRequest):
@@ -71,32 +83,42 @@ def create_app(engine: Engine, access: guard.Access | None = None):
                                              add_generation_prompt=True)
         job = engine.prepare(body, tokenizer(text, add_special_tokens=False)["input_ids"],
                              body.max_completion_tokens or body.max_tokens)
-        return respond(job, "chat.completion", lambda text: {"message": {"role": "assistant", "content": text}},
+        return respond(engine, job, "chat.completion",
+                       lambda text: {"message": {"role": "assistant", "content": text}},
                        lambda text: {"delta": {"content": text}}, first_delta={"delta": {"role": "assistant"}})
 
-    def respond(job: Generation, kind: str, whole, delta=None, first_delta: dict | None = None):
-        request_id = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
-        head = {"id": request_id, "created": int(time.time()), "model": job.model}
-        if not job.stream:
-            text = "".join(engine.stream(job))
-            choice = {"index": 0, **whole(text), "finish_reason": job.finish_reason}
-            usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": job.completion_tokens,
-                     "total_tokens": len(job.prompt_ids) + job.completion_tokens}
-            return head | {"object": kind, "choices": [choice], "usage": usage}
 
-        chunk_kind = kind + ".chunk" if kind.startswith("chat") else kind
-        piece_of = delta or whole
+def respond(engine: Engine, job: Generation, kind: str, whole, delta=None, first_delta: dict | None = None):
+    """The OpenAI answer to `job`: one JSON object, or server-sent chunks when the request streams.
+    `whole(text)` is a choice's content; `delta(text)` a chunk's, where it differs."""
+    from fastapi.responses import StreamingResponse
 
-        def events():
-            if first_delta:
-                yield sse(head | {"object": chunk_kind, "choices": [{"index": 0, **first_delta, "finish_reason": None}]})
-            for text in engine.stream(job):
-                yield sse(head | {"object": chunk_kind, "choices": [{"index": 0, **piece_of(text), "finish_reason": None}]})
-            last = {"delta": {}} if delta else whole("")
-            yield sse(head | {"object": chunk_kind, "choices": [{"index": 0, **last, "finish_reason": job.finish_reason}]})
-            yield "data: [DONE]\n\n"
+    request_id = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
+    head = {"id": request_id, "created": int(time.time()), "model": job.model}
+    if not job.stream:
+        text = "".join(engine.stream(job))
+        choice = {"index": 0, **whole(text), "finish_reason": job.finish_reason}
+        usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": job.completion_tokens,
+                 "total_tokens": len(job.prompt_ids) + job.completion_tokens}
+        return head | {"object": kind, "choices": [choice], "usage": usage}
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+    chunk_kind = kind + ".chunk" if kind.startswith("chat") else kind
+    piece_of = delta or whole
+
+    def events():
+        if first_delta:
+            yield sse(head | {"object": chunk_kind, "choices": [{"index": 0, **first_delta, "finish_reason": None}]})
+        for text in engine.stream(job):
+            yield sse(head | {"object": chunk_kind, "choices": [{"index": 0, **piece_of(text), "finish_reason": None}]})
+        last = {"delta": {}} if delta else whole("")
+        yield sse(head | {"object": chunk_kind, "choices": [{"index": 0, **last, "finish_reason": job.finish_reason}]})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def add_adapter_routes(app, engine: Engine, access: guard.Access) -> None:
+    """POST /v1/load_lora_adapter and /v1/unload_lora_adapter, vLLM's routes, where access allows them."""
 
     @app.post("/v1/load_lora_adapter")
     def load_adapter(body: LoadAdapter):
@@ -109,8 +131,6 @@ def create_app(engine: Engine, access: guard.Access | None = None):
         guard.runtime_root(access)
         engine.remove(body.lora_name)
         return {"status": "ok", "model": body.lora_name}
-
-    return app
 
 
 def sse(payload: dict) -> str:

@@ -178,22 +178,12 @@ class Engine:
     def stream(self, job: Generation) -> Iterator[str]:
         """Text pieces of the completion as they are generated, cut before any stop string.
         Holds the model (and its active adapter) until the generation ends or is abandoned."""
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import TextIteratorStreamer
 
         tokenizer = self.tokenizer(job.model)
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         abandoned = threading.Event()
-
-        class Abandoned(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), abandoned.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        kwargs: dict[str, Any] = {"input_ids": torch.tensor([job.prompt_ids], device=self.device),
-                                  "max_new_tokens": job.max_tokens, "streamer": streamer,
-                                  "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-                                  "stopping_criteria": StoppingCriteriaList([Abandoned()])}
-        kwargs |= ({"do_sample": True, "temperature": job.temperature, "top_p": job.top_p} if job.temperature > 0
-                   else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
+        kwargs = self.generate_kwargs(job, tokenizer, streamer, abandoned)
         result: dict[str, Any] = {}
 
         def run(model):
@@ -206,13 +196,7 @@ class Engine:
                     streamer.end()
 
         with self.lock, contextlib.ExitStack() as stack:
-            model = self.model
-            if self.peft is not None:
-                model = self.peft
-                if job.model == self.base_name:
-                    stack.enter_context(self.peft.disable_adapter())
-                else:
-                    self.peft.set_adapter(job.model)
+            model = self.activate(job.model, stack)
             if job.seed is not None:
                 torch.manual_seed(job.seed)
             worker = threading.Thread(target=run, args=(model,), daemon=True)
@@ -232,8 +216,39 @@ class Engine:
                 worker.join()
         if "error" in result:
             raise result["error"]
-        ids = result.get("ids", [])
-        ended = cutter.stopped or (ids and ids[-1] == tokenizer.eos_token_id) or len(ids) < job.max_tokens
+        self.finish(job, result.get("ids", []), cutter.stopped, tokenizer)
+
+    def generate_kwargs(self, job: Generation, tokenizer, streamer, abandoned: threading.Event) -> dict[str, Any]:
+        """model.generate's arguments: greedy at temperature 0, else sampled; stops early once `abandoned` is set."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class Abandoned(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), abandoned.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        kwargs: dict[str, Any] = {"input_ids": torch.tensor([job.prompt_ids], device=self.device),
+                                  "max_new_tokens": job.max_tokens, "streamer": streamer,
+                                  "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+                                  "stopping_criteria": StoppingCriteriaList([Abandoned()])}
+        kwargs |= ({"do_sample": True, "temperature": job.temperature, "top_p": job.top_p} if job.temperature > 0
+                   else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
+        return kwargs
+
+    def activate(self, name: str, stack: contextlib.ExitStack):
+        """The model to generate with, with only `name`'s adapter active (none for the base, until `stack`
+        closes). The caller holds the lock."""
+        if self.peft is None:
+            return self.model
+        if name == self.base_name:
+            stack.enter_context(self.peft.disable_adapter())
+        else:
+            self.peft.set_adapter(name)
+        return self.peft
+
+    @staticmethod
+    def finish(job: Generation, ids: list[int], stopped: bool, tokenizer) -> None:
+        """Record on `job` why its generation ended and how many tokens it made."""
+        ended = stopped or (ids and ids[-1] == tokenizer.eos_token_id) or len(ids) < job.max_tokens
         job.finish_reason = "stop" if ended else "length"
         job.completion_tokens = len(ids)
 
