@@ -10,7 +10,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -35,7 +35,7 @@ def _options(debug: Annotated[bool, typer.Option("--debug", help="Show traceback
 @app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
-    set_: Annotated[Optional[list[str]], typer.Option(
+    set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a recipe key, e.g. --set training.learning_rate=1e-4 (repeatable).")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Check recipe, data and target modules against the model's config and print the plan; "
@@ -46,12 +46,12 @@ def train(
     num_processes: Annotated[int, typer.Option(
         "--num-processes", "-n", min=1, help="Launch this many processes through accelerate (one per GPU; "
                                              "with several machines, in total).")] = 1,
-    accelerate_config: Annotated[Optional[Path], typer.Option(
+    accelerate_config: Annotated[Path | None, typer.Option(
         "--accelerate-config", help="An accelerate config file (see configs/) to launch with.")] = None,
     num_machines: Annotated[int, typer.Option(min=1, help="Machines taking part; run the command on each.")] = 1,
     machine_rank: Annotated[int, typer.Option(min=0, help="This machine's rank, 0 on the main one.")] = 0,
-    main_process_ip: Annotated[Optional[str], typer.Option(help="Address of the machine of rank 0.")] = None,
-    main_process_port: Annotated[Optional[int], typer.Option(help="Port the machine of rank 0 listens on.")] = None,
+    main_process_ip: Annotated[str | None, typer.Option(help="Address of the machine of rank 0.")] = None,
+    main_process_port: Annotated[int | None, typer.Option(help="Port the machine of rank 0 listens on.")] = None,
 ):
     """Fine-tune a model with LoRA as the recipe says and write its run directory."""
     from . import launch, ownership
@@ -80,7 +80,7 @@ def train(
 @app.command("data")
 def data_preview(
     recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
-    set_: Annotated[Optional[list[str]], typer.Option(
+    set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a recipe key, e.g. --set data.max_length=1024 (repeatable).")] = None,
     samples: Annotated[int, typer.Option("--samples", "-n", min=0, help="How many samples to show.")] = 3,
 ):
@@ -104,13 +104,13 @@ def merge(
     verify: Annotated[bool, typer.Option(
         "--verify/--no-verify", help="Compare merged and adapter-on-base logits (loads the model; skip it for "
                                      "models larger than memory).")] = True,
-    max_shard_size: Annotated[Optional[str], typer.Option(
+    max_shard_size: Annotated[str | None, typer.Option(
         help="Largest output shard, e.g. 2GB (default: the base's sharding).")] = None,
-    weights: Annotated[Optional[str], typer.Option(
+    weights: Annotated[str | None, typer.Option(
         "--weights", help="Weight of each adapter when combining several: --weights 0.7 0.3 (or 0.7,0.3).")] = None,
     combination: Annotated[str, typer.Option(
         help="How PEFT combines several adapters: cat (exact weighted sum), linear, svd, ties, dare_ties, ...")] = "cat",
-    density: Annotated[Optional[float], typer.Option(help="Fraction of weights kept by ties / dare combinations.")] = None,
+    density: Annotated[float | None, typer.Option(help="Fraction of weights kept by ties / dare combinations.")] = None,
     adapter_only: Annotated[bool, typer.Option(
         "--adapter-only", help="Write the combined adapter instead of a merged model.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE)] = False,
@@ -131,7 +131,7 @@ def merge(
 def evaluate(
     targets: Annotated[list[str], typer.Argument(
         help="Run directories, adapters, model directories or hub ids; several are compared side by side.")],
-    data: Annotated[Optional[str], typer.Option(
+    data: Annotated[str | None, typer.Option(
         help="Evaluation data (a local file or hub dataset); default: the run recipe's eval data.")] = None,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Evaluate base, adapter and merged model side by side.")] = False,
@@ -139,20 +139,20 @@ def evaluate(
         "--merge/--no-merge", help="Evaluate an adapter merged (default) or unmerged on its base.")] = True,
     samples: Annotated[int, typer.Option(
         "--samples", min=0, help="Show this many prompts with base and fine-tuned generations side by side.")] = 0,
-    generation: Annotated[Optional[bool], typer.Option(
+    generation: Annotated[bool | None, typer.Option(
         "--generate/--no-generate", help="Greedy-generation metrics (exact match, token F1); default: on for data "
                                          "with prompts.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(
+    max_new_tokens: Annotated[int | None, typer.Option(
         min=1, help="Generation length limit; default: the longest reference answer plus 8.")] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(help="Cut generations at this string (repeatable).")] = None,
-    tasks: Annotated[Optional[str], typer.Option(
+    stop: Annotated[list[str] | None, typer.Option(help="Cut generations at this string (repeatable).")] = None,
+    tasks: Annotated[str | None, typer.Option(
         help="lm-evaluation-harness tasks, e.g. arc_easy,hellaswag (pip install 'lora-tune[eval]').")] = None,
-    tasks_path: Annotated[Optional[Path], typer.Option(help="A folder of your own lm-eval task YAML files.")] = None,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Examples per lm-eval task (default: all).")] = None,
-    json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the report to this JSON file.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Draw the run's training (and eval) loss to this PNG.")] = None,
+    tasks_path: Annotated[Path | None, typer.Option(help="A folder of your own lm-eval task YAML files.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Examples per lm-eval task (default: all).")] = None,
+    json_file: Annotated[Path | None, typer.Option("--json", help="Also write the report to this JSON file.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Draw the run's training (and eval) loss to this PNG.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
-    max_samples: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on at most this many rows.")] = None,
+    max_samples: Annotated[int | None, typer.Option(min=1, help="Evaluate on at most this many rows.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE)] = False,
 ):
     """Measure loss, perplexity, token accuracy and answers on held-out data, and benchmarks."""
@@ -168,26 +168,26 @@ def evaluate(
 @app.command()
 def serve(
     target: Annotated[str, typer.Argument(help="A run or adapter directory (served with its base), or a base model.")],
-    adapter: Annotated[Optional[list[str]], typer.Option(
+    adapter: Annotated[list[str] | None, typer.Option(
         "--adapter", help="Also serve this adapter as NAME=PATH (repeatable).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     engine: Annotated[str, typer.Option(
         help="local: lora-tune's own server (PEFT, one request at a time); vllm: vLLM's OpenAI server with the "
              "same adapters (needs vLLM and a CUDA GPU).")] = "local",
-    base_name: Annotated[Optional[str], typer.Option(
+    base_name: Annotated[str | None, typer.Option(
         help="The model name that serves the base without adapters (default: its id or path).")] = None,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    api_key: Annotated[Optional[str], typer.Option(
+    api_key: Annotated[str | None, typer.Option(
         envvar="LORA_TUNE_API_KEY", show_envvar=True,
         help="Require 'Authorization: Bearer KEY' on every route but /health (OpenAI clients: api_key=KEY). "
              "Prefer the environment variable: a command line is visible to other users.")] = None,
     allow_runtime_lora: Annotated[bool, typer.Option(
         "--allow-runtime-lora", help="Let clients load and unload adapters (/v1/load_lora_adapter, "
                                      "/v1/unload_lora_adapter), from under --adapter-root only.")] = False,
-    adapter_root: Annotated[Optional[Path], typer.Option(
+    adapter_root: Annotated[Path | None, typer.Option(
         help="The folder runtime-loaded adapters must lie in (links followed); needs --allow-runtime-lora.")] = None,
-    max_body_bytes: Annotated[Optional[int], typer.Option(
+    max_body_bytes: Annotated[int | None, typer.Option(
         min=1, help="Refuse (413) a request body over this many bytes (default: 4 MiB; local engine).")] = None,
 ):
     """Serve the base model and adapters behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions)."""
@@ -205,7 +205,7 @@ def serve(
 def modules(
     model: Annotated[str, typer.Argument(help="A hub id or local model directory.")],
     r: Annotated[int, typer.Option("--r", "-r", min=1, help="LoRA rank for the parameter counts.")] = 16,
-    revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit.")] = None,
     trust_remote_code: Annotated[bool, typer.Option(
         "--trust-remote-code", help="Allow the model repository's own Python code to run.")] = False,
 ):

@@ -188,10 +188,10 @@ def tokenize_chat(tokenizer, messages: list[dict], max_length: int, train_on_pro
     # A token that overlaps an assistant turn at all is trained: BPE often glues the space after
     # the generation prompt to the answer's first word.
     trained = [any(start < b and end > a for a, b in spans) for start, end in encoded["offset_mapping"]]
-    if spans and tokenizer.eos_token_id not in [i for i, t in zip(input_ids, trained) if t][-8:]:
+    if spans and tokenizer.eos_token_id not in [i for i, t in zip(input_ids, trained, strict=False) if t][-8:]:
         input_ids.append(tokenizer.eos_token_id)  # the template ends turns without EOS: end the sample with one
         trained.append(True)
-    labels = [i if t else -100 for i, t in zip(input_ids, trained)]
+    labels = [i if t else -100 for i, t in zip(input_ids, trained, strict=False)]
     return _truncate(input_ids, labels, max_length)
 
 

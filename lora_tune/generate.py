@@ -27,7 +27,7 @@ class Item:
 def items_of(dataset, tokenizer) -> list[Item]:
     """Prompt/reference pairs of the samples that have a prompt."""
     items = []
-    for input_ids, labels in zip(dataset["input_ids"], dataset["labels"]):
+    for input_ids, labels in zip(dataset["input_ids"], dataset["labels"], strict=False):
         start = next((i for i, label in enumerate(labels) if label != -100), None)
         if start is None or start < 2:  # no prompt beyond a BOS: plain text
             continue
@@ -59,9 +59,9 @@ def token_f1(prediction: str, reference: str) -> float:
 def score(predictions: list[str], references: list[str], lengths: list[int]) -> dict:
     n = len(references)
     return {
-        "exact_match": sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / n,
-        "normalized_exact_match": sum(normalize(p) == normalize(r) for p, r in zip(predictions, references)) / n,
-        "token_f1": sum(token_f1(p, r) for p, r in zip(predictions, references)) / n,
+        "exact_match": sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=False)) / n,
+        "normalized_exact_match": sum(normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=False)) / n,
+        "token_f1": sum(token_f1(p, r) for p, r in zip(predictions, references, strict=False)) / n,
         "generated_tokens": sum(lengths) / n,
     }
 

@@ -104,7 +104,7 @@ def check_same_base(adapters: list[Path]) -> None:
     configs = [runs.adapter_config(a) for a in adapters]
     bases = [(c.get("base_model_name_or_path"), c.get("revision")) for c in configs]
     if len(set(bases)) > 1:
-        listing = "; ".join(f"{a}: {b}{'@' + r if r else ''}" for a, (b, r) in zip(adapters, bases))
+        listing = "; ".join(f"{a}: {b}{'@' + r if r else ''}" for a, (b, r) in zip(adapters, bases, strict=False))
         raise UserError(f"the adapters were trained on different base models ({listing})",
                         ["combine only adapters trained on the same base"])
 

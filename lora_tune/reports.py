@@ -73,7 +73,7 @@ def plot_losses(run: Path, out: Path) -> None:
     for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
         points = [(e["step"], e[key]) for e in history if key in e and "step" in e]
         if points:
-            ax.plot(*zip(*points), marker="." if key == "eval_loss" else None, label=label)
+            ax.plot(*zip(*points, strict=False), marker="." if key == "eval_loss" else None, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(run.name)

@@ -140,7 +140,7 @@ class Engine:
                     self.peft.delete_adapter(name)
                 console.print(f"{path} does not load on {self.base_section.id}: {exc}")
                 # Only a shape mismatch is quoted: other messages may repeat what the files hold.
-                line = next((l.strip() for l in str(exc).splitlines() if "size mismatch" in l), None)
+                line = next((text.strip() for text in str(exc).splitlines() if "size mismatch" in text), None)
                 detail = line[:300] if line else f"PEFT raised {type(exc).__name__}; the server's log has the details"
                 raise ServeError(400, f"{path} does not load on {self.base_section.id}: {detail}",
                                  "adapter_for_another_base" if line else "invalid_adapter", "lora_path") from None

@@ -17,6 +17,7 @@ with flash-attn installed, flash attention's padding-free default.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -137,7 +138,7 @@ def run_trl(work: Path, steps: int, batch: int, length: int, data: str) -> dict:
     start = time.perf_counter()
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    gaps = [b - a for a, b in zip([start, *clock.ends], clock.ends)]
+    gaps = [b - a for a, b in zip([start, *clock.ends], clock.ends, strict=False)]
     return {"step_s": statistics.median(gaps[1:]), "tokens_per_step": trainer._total_train_tokens / steps,
             "loss": losses[-1], "bf16": config.bf16, "gradient_checkpointing": config.gradient_checkpointing}
 
@@ -172,7 +173,7 @@ BATCHING = {
     "flash attention": {"model": {"attn_implementation": "flash_attention_2"}},  # padding-free by default
 }
 VARIANTS = {"raw": run_raw, "trl": run_trl, "lora-tune": run_lora_tune,
-            **{name: (lambda extra: lambda *a: run_lora_tune(*a, extra=extra))(extra)
+            **{name: functools.partial(run_lora_tune, extra=extra)
                for name, extra in (GPU_TOGGLES | BATCHING).items()}}
 
 

@@ -16,7 +16,7 @@ import yaml
 from helpers import free_port, run_cli, write_recipe
 from safetensors.torch import load_file, save_file
 
-from lora_tune import evaluate, merge, runs
+from lora_tune import evaluate, merge
 from lora_tune import recipe as recipes
 from lora_tune.tiny import CHAT_TEMPLATE
 
@@ -99,7 +99,7 @@ def test_eval_loss_is_token_weighted(run_dir, tiny):
     dataset = data.load_eval(str(tiny / "data" / "pc_eval.jsonl"), None, tokenizer)
     one, _ = evaluate.measure(model, evaluate.batches(dataset, 1, tokenizer.pad_token_id, "cpu"))
     seven, _ = evaluate.measure(model, evaluate.batches(dataset, 7, tokenizer.pad_token_id, "cpu"))
-    assert one["tokens"] == seven["tokens"] == sum(sum(l != -100 for l in row[1:]) for row in dataset["labels"])
+    assert one["tokens"] == seven["tokens"] == sum(sum(label != -100 for label in row[1:]) for row in dataset["labels"])
     assert seven["loss"] == pytest.approx(one["loss"], abs=1e-5)
     assert seven["token_accuracy"] == one["token_accuracy"]
 
@@ -276,7 +276,7 @@ def test_two_machines_rendezvous_on_loopback(tiny, tmp_path):
                                      "--main-process-ip", "127.0.0.1", "--main-process-port", port)
                 for rank in (0, 1)]
     outputs = [machine.communicate(timeout=300) for machine in machines]
-    for machine, (_, stderr) in zip(machines, outputs):
+    for machine, (_, stderr) in zip(machines, outputs, strict=False):
         assert machine.returncode == 0, stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["world_size"], metrics["steps"]) == (2, 4)

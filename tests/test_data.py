@@ -91,12 +91,12 @@ def test_messages_train_only_the_assistant_turns(chat_tokenizer):
     text = ("system: be brief</s>\nuser: what colour is the river?</s>\nassistant: blue.</s>\n"
             "user: and the city?</s>\nassistant: red.</s>\n")
     assert sample["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
-    tokens = [(tok.decode([i]), label != -100) for i, label in zip(sample["input_ids"], sample["labels"])]
+    tokens = [(tok.decode([i]), label != -100) for i, label in zip(sample["input_ids"], sample["labels"], strict=False)]
     runs = [("".join(t for t, _ in group), trained) for trained, group in itertools.groupby(tokens, lambda x: x[1])]
     # BPE glues the space of "assistant: " to the answer's first word: that token is trained.
     assert runs == [("system: be brief</s>\nuser: what colour is the river?</s>\nassistant:", False),
                     (" blue.</s>\n", True), ("user: and the city?</s>\nassistant:", False), (" red.</s>\n", True)]
-    assert all(label in (-100, token) for token, label in zip(sample["input_ids"], sample["labels"]))
+    assert all(label in (-100, token) for token, label in zip(sample["input_ids"], sample["labels"], strict=False))
     assert tok.eos_token_id in sample["labels"][-3:]  # the last turn ends with a trained EOS
     everything = data.tokenize_chat(tok, CHAT, 256, train_on_prompt=True, where="row 0")
     assert everything["labels"] == everything["input_ids"]
@@ -203,12 +203,13 @@ def test_packed_loss_equals_unpacked_loss(tiny, llama_tokenizer):
     Llama passes position ids to its mask and keeps samples apart; OPT does not, so lora-tune
     refuses to pack for it, and the leak is visible in the loss.
     """
-    from lora_tune.models import check_packing, meta_model
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import pack_dataset
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from lora_tune.models import check_packing, meta_model
 
     for kind in ("llama", "opt"):
         model = AutoModelForCausalLM.from_pretrained(tiny / f"tiny-{kind}").eval()

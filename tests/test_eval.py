@@ -175,7 +175,7 @@ def test_max_new_tokens_and_stop_shape_the_generations(pc_run, tiny, tmp_path):
     # --stop cuts each answer before " is": what is left is the start of the full answer.
     assert stopped["results"]["merged"]["exact_match"] == 0
     assert len(stopped["generations"]["merged"]) == len(full["generations"]["merged"]) == 8
-    for cut, whole in zip(stopped["generations"]["merged"], full["generations"]["merged"]):
+    for cut, whole in zip(stopped["generations"]["merged"], full["generations"]["merged"], strict=False):
         assert " is" not in cut and " is" in whole and whole.startswith(cut), (cut, whole)
 
 

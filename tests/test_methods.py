@@ -11,8 +11,8 @@ from helpers import run_cli, write_recipe
 from safetensors.torch import load_file
 
 from lora_tune import data, evaluate
-from lora_tune.models import load_tokenizer
 from lora_tune import recipe as recipes
+from lora_tune.models import load_tokenizer
 from lora_tune.recipe import ModelSection
 
 STEPS = 16

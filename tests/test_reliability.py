@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -18,7 +17,8 @@ import yaml
 from helpers import run_cli, write_recipe
 from safetensors.torch import load_file
 
-from lora_tune import merge, runs, tiny as builder
+from lora_tune import merge, runs
+from lora_tune import tiny as builder
 
 ROOT = Path(__file__).resolve().parents[1]
 
