@@ -62,7 +62,7 @@ def train(
     loaded = recipes.load(recipe, overrides)
     how = launch.Launch(num_processes, accelerate_config, num_machines, machine_rank, main_process_ip,
                         main_process_port)
-    if how.wanted() and not dry_run:
+    if how.relaunch_needed() and not dry_run:
         # Fail here, before spawning processes, on any bad input, a busy or finished run directory.
         # Only the main machine owns the run directory: the others hold no lock and read nothing there.
         if machine_rank == 0:

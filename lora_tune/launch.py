@@ -20,7 +20,7 @@ class Launch:
     main_process_ip: str | None = None
     main_process_port: int | None = None
 
-    def wanted(self) -> bool:
+    def relaunch_needed(self) -> bool:
         """True when the user asked for a launch and this process is not already one of its workers."""
         asked = self.num_processes > 1 or self.num_machines > 1 or self.config_file is not None
         return asked and "LOCAL_RANK" not in os.environ

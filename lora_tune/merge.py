@@ -228,7 +228,7 @@ def streamed(adapter, recipe, section, base_dir, merge_plan, partial, dtype, max
     stream_merge.copy_tokenizer(adapter if (adapter / "tokenizer_config.json").is_file() else base_dir, partial)
     if verify:
         merged = AutoModelForCausalLM.from_pretrained(partial, dtype="auto").to(device).eval()
-        report |= check(reference, logits_of(merged, batch), merged.dtype)
+        report |= compare_merged(reference, logits_of(merged, batch), merged.dtype)
     else:
         report |= {"verified": False}
         console.print("Verification skipped (--no-verify).")
@@ -269,13 +269,13 @@ def in_memory(adapters, recipe, section, partial, dtype, max_bytes, weights, com
         merged = model.merge_and_unload(safe_merge=True)
     except ValueError as exc:  # safe_merge found NaN or inf in a merged weight
         raise UserError(f"merge refused: {exc}", ["the adapter is broken; retrain or use an earlier checkpoint"]) from None
-    report |= check(before, logits_of(merged, batch), merged.dtype)
+    report |= compare_merged(before, logits_of(merged, batch), merged.dtype)
     merged.save_pretrained(partial, max_shard_size=max_bytes or "50GB")
     tokenizer.save_pretrained(partial)
     return report
 
 
-def check(reference: torch.Tensor, merged: torch.Tensor, dtype: torch.dtype) -> dict:
+def compare_merged(reference: torch.Tensor, merged: torch.Tensor, dtype: torch.dtype) -> dict:
     """Compare, print, and refuse past the tolerance."""
     result = compare_logits(reference, merged, dtype) | {"verified": True, "dtype": str(dtype).removeprefix("torch.")}
     console.print(f"Merged vs adapter logits: max |diff| {result['max_abs_diff']:.3g}, "

@@ -63,12 +63,12 @@ class Delta:
 
 
 @dataclass
-class Plan:
+class MergePlan:
     deltas: dict[str, Delta]            # base weight name -> delta
     replace: dict[str, torch.Tensor]    # base tensor name -> trained tensor
 
 
-def plan(adapter: Path, base_dir: Path) -> Plan:
+def plan(adapter: Path, base_dir: Path) -> MergePlan:
     """Read the adapter and check it against the base checkpoint's tensor names and shapes.
 
     Raises CannotStream for what this merge does not handle.
@@ -126,7 +126,7 @@ def plan(adapter: Path, base_dir: Path) -> Plan:
     for name, tensor in replace.items():
         if shapes.get(name) != tuple(tensor.shape):
             raise CannotStream(f"the adapter's {name} has no tensor of that shape in the base checkpoint")
-    return Plan(deltas, replace)
+    return MergePlan(deltas, replace)
 
 
 def pattern_key(patterns: dict, module: str) -> str:
@@ -178,7 +178,7 @@ def base_directory(section) -> Path:
         raise CannotStream(f"the base checkpoint is not reachable ({type(exc).__name__})") from None
 
 
-def merge_tensor(name: str, tensor: torch.Tensor, merge_plan: Plan, bias_of: dict[str, Delta]) -> torch.Tensor:
+def merge_tensor(name: str, tensor: torch.Tensor, merge_plan: MergePlan, bias_of: dict[str, Delta]) -> torch.Tensor:
     """One base tensor, merged as PEFT would (in the base tensor's dtype)."""
     if name in merge_plan.replace:  # saved whole; PEFT saves a targeted embedding's base weight too
         tensor = merge_plan.replace[name].to(tensor.dtype)
@@ -240,7 +240,7 @@ class ShardWriter:
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def merge(merge_plan: Plan, base_dir: Path, out: Path, dtype: torch.dtype | None, max_bytes: int | None) -> None:
+def merge(merge_plan: MergePlan, base_dir: Path, out: Path, dtype: torch.dtype | None, max_bytes: int | None) -> None:
     """Write the merged checkpoint (weights, config, generation config) into `out`."""
     bias_of = {name.removesuffix("weight") + "bias": d for name, d in merge_plan.deltas.items() if d.bias is not None}
     writer = ShardWriter(out, max_bytes)

@@ -362,16 +362,16 @@ def save_adapter(trainer, plan: TrainingPlan, initial: Path | None) -> Path | No
     trainer.save_model(str(staging))  # every process takes part: ZeRO-3 gathers the weights here
     if not is_main_process():
         return None
-    resave = {}
+    save_options = {}
     if initial:
-        resave["path_initial_model_for_weight_conversion"] = str(initial)
+        save_options["path_initial_model_for_weight_conversion"] = str(initial)
     if plan.new_tokens:
         # The added tokens' rows are saved as trainable tokens (or whole, as modules_to_save);
         # PEFT would also save the base's resized embedding and output layers, gigabytes for a
         # large vocabulary, which loaders rebuild by resizing the base instead.
-        resave["save_embedding_layers"] = False
-    if resave:
-        trainer.model.save_pretrained(staging, **resave)
+        save_options["save_embedding_layers"] = False
+    if save_options:
+        trainer.model.save_pretrained(staging, **save_options)
     # Trainer leaves its arguments as a pickle; an adapter folder is shared, so keep it pickle-free.
     (staging / "training_args.bin").unlink(missing_ok=True)
     try:
