@@ -358,7 +358,8 @@ def save_adapter(trainer, plan: TrainingPlan, initial: Path | None) -> Path | No
     complete and sound, or absent. Returns its path on the main process, None on the others."""
     out = plan.recipe.output_dir
     adapter, staging = out / runs.ADAPTER, out / f"{runs.ADAPTER}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
+    if is_main_process():  # only the main process writes there; another removing it would race the writing
+        shutil.rmtree(staging, ignore_errors=True)
     trainer.save_model(str(staging))  # every process takes part: ZeRO-3 gathers the weights here
     if not is_main_process():
         return None
