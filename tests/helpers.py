@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -45,3 +51,30 @@ def run_cli(*args: str) -> int:
     except SystemExit as exc:
         return exc.code or 0
     return 0
+
+
+@contextlib.contextmanager
+def serve_process(*args: str, cwd: Path):
+    """`lora-tune serve ARGS` on a free port of 127.0.0.1, on the CPU: yields its /v1 URL once it
+    answers, and stops it afterwards."""
+    import pytest
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "lora_tune", "serve", *map(str, args), "--port", str(port)],
+                               cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/models", timeout=1)
+            break
+        except OSError:
+            if process.poll() is not None:
+                pytest.fail(f"the server exited: {process.stdout.read()[-3000:]}")
+            time.sleep(0.3)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

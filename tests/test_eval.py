@@ -115,16 +115,15 @@ def test_several_targets_side_by_side(pc_run, tiny, capsys):
         evaluate.run([str(pc_run), str(pc_run)], compare=True)
 
 
-def test_lm_eval_harness_bridge_on_a_local_task(pc_run, tmp_path):
-    """A custom task over a local JSON file: the harness runs offline through the bridge."""
-    rows = [{"place": p, "choices": [f" the {p} is {c}." for c in ("blue", "grey", "green")], "answer": i}
-            for i, p in enumerate(["river", "mountain", "garden"])]
-    (tmp_path / "colours.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "colours.yaml").write_text(f"""task: tiny_colours
+def write_colour_task(folder: Path, name: str, rows: list[dict]) -> None:
+    """An lm-evaluation-harness multiple-choice task over `rows` (place, choices, answer), in a
+    local JSON file: FOLDER/NAME.yaml and FOLDER/NAME.jsonl."""
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / f"{name}.yaml").write_text(f"""task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {tmp_path / 'colours.jsonl'}
+    test: {folder / f'{name}.jsonl'}
 output_type: multiple_choice
 test_split: test
 doc_to_text: "what colour is the {{{{place}}}}?"
@@ -135,6 +134,13 @@ metric_list:
 metadata:
   version: 1.0
 """)
+
+
+def test_lm_eval_harness_bridge_on_a_local_task(pc_run, tmp_path):
+    """A custom task over a local JSON file: the harness runs offline through the bridge."""
+    rows = [{"place": p, "choices": [f" the {p} is {c}." for c in ("blue", "grey", "green")], "answer": i}
+            for i, p in enumerate(["river", "mountain", "garden"])]
+    write_colour_task(tmp_path, "tiny_colours", rows)
     report = evaluate.run(str(pc_run), compare=True, tasks=["tiny_colours"], tasks_path=tmp_path, generation=False)
     merged, base = report["results"]["merged"], report["results"]["base"]
     assert merged["tiny_colours/acc"] == 1.0  # river is blue, mountain grey, garden green: learnt
@@ -183,22 +189,7 @@ def test_limit_takes_the_first_examples_of_each_task(pc_run, tmp_path):
     """Only the first row's answer is the learnt one: with --limit 1 accuracy is 1, on all 3 it is 1/3."""
     rows = [{"place": p, "choices": [f" the {p} is {c}." for c in ("blue", "grey", "green")], "answer": 0}
             for p in ["river", "mountain", "garden"]]
-    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "task.yaml").write_text(f"""task: tiny_first_right
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {tmp_path / 'rows.jsonl'}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "what colour is the {{{{place}}}}?"
-doc_to_target: "{{{{answer}}}}"
-doc_to_choice: "{{{{choices}}}}"
-metric_list:
-  - metric: acc
-metadata:
-  version: 1.0
-""")
+    write_colour_task(tmp_path, "tiny_first_right", rows)
     scores = {}
     for limit in ([], ["--limit", "1"]):
         report = tmp_path / f"report{len(limit)}.json"

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port, run_cli, write_recipe
+from helpers import run_cli, serve_process, write_recipe
 
 from lora_tune import serve_engine, serve_schemas, serve_vllm
 from lora_tune.errors import UserError
@@ -47,25 +44,9 @@ def runs(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(runs, tiny):
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "lora_tune", "serve", str(runs / "answers"), "--adapter",
-                                f"chat={runs / 'chat'}", "--port", str(port), "--base-name", "base",
-                                "--allow-runtime-lora", "--adapter-root", str(runs)],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/models", timeout=1)
-            break
-        except OSError:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited: {process.stdout.read()[-3000:]}")
-            time.sleep(0.3)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with serve_process(runs / "answers", "--adapter", f"chat={runs / 'chat'}", "--base-name", "base",
+                       "--allow-runtime-lora", "--adapter-root", runs, cwd=ROOT) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

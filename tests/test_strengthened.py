@@ -7,13 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import free_port, run_cli, write_recipe
+from helpers import run_cli, serve_process, write_recipe
 from safetensors.torch import load_file
 
 from lora_tune.errors import UserError
@@ -132,23 +131,8 @@ def test_each_hub_source_passes_its_own_subset_and_split(tiny, tmp_path, capsys,
 
 @pytest.fixture(scope="module")
 def base_server(tiny):
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "lora_tune", "serve", str(tiny / "tiny-llama"), "--port",
-                                str(port), "--base-name", "base"], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/models", timeout=1)
-            break
-        except OSError:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited: {process.stdout.read()[-3000:]}")
-            time.sleep(0.3)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with serve_process(tiny / "tiny-llama", "--base-name", "base", cwd=ROOT) as url:
+        yield url
 
 
 def _complete(url: str, **body) -> str:
