@@ -275,13 +275,14 @@ def agreed(decide):
     train or stop together."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return decide()
-    import torch
     import torch.distributed as dist
+
+    from . import hardware
 
     if not dist.is_initialized():  # the training config sets it up; this only covers other callers
         from accelerate import PartialState
 
-        PartialState(cpu=not torch.cuda.is_available())
+        PartialState(cpu=not hardware.has_cuda())
     box = [None]
     if dist.get_rank() == 0:
         try:

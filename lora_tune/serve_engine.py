@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from . import models, output, runs
+from . import hardware, models, output, runs
 from .errors import UserError
 from .serve_errors import ServeError
 from .serve_schemas import AdapterConfig, ChatRequest, Sampling
@@ -65,7 +65,7 @@ class Engine:
 
     def __init__(self, base, base_name: str, dtype_name: str = "auto"):
         self.base_section, self.base_name = base, base_name
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = hardware.device()
         self.model = models.load_model(base, models.resolve_dtype(dtype_name)).to(self.device).eval()
         self.tokenizers = {base_name: models.load_tokenizer(base)}
         self.paths: dict[str, str] = {}
