@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from . import data, generate, hardware, models, output, reports, runs
+from . import adapters, data, generate, hardware, models, output, reports, runs
 from .common import batches, compare_logits
 from .errors import UserError
 
@@ -140,8 +140,8 @@ def check_target(target: str, adapter: Path | None, recipe, compare: bool, plott
 def load_target(target: str, adapter: Path | None, recipe, allow_pickle: bool):
     """(model section, tokenizer) of the model to load: an adapter's base, or the target itself."""
     if adapter is not None:
-        section = models.adapter_base_section(adapter, recipe.model if recipe else None, allow_pickle)
-        return section, models.adapter_tokenizer(adapter, section)
+        section = adapters.adapter_base_section(adapter, recipe.model if recipe else None, allow_pickle)
+        return section, adapters.adapter_tokenizer(adapter, section)
     from .recipe import ModelSection
 
     section = ModelSection(id=target, allow_pickle=allow_pickle)
@@ -168,7 +168,7 @@ def evaluate_target(evaluator: Evaluator, section, adapter: Path | None, prefix:
         return None
     if compare or samples:
         evaluator(prefix + "base", model, harness=compare)
-    model = models.attach_adapter(model, adapter, section)
+    model = adapters.attach_adapter(model, adapter, section)
     if compare or not merge:
         adapter_logits = evaluator(prefix + "adapter", model, harness=False)  # the harness takes plain models
     if compare or merge:

@@ -173,7 +173,7 @@ def runtime_root(access: Access) -> Path:
 def runtime_adapter(root: Path, given: str) -> Path:
     """The adapter directory a runtime request names (relative to root, or absolute), resolved
     with links followed. Raises ServeError (403) unless it, every file in it and its run's recipe
-    (which models.trained_on reads) lie in root."""
+    (which adapters.trained_on reads) lie in root."""
     try:
         path = (root / given).resolve()  # an absolute `given` replaces root here
         adapter = runs.adapter_dir(path) if path.is_relative_to(root) else None

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, hardware, models, output, runs, stream_merge
+from .adapters import adapter_base_section, check_adapter_fits, load_with_adapter
 from .common import compare_logits
 from .errors import UserError
 
@@ -97,7 +98,7 @@ def check_fits(adapters: list[Path], section) -> None:
     architecture); a clear message also for a base that needs remote code."""
     skeleton = models.meta_model(models.load_config(section), models.trusts_remote_code(section))
     for adapter in adapters:
-        models.check_adapter_fits(adapter, skeleton, section)
+        check_adapter_fits(adapter, skeleton, section)
 
 
 def check_same_base(adapters: list[Path]) -> None:
@@ -132,7 +133,7 @@ def run(sources: list[Path] | Path, output: Path, force: bool = False, dtype: st
     max_bytes = parse_size(max_shard_size)
     check_same_base(adapters)
     recipe = runs.run_recipe(adapters[0])
-    section = models.adapter_base_section(adapters[0], recipe.model if recipe else None, allow_pickle)
+    section = adapter_base_section(adapters[0], recipe.model if recipe else None, allow_pickle)
     check_output_spares_inputs(output, merge_inputs(adapters, section))
     if output.exists() and not force:
         raise UserError(f"{output} already exists", ["choose another --output, or pass --force to replace it"])
@@ -218,7 +219,7 @@ def streamed(adapter, recipe, section, base_dir, merge_plan, partial, dtype, max
     device = hardware.device()
     report: dict = {"method": "stream"}
     if verify:
-        model, tokenizer, _ = models.load_with_adapter(adapter, dtype, section)
+        model, tokenizer, _ = load_with_adapter(adapter, dtype, section)
         batch = probe_batch(tokenizer, device, probe_samples(recipe, tokenizer))
         reference = logits_of(model.to(device), batch)
         del model
@@ -237,7 +238,7 @@ def streamed(adapter, recipe, section, base_dir, merge_plan, partial, dtype, max
 
 def in_memory(adapters, recipe, section, partial, dtype, max_bytes, weights, combination, density, adapter_only) -> dict:
     """merge_and_unload (or PEFT's weighted combination) on the loaded model; verified before writing."""
-    model, tokenizer, _ = models.load_with_adapter(adapters[0], dtype, section)
+    model, tokenizer, _ = load_with_adapter(adapters[0], dtype, section)
     if len(adapters) > 1 or weights != [1.0]:
         names = ["default"]
         for i, adapter in enumerate(adapters[1:], start=1):

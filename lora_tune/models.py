@@ -1,11 +1,10 @@
-"""Base model and tokenizer loading, dtype choice, target-module checks, and adapters on their base."""
+"""Base model and tokenizer loading, dtype choice, quantization and target-module checks."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import copy
-import json
 import os
 import re
 import sys
@@ -17,8 +16,6 @@ from safetensors import SafetensorError
 from . import hardware, output
 from .common import first_line
 from .errors import UserError
-from .recipe import ModelSection
-from .runs import ADAPTER, RECIPE, adapter_config
 
 console = output.console()
 
@@ -84,7 +81,7 @@ def quantization_config(section, dtype: torch.dtype):
                               bnb_4bit_compute_dtype=dtype if q.compute_dtype == "auto" else DTYPES[q.compute_dtype])
 
 
-def _looks_local(model_id: str) -> bool:
+def looks_local(model_id: str) -> bool:
     return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or Path(model_id).exists()
 
 
@@ -126,7 +123,7 @@ def load_config(section):
     needs its own code and that is not allowed."""
     from transformers import AutoConfig
 
-    if _looks_local(section.id):
+    if looks_local(section.id):
         local = Path(section.id).expanduser()
         if not local.is_dir():
             raise UserError(f"model.id: no model directory at {section.id!r}",
@@ -309,148 +306,3 @@ def load_model(section, dtype, source: str | None = None):
         raise UserError(f"model.id: cannot load the weights of {source}: {first_line(exc)}",
                         ["check that the download or copy is complete (re-download corrupt or truncated files)"]) \
             from None
-
-
-def adapter_base_section(adapter: Path, model_section=None, allow_pickle: bool = False):
-    """The model section of an adapter's base: the run recipe's, else from adapter_config.json
-    (base_model_name_or_path, revision). Raises UserError when the base is gone."""
-    config = adapter_config(adapter)
-    base = config.get("base_model_name_or_path") or ""
-    if model_section is None or model_section.id != base:
-        model_section = ModelSection(id=base, revision=config.get("revision"),
-                                     trust_remote_code=bool(model_section and model_section.trust_remote_code))
-    if allow_pickle:
-        model_section = model_section.model_copy(update={"allow_pickle": True})
-    if model_section.quantization:
-        console.print(f"{adapter} was trained on a {model_section.quantization.bits}-bit base: loading the "
-                      f"full-precision {model_section.id} (quantized weights would round the adapter away when merged).")
-        model_section = model_section.model_copy(update={"quantization": None})
-    if _looks_local(base) and not Path(base).expanduser().is_dir():
-        raise UserError(f"{adapter}: its base model {base!r} is not there any more",
-                        ["restore the base model directory, or edit base_model_name_or_path in adapter_config.json"])
-    return model_section
-
-
-def load_with_adapter(adapter: Path, dtype_name: str = "auto", model_section=None, allow_pickle: bool = False):
-    """(PeftModel on its base, tokenizer, base model section) for an adapter directory.
-
-    Raises UserError when the base or the adapter will not load, or the adapter does not fit.
-    """
-    model_section = adapter_base_section(adapter, model_section, allow_pickle)
-    dtype = "auto" if dtype_name == "auto" else DTYPES[dtype_name]
-    tokenizer = adapter_tokenizer(adapter, model_section)
-    model = load_model(model_section, dtype, source=model_section.id)
-    fit_vocabulary(model, tokenizer)  # an adapter trained with added tokens
-    return attach_adapter(model, adapter, model_section), tokenizer, model_section
-
-
-def adapter_tokenizer(adapter: Path, model_section):
-    """The tokenizer saved with the adapter (with its chat template), else the base's."""
-    return load_tokenizer(model_section, adapter if (adapter / "tokenizer_config.json").is_file() else None)
-
-
-def attach_adapter(model, adapter: Path, model_section):
-    """PeftModel of `model` with the adapter loaded, in eval mode.
-
-    Raises UserError for a pickle-only adapter (unless allowed), an unreadable one, or one that
-    does not fit the base.
-    """
-    from peft import PeftModel
-
-    base = model_section.id
-    if not (adapter / "adapter_model.safetensors").is_file() and not model_section.allow_pickle:
-        raise UserError(f"{adapter}: no adapter_model.safetensors",
-                        ["pickle (.bin) adapters can run code when loaded: pass --allow-pickle if you trust it"])
-    check_adapter_fits(adapter, model, model_section)
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter))
-    except Exception as exc:  # safetensors, torch and peft each raise their own types here
-        mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), None)
-        raise UserError(f"{adapter}: {'the adapter does not fit its base ' + base if mismatch else 'cannot read the adapter'}"
-                        f": {(mismatch or first_line(exc))[:300]}",
-                        ["check that the adapter was trained on this base model" if mismatch
-                         else "the adapter file is truncated or corrupt: use an earlier checkpoint or retrain"]) from None
-    return peft_model.eval()
-
-
-# The parts of a saved LoRA tensor's name that follow the name of the layer it changes.
-LORA_PART = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.|$)")
-
-
-def adapter_modules(adapter: Path) -> list[str]:
-    """Names of the layers an adapter changes, from its safetensors header (no tensor is read).
-    Empty for an adapter without one, or an unreadable one (attach_adapter says which)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(adapter / "adapter_model.safetensors", framework="pt") as f:
-            keys = list(f.keys())
-    except (OSError, SafetensorError):
-        return []
-    names = {}
-    for key in keys:
-        match = LORA_PART.search(key)
-        if match:
-            names[key[: match.start()].removeprefix("base_model.model.").replace(".base_layer", "")] = None
-    return list(names)
-
-
-def check_adapter_fits(adapter: Path, model, section) -> None:
-    """Raise UserError when `model` (the base, or its meta-device skeleton) lacks layers the
-    adapter changes: an adapter trained on another architecture. PEFT would call that a
-    missing target module, or load nothing for it."""
-    wanted = adapter_modules(adapter)
-    present = {name for name, _ in model.named_modules()}
-    missing = [name for name in wanted if name not in present]
-    if not missing:
-        return
-    # The ids recorded at training time, unless they name this base (its folder's contents changed since).
-    here = Path(section.id).expanduser().resolve()
-    others = [i for i in trained_on(adapter) if Path(i).expanduser().resolve() != here]
-    origins = [kind for kind in map(model_kind, others) if kind]
-    origin = origins[0] if origins else f"a model with layers such as {missing[0]}"
-    base = f"{model.config.model_type} ({', '.join(model.config.architectures or [type(model).__name__])}, {section.id})"
-    raise UserError(f"{adapter}: this adapter was trained on {origin}, the base is {base}: {len(missing)} of the "
-                    f"{len(wanted)} layers it changes are not in the base (e.g. {missing[0]})",
-                    [(f"use the base model it was trained on: set base_model_name_or_path in "
-                      f"{adapter / 'adapter_config.json'} to it")])
-
-
-def trained_on(adapter: Path) -> list[str]:
-    """Model ids the adapter was trained on, as recorded when it was saved: its run's recipe
-    (model.id) and PEFT's model card (base_model); adapter_config.json may have been edited since."""
-    import yaml
-
-    found = []
-    recipe = adapter.parent / RECIPE
-    if adapter.name == ADAPTER and recipe.is_file():
-        with contextlib.suppress(OSError, yaml.YAMLError, AttributeError, TypeError):  # an unreadable recipe: no id
-            found.append(str(yaml.safe_load(recipe.read_text())["model"]["id"]))
-    card = adapter / "README.md"
-    if card.is_file():
-        match = re.search(r"^base_model:[ \t]*(\S.*?)[ \t]*$", card.read_text(errors="replace"), re.MULTILINE)
-        if match:
-            found.append(match.group(1))
-    return found
-
-
-def model_kind(model_id: str) -> str | None:
-    """'llama (LlamaForCausalLM, ID)' from the model's config.json where it is a local folder
-    or in the hub cache (nothing is downloaded); None when it is not at hand."""
-    path = Path(model_id).expanduser() / "config.json"
-    if not path.is_file():
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            cached = try_to_load_from_cache(model_id, "config.json")
-        except ValueError:  # not a valid hub id either
-            return None
-        if not isinstance(cached, str):
-            return None
-        path = Path(cached)
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    architectures = ", ".join(config.get("architectures") or [])
-    return f"{config.get('model_type', 'an unknown model type')} ({architectures + ', ' if architectures else ''}{model_id})"

@@ -18,7 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
-from . import guard, models, output, runs
+from . import adapters, guard, models, output, runs
 from .errors import UserError
 from .serve_engine import Engine, Generation
 from .serve_errors import ServeError, add_error_handlers
@@ -147,7 +147,7 @@ def resolve(target: str, adapter_specs: list[str]):
     adapter = runs.adapter_dir(Path(target))
     if adapter is not None:
         recipe = runs.run_recipe(adapter)
-        base = models.adapter_base_section(adapter, recipe.model if recipe else None)
+        base = adapters.adapter_base_section(adapter, recipe.model if recipe else None)
         named[(adapter.parent if adapter.name == runs.ADAPTER else adapter).resolve().name] = adapter
     else:
         base = ModelSection(id=target)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from . import hardware, models, output, runs
+from . import adapters, hardware, models, output, runs
 from .errors import UserError
 from .serve_errors import ServeError
 from .serve_schemas import AdapterConfig, ChatRequest, Sampling
@@ -85,12 +85,12 @@ class Engine:
             raise ServeError(400, f"{path}: not a run or PEFT adapter directory", "invalid_adapter", "lora_path")
         self.check_fits(read_adapter_config(adapter, path), path)
         try:
-            models.check_adapter_fits(adapter, self.model, self.base_section)
+            adapters.check_adapter_fits(adapter, self.model, self.base_section)
         except UserError as exc:
             raise ServeError(400, self.unfit_message(exc, path, runtime), "adapter_for_another_base",
                              "lora_path") from None
         try:
-            tokenizer = models.adapter_tokenizer(adapter, self.base_section)
+            tokenizer = adapters.adapter_tokenizer(adapter, self.base_section)
         except (UserError, OSError, ValueError) as exc:  # what a missing or corrupt tokenizer file raises
             console.print(f"{path}: its tokenizer does not load: {exc}")
             raise ServeError(400, f"{path}: the tokenizer saved with the adapter does not load; the server's log "

@@ -93,9 +93,9 @@ def test_eval_compare_shows_improvement_and_merged_equals_adapter(run_dir, tmp_p
 
 def test_eval_loss_is_token_weighted(run_dir, tiny):
     """Batch size and padding must not change the numbers."""
-    from lora_tune import data, models
+    from lora_tune import adapters, data
 
-    model, tokenizer, _ = models.load_with_adapter(run_dir / "adapter")
+    model, tokenizer, _ = adapters.load_with_adapter(run_dir / "adapter")
     dataset = data.load_eval(str(tiny / "data" / "pc_eval.jsonl"), None, tokenizer)
     one, _ = evaluate.measure(model, evaluate.batches(dataset, 1, tokenizer.pad_token_id, "cpu"))
     seven, _ = evaluate.measure(model, evaluate.batches(dataset, 7, tokenizer.pad_token_id, "cpu"))
@@ -138,9 +138,9 @@ def test_merge_writes_a_plain_transformers_model_with_the_adapters_logits(run_di
     assert not list(tmp_path.glob(".merged.*"))
 
     # Adapter-on-base logits here; the merged model's in a fresh process without peft or lora_tune.
-    from lora_tune import models
+    from lora_tune import adapters
 
-    model, tokenizer, _ = models.load_with_adapter(run_dir / "adapter")
+    model, tokenizer, _ = adapters.load_with_adapter(run_dir / "adapter")
     batch = merge.probe_batch(tokenizer, "cpu")
     expected = merge.logits_of(model, batch)
     torch.save(batch, tmp_path / "batch.pt")

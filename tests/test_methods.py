@@ -177,7 +177,7 @@ def test_added_tokens_are_trained_saved_and_merged(saved_as, tiny, tmp_path, cap
     layers in modules_to_save, the whole resized layers train and are saved."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_tune import models
+    from lora_tune import adapters, models
 
     rows = [json.loads(line) for line in (tiny / "data" / "pc_train.jsonl").read_text().splitlines()]
     train = tmp_path / "train.jsonl"
@@ -209,7 +209,7 @@ def test_added_tokens_are_trained_saved_and_merged(saved_as, tiny, tmp_path, cap
         assert sorted(w.shape for w in weights.values() if w.shape[0] >= base_size) == [(base_size + 2, 64)] * 2
 
     # lora-tune's loader grows the base to the adapter's vocabulary and reproduces the trained model.
-    model, tokenizer, _ = models.load_with_adapter(out / "adapter", "float32")
+    model, tokenizer, _ = adapters.load_with_adapter(out / "adapter", "float32")
     rows = data.load_datasets(recipes.load(path).data, tokenizer)[1]
     batches = evaluate.batches(rows, 64, tokenizer.pad_token_id, "cpu")
     adapter_metrics, adapter_logits = evaluate.measure(model, batches)
