@@ -26,21 +26,32 @@ def adapter_base_section(adapter: Path, model_section=None, allow_pickle: bool =
     config = adapter_config(adapter)
     base = config.get("base_model_name_or_path") or ""
     if model_section is None or model_section.id != base:
-        model_section = ModelSection(id=base, revision=config.get("revision"),
-                                     trust_remote_code=bool(model_section and model_section.trust_remote_code))
+        model_section = ModelSection(
+            id=base,
+            revision=config.get("revision"),
+            trust_remote_code=bool(model_section and model_section.trust_remote_code),
+        )
     if allow_pickle:
         model_section = model_section.model_copy(update={"allow_pickle": True})
     if model_section.quantization:
-        console.print(f"{adapter} was trained on a {model_section.quantization.bits}-bit base: loading the "
-                      f"full-precision {model_section.id} (quantized weights would round the adapter away when merged).")
+        console.print(
+            f"{adapter} was trained on a {model_section.quantization.bits}-bit base: loading the "
+            f"full-precision {model_section.id} (quantized weights would round the adapter away when merged)."
+        )
         model_section = model_section.model_copy(update={"quantization": None})
     if looks_local(base) and not Path(base).expanduser().is_dir():
-        raise UserError(f"{adapter}: its base model {base!r} is not there any more",
-                        ["restore the base model directory, or edit base_model_name_or_path in adapter_config.json"])
+        raise UserError(
+            f"{adapter}: its base model {base!r} is not there any more",
+            [
+                "restore the base model directory, or edit base_model_name_or_path in adapter_config.json"
+            ],
+        )
     return model_section
 
 
-def load_with_adapter(adapter: Path, dtype_name: str = "auto", model_section=None, allow_pickle: bool = False):
+def load_with_adapter(
+    adapter: Path, dtype_name: str = "auto", model_section=None, allow_pickle: bool = False
+):
     """(PeftModel on its base, tokenizer, base model section) for an adapter directory.
 
     Raises UserError when the base or the adapter will not load, or the adapter does not fit.
@@ -55,7 +66,9 @@ def load_with_adapter(adapter: Path, dtype_name: str = "auto", model_section=Non
 
 def adapter_tokenizer(adapter: Path, model_section):
     """The tokenizer saved with the adapter (with its chat template), else the base's."""
-    return load_tokenizer(model_section, adapter if (adapter / "tokenizer_config.json").is_file() else None)
+    return load_tokenizer(
+        model_section, adapter if (adapter / "tokenizer_config.json").is_file() else None
+    )
 
 
 def attach_adapter(model, adapter: Path, model_section):
@@ -68,22 +81,35 @@ def attach_adapter(model, adapter: Path, model_section):
 
     base = model_section.id
     if not (adapter / "adapter_model.safetensors").is_file() and not model_section.allow_pickle:
-        raise UserError(f"{adapter}: no adapter_model.safetensors",
-                        ["pickle (.bin) adapters can run code when loaded: pass --allow-pickle if you trust it"])
+        raise UserError(
+            f"{adapter}: no adapter_model.safetensors",
+            [
+                "pickle (.bin) adapters can run code when loaded: pass --allow-pickle if you trust it"
+            ],
+        )
     check_adapter_fits(adapter, model, model_section)
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter))
     except Exception as exc:  # safetensors, torch and peft each raise their own types here
-        mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), None)
-        raise UserError(f"{adapter}: {'the adapter does not fit its base ' + base if mismatch else 'cannot read the adapter'}"
-                        f": {(mismatch or first_line(exc))[:300]}",
-                        ["check that the adapter was trained on this base model" if mismatch
-                         else "the adapter file is truncated or corrupt: use an earlier checkpoint or retrain"]) from None
+        mismatch = next(
+            (line.strip() for line in str(exc).splitlines() if "size mismatch" in line), None
+        )
+        raise UserError(
+            f"{adapter}: {'the adapter does not fit its base ' + base if mismatch else 'cannot read the adapter'}"
+            f": {(mismatch or first_line(exc))[:300]}",
+            [
+                "check that the adapter was trained on this base model"
+                if mismatch
+                else "the adapter file is truncated or corrupt: use an earlier checkpoint or retrain"
+            ],
+        ) from None
     return peft_model.eval()
 
 
 # The parts of a saved LoRA tensor's name that follow the name of the layer it changes.
-LORA_PART = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.|$)")
+LORA_PART = re.compile(
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.|$)"
+)
 
 
 def adapter_modules(adapter: Path) -> list[str]:
@@ -100,7 +126,9 @@ def adapter_modules(adapter: Path) -> list[str]:
     for key in keys:
         match = LORA_PART.search(key)
         if match:
-            names[key[: match.start()].removeprefix("base_model.model.").replace(".base_layer", "")] = None
+            names[
+                key[: match.start()].removeprefix("base_model.model.").replace(".base_layer", "")
+            ] = None
     return list(names)
 
 
@@ -119,10 +147,16 @@ def check_adapter_fits(adapter: Path, model, section) -> None:
     origins = [kind for kind in map(model_kind, others) if kind]
     origin = origins[0] if origins else f"a model with layers such as {missing[0]}"
     base = f"{model.config.model_type} ({', '.join(model.config.architectures or [type(model).__name__])}, {section.id})"
-    raise UserError(f"{adapter}: this adapter was trained on {origin}, the base is {base}: {len(missing)} of the "
-                    f"{len(wanted)} layers it changes are not in the base (e.g. {missing[0]})",
-                    [(f"use the base model it was trained on: set base_model_name_or_path in "
-                      f"{adapter / 'adapter_config.json'} to it")])
+    raise UserError(
+        f"{adapter}: this adapter was trained on {origin}, the base is {base}: {len(missing)} of the "
+        f"{len(wanted)} layers it changes are not in the base (e.g. {missing[0]})",
+        [
+            (
+                f"use the base model it was trained on: set base_model_name_or_path in "
+                f"{adapter / 'adapter_config.json'} to it"
+            )
+        ],
+    )
 
 
 def trained_on(adapter: Path) -> list[str]:
@@ -133,11 +167,15 @@ def trained_on(adapter: Path) -> list[str]:
     found = []
     recipe = adapter.parent / RECIPE
     if adapter.name == ADAPTER and recipe.is_file():
-        with contextlib.suppress(OSError, yaml.YAMLError, AttributeError, TypeError):  # an unreadable recipe: no id
+        with contextlib.suppress(
+            OSError, yaml.YAMLError, AttributeError, TypeError
+        ):  # an unreadable recipe: no id
             found.append(str(yaml.safe_load(recipe.read_text())["model"]["id"]))
     card = adapter / "README.md"
     if card.is_file():
-        match = re.search(r"^base_model:[ \t]*(\S.*?)[ \t]*$", card.read_text(errors="replace"), re.MULTILINE)
+        match = re.search(
+            r"^base_model:[ \t]*(\S.*?)[ \t]*$", card.read_text(errors="replace"), re.MULTILINE
+        )
         if match:
             found.append(match.group(1))
     return found

@@ -27,31 +27,76 @@ ALLOW_PICKLE = "Also load pickle-based .bin weights, which can run code when loa
 
 
 @app.callback()
-def _options(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for user errors too.")] = False):
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks for user errors too.")
+    ] = False,
+):
     global _debug
     _debug = debug
 
 
+# Each command's arguments and options, named once here so that the commands read as one screen.
+RecipeFile = Annotated[Path, typer.Argument(help="The YAML recipe.")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE)]
+TrainSet = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="Override a recipe key, e.g. --set training.learning_rate=1e-4 (repeatable)."
+    ),
+]
+DryRun = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Check recipe, data and target modules against the model's config and print the plan; "
+        "load no weights, write nothing.",
+    ),
+]
+Resume = Annotated[
+    str,
+    typer.Option(
+        "--resume",
+        help="auto: continue from the run directory's latest complete checkpoint, if any; "
+        "never: start over; or a checkpoint folder.",
+    ),
+]
+NumProcesses = Annotated[
+    int,
+    typer.Option(
+        "--num-processes",
+        "-n",
+        min=1,
+        help="Launch this many processes through accelerate (one per GPU; "
+        "with several machines, in total).",
+    ),
+]
+AccelerateConfig = Annotated[
+    Path | None,
+    typer.Option(
+        "--accelerate-config", help="An accelerate config file (see configs/) to launch with."
+    ),
+]
+NumMachines = Annotated[
+    int, typer.Option(min=1, help="Machines taking part; run the command on each.")
+]
+MachineRank = Annotated[int, typer.Option(min=0, help="This machine's rank, 0 on the main one.")]
+MainProcessIp = Annotated[str | None, typer.Option(help="Address of the machine of rank 0.")]
+MainProcessPort = Annotated[int | None, typer.Option(help="Port the machine of rank 0 listens on.")]
+
+
 @app.command()
 def train(
-    recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a recipe key, e.g. --set training.learning_rate=1e-4 (repeatable).")] = None,
-    dry_run: Annotated[bool, typer.Option(
-        "--dry-run", help="Check recipe, data and target modules against the model's config and print the plan; "
-                          "load no weights, write nothing.")] = False,
-    resume: Annotated[str, typer.Option(
-        "--resume", help="auto: continue from the run directory's latest complete checkpoint, if any; "
-                         "never: start over; or a checkpoint folder.")] = "auto",
-    num_processes: Annotated[int, typer.Option(
-        "--num-processes", "-n", min=1, help="Launch this many processes through accelerate (one per GPU; "
-                                             "with several machines, in total).")] = 1,
-    accelerate_config: Annotated[Path | None, typer.Option(
-        "--accelerate-config", help="An accelerate config file (see configs/) to launch with.")] = None,
-    num_machines: Annotated[int, typer.Option(min=1, help="Machines taking part; run the command on each.")] = 1,
-    machine_rank: Annotated[int, typer.Option(min=0, help="This machine's rank, 0 on the main one.")] = 0,
-    main_process_ip: Annotated[str | None, typer.Option(help="Address of the machine of rank 0.")] = None,
-    main_process_port: Annotated[int | None, typer.Option(help="Port the machine of rank 0 listens on.")] = None,
+    recipe: RecipeFile,
+    set_: TrainSet = None,
+    dry_run: DryRun = False,
+    resume: Resume = "auto",
+    num_processes: NumProcesses = 1,
+    accelerate_config: AccelerateConfig = None,
+    num_machines: NumMachines = 1,
+    machine_rank: MachineRank = 0,
+    main_process_ip: MainProcessIp = None,
+    main_process_port: MainProcessPort = None,
 ):
     """Fine-tune a model with LoRA as the recipe says and write its run directory."""
     from . import launch, ownership
@@ -60,8 +105,14 @@ def train(
 
     overrides = set_ or []
     loaded = recipes.load(recipe, overrides)
-    how = launch.Launch(num_processes, accelerate_config, num_machines, machine_rank, main_process_ip,
-                        main_process_port)
+    how = launch.Launch(
+        num_processes,
+        accelerate_config,
+        num_machines,
+        machine_rank,
+        main_process_ip,
+        main_process_port,
+    )
     if how.relaunch_needed() and not dry_run:
         # Fail here, before spawning processes, on any bad input, a busy or finished run directory.
         # Only the main machine owns the run directory: the others hold no lock and read nothing there.
@@ -77,13 +128,19 @@ def train(
     training.run(loaded, dry_run=dry_run, resume=resume)
 
 
+DataSet = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="Override a recipe key, e.g. --set data.max_length=1024 (repeatable)."
+    ),
+]
+PreviewSamples = Annotated[
+    int, typer.Option("--samples", "-n", min=0, help="How many samples to show.")
+]
+
+
 @app.command("data")
-def data_preview(
-    recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a recipe key, e.g. --set data.max_length=1024 (repeatable).")] = None,
-    samples: Annotated[int, typer.Option("--samples", "-n", min=0, help="How many samples to show.")] = 3,
-):
+def data_preview(recipe: RecipeFile, set_: DataSet = None, samples: PreviewSamples = 3):
     """Show the training samples with trained tokens highlighted, and the data statistics."""
     from . import preview
     from . import recipe as recipes
@@ -91,29 +148,73 @@ def data_preview(
     preview.run(recipes.load(recipe, set_ or []), samples)
 
 
+MergeSources = Annotated[
+    list[Path], typer.Argument(help="A run directory or PEFT adapter; several to combine them.")
+]
+MergeOutput = Annotated[
+    Path, typer.Option("--output", "-o", help="Directory for the merged model.")
+]
+Force = Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")]
+MergeDtype = Annotated[
+    str,
+    typer.Option(
+        help="Weight dtype of the merged model: auto (the base checkpoint's), float32, bfloat16, float16."
+    ),
+]
+MergeMethod = Annotated[
+    str,
+    typer.Option(
+        help="stream: shard by shard in bounded memory; memory: merge_and_unload on the loaded model; "
+        "auto: stream where the adapter allows."
+    ),
+]
+Verify = Annotated[
+    bool,
+    typer.Option(
+        "--verify/--no-verify",
+        help="Compare merged and adapter-on-base logits (loads the model; skip it for "
+        "models larger than memory).",
+    ),
+]
+MaxShardSize = Annotated[
+    str | None, typer.Option(help="Largest output shard, e.g. 2GB (default: the base's sharding).")
+]
+Weights = Annotated[
+    str | None,
+    typer.Option(
+        "--weights",
+        help="Weight of each adapter when combining several: --weights 0.7 0.3 (or 0.7,0.3).",
+    ),
+]
+Combination = Annotated[
+    str,
+    typer.Option(
+        help="How PEFT combines several adapters: cat (exact weighted sum), linear, svd, ties, dare_ties, ..."
+    ),
+]
+Density = Annotated[
+    float | None, typer.Option(help="Fraction of weights kept by ties / dare combinations.")
+]
+AdapterOnly = Annotated[
+    bool,
+    typer.Option("--adapter-only", help="Write the combined adapter instead of a merged model."),
+]
+
+
 @app.command()
 def merge(
-    sources: Annotated[list[Path], typer.Argument(help="A run directory or PEFT adapter; several to combine them.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the merged model.")],
-    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
-    dtype: Annotated[str, typer.Option(
-        help="Weight dtype of the merged model: auto (the base checkpoint's), float32, bfloat16, float16.")] = "auto",
-    method: Annotated[str, typer.Option(
-        help="stream: shard by shard in bounded memory; memory: merge_and_unload on the loaded model; "
-             "auto: stream where the adapter allows.")] = "auto",
-    verify: Annotated[bool, typer.Option(
-        "--verify/--no-verify", help="Compare merged and adapter-on-base logits (loads the model; skip it for "
-                                     "models larger than memory).")] = True,
-    max_shard_size: Annotated[str | None, typer.Option(
-        help="Largest output shard, e.g. 2GB (default: the base's sharding).")] = None,
-    weights: Annotated[str | None, typer.Option(
-        "--weights", help="Weight of each adapter when combining several: --weights 0.7 0.3 (or 0.7,0.3).")] = None,
-    combination: Annotated[str, typer.Option(
-        help="How PEFT combines several adapters: cat (exact weighted sum), linear, svd, ties, dare_ties, ...")] = "cat",
-    density: Annotated[float | None, typer.Option(help="Fraction of weights kept by ties / dare combinations.")] = None,
-    adapter_only: Annotated[bool, typer.Option(
-        "--adapter-only", help="Write the combined adapter instead of a merged model.")] = False,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE)] = False,
+    sources: MergeSources,
+    output: MergeOutput,
+    force: Force = False,
+    dtype: MergeDtype = "auto",
+    method: MergeMethod = "auto",
+    verify: Verify = True,
+    max_shard_size: MaxShardSize = None,
+    weights: Weights = None,
+    combination: Combination = "cat",
+    density: Density = None,
+    adapter_only: AdapterOnly = False,
+    allow_pickle: AllowPickle = False,
 ):
     """Fold adapters into their base model, verify the logits are unchanged, and save it."""
     from . import merge as merging
@@ -121,74 +222,203 @@ def merge(
     try:
         parsed = [float(w) for w in weights.split(",")] if weights else None
     except ValueError:
-        raise UserError(f"--weights: cannot read {weights!r}", ["give one number per adapter: --weights 0.7 0.3"]) from None
-    merging.run(sources, output, force=force, dtype=dtype, allow_pickle=allow_pickle, method=method, verify=verify,
-                max_shard_size=max_shard_size, weights=parsed, combination=combination, density=density,
-                adapter_only=adapter_only)
+        raise UserError(
+            f"--weights: cannot read {weights!r}",
+            ["give one number per adapter: --weights 0.7 0.3"],
+        ) from None
+    merging.run(
+        sources,
+        output,
+        force=force,
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+        method=method,
+        verify=verify,
+        max_shard_size=max_shard_size,
+        weights=parsed,
+        combination=combination,
+        density=density,
+        adapter_only=adapter_only,
+    )
+
+
+EvalTargets = Annotated[
+    list[str],
+    typer.Argument(
+        help="Run directories, adapters, model directories or hub ids; several are compared side by side."
+    ),
+]
+EvalData = Annotated[
+    str | None,
+    typer.Option(
+        help="Evaluation data (a local file or hub dataset); default: the run recipe's eval data."
+    ),
+]
+Compare = Annotated[
+    bool, typer.Option("--compare", help="Evaluate base, adapter and merged model side by side.")
+]
+EvalMerged = Annotated[
+    bool,
+    typer.Option(
+        "--merge/--no-merge", help="Evaluate an adapter merged (default) or unmerged on its base."
+    ),
+]
+ShownSamples = Annotated[
+    int,
+    typer.Option(
+        "--samples",
+        min=0,
+        help="Show this many prompts with base and fine-tuned generations side by side.",
+    ),
+]
+Generation = Annotated[
+    bool | None,
+    typer.Option(
+        "--generate/--no-generate",
+        help="Greedy-generation metrics (exact match, token F1); default: on for data "
+        "with prompts.",
+    ),
+]
+MaxNewTokens = Annotated[
+    int | None,
+    typer.Option(
+        min=1, help="Generation length limit; default: the longest reference answer plus 8."
+    ),
+]
+Stop = Annotated[
+    list[str] | None, typer.Option(help="Cut generations at this string (repeatable).")
+]
+Tasks = Annotated[
+    str | None,
+    typer.Option(
+        help="lm-evaluation-harness tasks, e.g. arc_easy,hellaswag (pip install 'lora-tune[eval]')."
+    ),
+]
+TasksPath = Annotated[
+    Path | None, typer.Option(help="A folder of your own lm-eval task YAML files.")
+]
+Limit = Annotated[int | None, typer.Option(min=1, help="Examples per lm-eval task (default: all).")]
+JsonFile = Annotated[
+    Path | None, typer.Option("--json", help="Also write the report to this JSON file.")
+]
+Plot = Annotated[
+    Path | None, typer.Option(help="Draw the run's training (and eval) loss to this PNG.")
+]
+BatchSize = Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")]
+MaxSamples = Annotated[int | None, typer.Option(min=1, help="Evaluate on at most this many rows.")]
 
 
 @app.command("eval")
 def evaluate(
-    targets: Annotated[list[str], typer.Argument(
-        help="Run directories, adapters, model directories or hub ids; several are compared side by side.")],
-    data: Annotated[str | None, typer.Option(
-        help="Evaluation data (a local file or hub dataset); default: the run recipe's eval data.")] = None,
-    compare: Annotated[bool, typer.Option(
-        "--compare", help="Evaluate base, adapter and merged model side by side.")] = False,
-    merge: Annotated[bool, typer.Option(
-        "--merge/--no-merge", help="Evaluate an adapter merged (default) or unmerged on its base.")] = True,
-    samples: Annotated[int, typer.Option(
-        "--samples", min=0, help="Show this many prompts with base and fine-tuned generations side by side.")] = 0,
-    generation: Annotated[bool | None, typer.Option(
-        "--generate/--no-generate", help="Greedy-generation metrics (exact match, token F1); default: on for data "
-                                         "with prompts.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(
-        min=1, help="Generation length limit; default: the longest reference answer plus 8.")] = None,
-    stop: Annotated[list[str] | None, typer.Option(help="Cut generations at this string (repeatable).")] = None,
-    tasks: Annotated[str | None, typer.Option(
-        help="lm-evaluation-harness tasks, e.g. arc_easy,hellaswag (pip install 'lora-tune[eval]').")] = None,
-    tasks_path: Annotated[Path | None, typer.Option(help="A folder of your own lm-eval task YAML files.")] = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="Examples per lm-eval task (default: all).")] = None,
-    json_file: Annotated[Path | None, typer.Option("--json", help="Also write the report to this JSON file.")] = None,
-    plot: Annotated[Path | None, typer.Option(help="Draw the run's training (and eval) loss to this PNG.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
-    max_samples: Annotated[int | None, typer.Option(min=1, help="Evaluate on at most this many rows.")] = None,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE)] = False,
+    targets: EvalTargets,
+    data: EvalData = None,
+    compare: Compare = False,
+    merge: EvalMerged = True,
+    samples: ShownSamples = 0,
+    generation: Generation = None,
+    max_new_tokens: MaxNewTokens = None,
+    stop: Stop = None,
+    tasks: Tasks = None,
+    tasks_path: TasksPath = None,
+    limit: Limit = None,
+    json_file: JsonFile = None,
+    plot: Plot = None,
+    batch_size: BatchSize = 8,
+    max_samples: MaxSamples = None,
+    allow_pickle: AllowPickle = False,
 ):
     """Measure loss, perplexity, token accuracy and answers on held-out data, and benchmarks."""
     from . import evaluate as evaluation
 
-    evaluation.run(targets, data_spec=data, compare=compare, merge=merge, json_file=json_file,
-                   batch_size=batch_size, max_samples=max_samples, allow_pickle=allow_pickle, generation=generation,
-                   max_new_tokens=max_new_tokens, stop=stop or [], samples=samples,
-                   tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, limit=limit,
-                   tasks_path=tasks_path, plot=plot)
+    evaluation.run(
+        targets,
+        data_spec=data,
+        compare=compare,
+        merge=merge,
+        json_file=json_file,
+        batch_size=batch_size,
+        max_samples=max_samples,
+        allow_pickle=allow_pickle,
+        generation=generation,
+        max_new_tokens=max_new_tokens,
+        stop=stop or [],
+        samples=samples,
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+        limit=limit,
+        tasks_path=tasks_path,
+        plot=plot,
+    )
+
+
+ServeTarget = Annotated[
+    str,
+    typer.Argument(help="A run or adapter directory (served with its base), or a base model."),
+]
+ServeAdapters = Annotated[
+    list[str] | None,
+    typer.Option("--adapter", help="Also serve this adapter as NAME=PATH (repeatable)."),
+]
+Host = Annotated[str, typer.Option(help="Address to listen on.")]
+Port = Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")]
+Engine = Annotated[
+    str,
+    typer.Option(
+        help="local: lora-tune's own server (PEFT, one request at a time); vllm: vLLM's OpenAI server with the "
+        "same adapters (needs vLLM and a CUDA GPU)."
+    ),
+]
+BaseName = Annotated[
+    str | None,
+    typer.Option(
+        help="The model name that serves the base without adapters (default: its id or path)."
+    ),
+]
+ServeDtype = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        envvar="LORA_TUNE_API_KEY",
+        show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on every route but /health (OpenAI clients: api_key=KEY). "
+        "Prefer the environment variable: a command line is visible to other users.",
+    ),
+]
+AllowRuntimeLora = Annotated[
+    bool,
+    typer.Option(
+        "--allow-runtime-lora",
+        help="Let clients load and unload adapters (/v1/load_lora_adapter, "
+        "/v1/unload_lora_adapter), from under --adapter-root only.",
+    ),
+]
+AdapterRoot = Annotated[
+    Path | None,
+    typer.Option(
+        help="The folder runtime-loaded adapters must lie in (links followed); needs --allow-runtime-lora."
+    ),
+]
+MaxBodyBytes = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Refuse (413) a request body over this many bytes (default: 4 MiB; local engine).",
+    ),
+]
 
 
 @app.command()
 def serve(
-    target: Annotated[str, typer.Argument(help="A run or adapter directory (served with its base), or a base model.")],
-    adapter: Annotated[list[str] | None, typer.Option(
-        "--adapter", help="Also serve this adapter as NAME=PATH (repeatable).")] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
-    engine: Annotated[str, typer.Option(
-        help="local: lora-tune's own server (PEFT, one request at a time); vllm: vLLM's OpenAI server with the "
-             "same adapters (needs vLLM and a CUDA GPU).")] = "local",
-    base_name: Annotated[str | None, typer.Option(
-        help="The model name that serves the base without adapters (default: its id or path).")] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    api_key: Annotated[str | None, typer.Option(
-        envvar="LORA_TUNE_API_KEY", show_envvar=True,
-        help="Require 'Authorization: Bearer KEY' on every route but /health (OpenAI clients: api_key=KEY). "
-             "Prefer the environment variable: a command line is visible to other users.")] = None,
-    allow_runtime_lora: Annotated[bool, typer.Option(
-        "--allow-runtime-lora", help="Let clients load and unload adapters (/v1/load_lora_adapter, "
-                                     "/v1/unload_lora_adapter), from under --adapter-root only.")] = False,
-    adapter_root: Annotated[Path | None, typer.Option(
-        help="The folder runtime-loaded adapters must lie in (links followed); needs --allow-runtime-lora.")] = None,
-    max_body_bytes: Annotated[int | None, typer.Option(
-        min=1, help="Refuse (413) a request body over this many bytes (default: 4 MiB; local engine).")] = None,
+    target: ServeTarget,
+    adapter: ServeAdapters = None,
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    engine: Engine = "local",
+    base_name: BaseName = None,
+    dtype: ServeDtype = "auto",
+    api_key: ApiKey = None,
+    allow_runtime_lora: AllowRuntimeLora = False,
+    adapter_root: AdapterRoot = None,
+    max_body_bytes: MaxBodyBytes = None,
 ):
     """Serve the base model and adapters behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions)."""
     from . import serve as serving
@@ -197,17 +427,38 @@ def serve(
         raise UserError(f"--engine: expected local or vllm, got {engine!r}")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"--dtype: expected auto, float32, bfloat16 or float16, got {dtype!r}")
-    serving.run(target, adapter or [], host, port, engine, base_name, dtype, api_key=api_key,
-                allow_runtime_lora=allow_runtime_lora, adapter_root=adapter_root, max_body_bytes=max_body_bytes)
+    serving.run(
+        target,
+        adapter or [],
+        host,
+        port,
+        engine,
+        base_name,
+        dtype,
+        api_key=api_key,
+        allow_runtime_lora=allow_runtime_lora,
+        adapter_root=adapter_root,
+        max_body_bytes=max_body_bytes,
+    )
+
+
+ModelId = Annotated[str, typer.Argument(help="A hub id or local model directory.")]
+Rank = Annotated[int, typer.Option("--r", "-r", min=1, help="LoRA rank for the parameter counts.")]
+Revision = Annotated[str | None, typer.Option(help="Hub branch, tag or commit.")]
+TrustRemoteCode = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code", help="Allow the model repository's own Python code to run."
+    ),
+]
 
 
 @app.command()
 def modules(
-    model: Annotated[str, typer.Argument(help="A hub id or local model directory.")],
-    r: Annotated[int, typer.Option("--r", "-r", min=1, help="LoRA rank for the parameter counts.")] = 16,
-    revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit.")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(
-        "--trust-remote-code", help="Allow the model repository's own Python code to run.")] = False,
+    model: ModelId,
+    r: Rank = 16,
+    revision: Revision = None,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """List the layers LoRA can target, and the trainable parameters of attention-only and all-linear."""
     from . import targets
@@ -226,9 +477,11 @@ def join_weights(argv: list[str]) -> list[str]:
             i += 1
             continue
         j = i + 1
-        while j < len(argv) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(,.+)?", argv[j]):
+        while j < len(argv) and re.fullmatch(
+            r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(,.+)?", argv[j]
+        ):
             j += 1
-        result += ["--weights", ",".join(argv[i + 1:j])]
+        result += ["--weights", ",".join(argv[i + 1 : j])]
         i = j
     return result
 
@@ -250,7 +503,9 @@ def main(argv: list[str] | None = None) -> None:
         from rich.console import Console
         from rich.text import Text
 
-        Console(stderr=True, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), exc.render()))
+        Console(stderr=True, soft_wrap=True).print(
+            Text.assemble(("error: ", "bold red"), exc.render())
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         if _debug:

@@ -21,7 +21,7 @@ def batches(dataset, batch_size: int, pad_id: int, device) -> list[dict[str, tor
     order = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))
     result = []
     for start in range(0, len(order), batch_size):
-        rows = [dataset[i] for i in order[start:start + batch_size]]
+        rows = [dataset[i] for i in order[start : start + batch_size]]
         width = len(rows[0]["input_ids"])
         ids = torch.full((len(rows), width), pad_id)
         labels = torch.full((len(rows), width), -100)
@@ -31,7 +31,13 @@ def batches(dataset, batch_size: int, pad_id: int, device) -> list[dict[str, tor
             ids[j, :n] = torch.tensor(row["input_ids"])
             labels[j, :n] = torch.tensor(row["labels"])
             mask[j, :n] = 1
-        result.append({"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)})
+        result.append(
+            {
+                "input_ids": ids.to(device),
+                "attention_mask": mask.to(device),
+                "labels": labels.to(device),
+            }
+        )
     return result
 
 
@@ -42,5 +48,9 @@ def compare_logits(reference: torch.Tensor, other: torch.Tensor, dtype: torch.dt
     tolerance = TOLERANCE.get(dtype, 5e-2) * scale
     finite = bool(torch.isfinite(other).all())
     max_diff = diff.max().item()
-    return {"max_abs_diff": max_diff, "mean_abs_diff": diff.mean().item(), "tolerance": tolerance,
-            "ok": finite and max_diff <= tolerance}
+    return {
+        "max_abs_diff": max_diff,
+        "mean_abs_diff": diff.mean().item(),
+        "tolerance": tolerance,
+        "ok": finite and max_diff <= tolerance,
+    }

@@ -40,16 +40,31 @@ class DataStats:
     lengths: list[int] = field(default_factory=list, repr=False)
 
     def add(self, other: DataStats) -> DataStats:
-        skipped = {k: self.skipped.get(k, 0) + other.skipped.get(k, 0) for k in {*self.skipped, *other.skipped}}
-        return DataStats(self.rows + other.rows, self.samples + other.samples, skipped,
-                         self.truncated + other.truncated, self.trained_tokens + other.trained_tokens,
-                         self.lengths + other.lengths)
+        skipped = {
+            k: self.skipped.get(k, 0) + other.skipped.get(k, 0)
+            for k in {*self.skipped, *other.skipped}
+        }
+        return DataStats(
+            self.rows + other.rows,
+            self.samples + other.samples,
+            skipped,
+            self.truncated + other.truncated,
+            self.trained_tokens + other.trained_tokens,
+            self.lengths + other.lengths,
+        )
 
     def summary(self) -> dict:
-        data = {k: v for k, v in asdict(self).items() if k != "lengths"} | {"tokens": sum(self.lengths)}
+        data = {k: v for k, v in asdict(self).items() if k != "lengths"} | {
+            "tokens": sum(self.lengths)
+        }
         if self.lengths:
             median, p95 = percentiles(self.lengths, 50, 95)
-            data["length"] = {"min": min(self.lengths), "median": median, "p95": p95, "max": max(self.lengths)}
+            data["length"] = {
+                "min": min(self.lengths),
+                "median": median,
+                "p95": p95,
+                "max": max(self.lengths),
+            }
         return data
 
 
@@ -58,7 +73,9 @@ def percentiles(values: list[int], *ranks: int) -> list[float]:
     higher rank never gives a lower value: p95 >= median, however few the values."""
     if len(values) == 1:
         return [values[0]] * len(ranks)
-    cuts = statistics.quantiles(values, n=100, method="inclusive")  # cuts[k - 1] is the k-th percentile
+    cuts = statistics.quantiles(
+        values, n=100, method="inclusive"
+    )  # cuts[k - 1] is the k-th percentile
     return [round(cuts[rank - 1], 2) for rank in ranks]  # rounding keeps the order
 
 
@@ -68,10 +85,23 @@ def sources(spec, section, split: str) -> list[dict]:
     result = []
     for item in items:
         if isinstance(item, str):
-            result.append({"path": item, "subset": section.subset, "split": split, "revision": section.revision})
+            result.append(
+                {
+                    "path": item,
+                    "subset": section.subset,
+                    "split": split,
+                    "revision": section.revision,
+                }
+            )
         else:
-            result.append({"path": item.path, "subset": item.subset, "split": item.split or split,
-                           "revision": item.revision})
+            result.append(
+                {
+                    "path": item.path,
+                    "subset": item.subset,
+                    "split": item.split or split,
+                    "revision": item.revision,
+                }
+            )
     return result
 
 
@@ -83,8 +113,10 @@ def detect_format(columns: list[str], section, label: str, spec: str) -> str:
     if detected is not None:
         return detected.name
     fields = [f"data.{field}" for fmt in FORMATS.values() for field in fmt.fields]
-    raise UserError(f"data.format: cannot tell the format of {label} ({spec}) from its columns: {', '.join(columns)}",
-                    [f"set data.format ({', '.join(FORMATS)}) and the field names ({', '.join(fields)})"])
+    raise UserError(
+        f"data.format: cannot tell the format of {label} ({spec}) from its columns: {', '.join(columns)}",
+        [f"set data.format ({', '.join(FORMATS)}) and the field names ({', '.join(fields)})"],
+    )
 
 
 def required_columns(fmt: str, section) -> list[tuple[str, str]]:
@@ -96,10 +128,16 @@ def check_columns(columns: list[str], fmt: str, section, label: str, spec: str) 
     for recipe_key, column in required_columns(fmt, section):
         if column not in columns:
             fixed = " and ".join(FORMATS[fmt].columns)
-            fix = (f"set {recipe_key} to one of its columns" if recipe_key != "data.format"
-                   else f"{fmt} data needs {fixed} columns; choose another data.format")
-            raise UserError(f"{recipe_key}: column {column!r} not found in {label} ({spec}); "
-                            f"its columns: {', '.join(columns)}", [fix])
+            fix = (
+                f"set {recipe_key} to one of its columns"
+                if recipe_key != "data.format"
+                else f"{fmt} data needs {fixed} columns; choose another data.format"
+            )
+            raise UserError(
+                f"{recipe_key}: column {column!r} not found in {label} ({spec}); "
+                f"its columns: {', '.join(columns)}",
+                [fix],
+            )
 
 
 def to_prompt_completion(row: dict, fmt: str, section, where: str = "row") -> tuple[str, str]:
@@ -107,7 +145,9 @@ def to_prompt_completion(row: dict, fmt: str, section, where: str = "row") -> tu
     return FORMATS[fmt].convert(row, section, where)
 
 
-def tokenize(tokenizer, prompt: str, completion: str, max_length: int, train_on_prompt: bool) -> dict:
+def tokenize(
+    tokenizer, prompt: str, completion: str, max_length: int, train_on_prompt: bool
+) -> dict:
     """input_ids and labels of one sample: prompt tokens (with BOS) then completion tokens then EOS.
 
     Labels are -100 on the prompt unless train_on_prompt.
@@ -121,8 +161,11 @@ def tokenize(tokenizer, prompt: str, completion: str, max_length: int, train_on_
 
 
 def _truncate(input_ids: list[int], labels: list[int], max_length: int) -> dict:
-    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length],
-            "truncated": len(input_ids) > max_length}
+    return {
+        "input_ids": input_ids[:max_length],
+        "labels": labels[:max_length],
+        "truncated": len(input_ids) > max_length,
+    }
 
 
 def render_chat(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
@@ -132,6 +175,7 @@ def render_chat(tokenizer, messages: list[dict], where: str) -> tuple[str, list[
     so it covers the template's end-of-turn tokens too. That needs a template that renders a
     conversation's prefix as a prefix; where it does not, guessing would train the wrong tokens.
     """
+
     def render(turns, generation_prompt=False):
         return apply_template(tokenizer, turns, where, generation_prompt)
 
@@ -143,40 +187,67 @@ def render_chat(tokenizer, messages: list[dict], where: str) -> tuple[str, list[
         prompt = render(messages[:i], generation_prompt=True) if i else ""
         upto = render(messages[: i + 1])
         if not full.startswith(upto) or not upto.startswith(prompt):
-            raise UserError(f"data.chat_template: the chat template does not render conversations turn by turn "
-                            f"({where}), so the assistant tokens cannot be told apart",
-                            [("set data.chat_template to a template without such rewriting, "
-                              "or data.train_on_prompt: true to train every token")])
+            raise UserError(
+                f"data.chat_template: the chat template does not render conversations turn by turn "
+                f"({where}), so the assistant tokens cannot be told apart",
+                [
+                    (
+                        "set data.chat_template to a template without such rewriting, "
+                        "or data.train_on_prompt: true to train every token"
+                    )
+                ],
+            )
         spans.append((len(prompt), len(upto)))
     return full, spans
 
 
-def apply_template(tokenizer, messages: list[dict], where: str, generation_prompt: bool = False) -> str:
+def apply_template(
+    tokenizer, messages: list[dict], where: str, generation_prompt: bool = False
+) -> str:
     """The chat rendered as text. A template that refuses the row (raise_exception on a role order
     it does not accept, say) is a UserError naming the row and quoting the template."""
     from jinja2.exceptions import TemplateError, TemplateSyntaxError
 
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
     except TemplateSyntaxError as exc:
-        raise UserError(f"data.chat_template: the chat template is not valid Jinja (its line {exc.lineno}): "
-                        f"{exc.message}", ["fix data.chat_template, or remove it to use the tokenizer's own"]) from None
+        raise UserError(
+            f"data.chat_template: the chat template is not valid Jinja (its line {exc.lineno}): "
+            f"{exc.message}",
+            ["fix data.chat_template, or remove it to use the tokenizer's own"],
+        ) from None
     except TemplateError as exc:
         roles = ", ".join(str(m.get("role")) for m in messages)
-        raise UserError(f"{where}: the chat template refused this conversation (roles: {roles}): {exc}",
-                        [("fix the row as the template's message says, or set data.chat_template to a template "
-                          "that accepts such conversations")]) from None
+        raise UserError(
+            f"{where}: the chat template refused this conversation (roles: {roles}): {exc}",
+            [
+                (
+                    "fix the row as the template's message says, or set data.chat_template to a template "
+                    "that accepts such conversations"
+                )
+            ],
+        ) from None
 
 
 def check_turns(messages, where: str) -> None:
     """Raise UserError naming the row unless every turn has a text role and content."""
     for turn in messages if isinstance(messages, list) else [messages]:
-        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
-            raise UserError(f"{where}: each chat turn needs a 'role' and a text 'content'; got {str(turn)[:80]!r}",
-                            ["fix the row or drop it from the data"])
+        if (
+            not isinstance(turn, dict)
+            or not isinstance(turn.get("role"), str)
+            or not isinstance(turn.get("content"), str)
+        ):
+            raise UserError(
+                f"{where}: each chat turn needs a 'role' and a text 'content'; got {str(turn)[:80]!r}",
+                ["fix the row or drop it from the data"],
+            )
 
 
-def tokenize_chat(tokenizer, messages: list[dict], max_length: int, train_on_prompt: bool, where: str) -> dict:
+def tokenize_chat(
+    tokenizer, messages: list[dict], max_length: int, train_on_prompt: bool, where: str
+) -> dict:
     """input_ids and labels of one conversation: assistant turns trained, ending with EOS."""
     if train_on_prompt:  # every token is trained: no need to locate the turns
         text = apply_template(tokenizer, messages, where)
@@ -187,9 +258,17 @@ def tokenize_chat(tokenizer, messages: list[dict], max_length: int, train_on_pro
     input_ids = list(encoded["input_ids"])
     # A token that overlaps an assistant turn at all is trained: BPE often glues the space after
     # the generation prompt to the answer's first word.
-    trained = [any(start < b and end > a for a, b in spans) for start, end in encoded["offset_mapping"]]
-    if spans and tokenizer.eos_token_id not in [i for i, t in zip(input_ids, trained, strict=False) if t][-8:]:
-        input_ids.append(tokenizer.eos_token_id)  # the template ends turns without EOS: end the sample with one
+    trained = [
+        any(start < b and end > a for a, b in spans) for start, end in encoded["offset_mapping"]
+    ]
+    if (
+        spans
+        and tokenizer.eos_token_id
+        not in [i for i, t in zip(input_ids, trained, strict=False) if t][-8:]
+    ):
+        input_ids.append(
+            tokenizer.eos_token_id
+        )  # the template ends turns without EOS: end the sample with one
         trained.append(True)
     labels = [i if t else -100 for i, t in zip(input_ids, trained, strict=False)]
     return _truncate(input_ids, labels, max_length)
@@ -203,8 +282,10 @@ def prepare_tokenizer(tokenizer, section, model_id: str) -> list[int]:
     if section.chat_template:
         tokenizer.chat_template = section.chat_template
     elif section.format in FORMATS and FORMATS[section.format].chat and not tokenizer.chat_template:
-        raise UserError(f"data.chat_template: the tokenizer of {model_id} has no chat template for messages data",
-                        ["set data.chat_template to the Jinja template the model will be served with"])
+        raise UserError(
+            f"data.chat_template: the tokenizer of {model_id} has no chat template for messages data",
+            ["set data.chat_template to the Jinja template the model will be served with"],
+        )
     return tokenizer.convert_tokens_to_ids(section.add_tokens + section.add_special_tokens)
 
 
@@ -213,8 +294,11 @@ def tokenize_dataset(dataset, section, tokenizer, label: str, spec: str):
     fmt = detect_format(dataset.column_names, section, label, spec)
     check_columns(dataset.column_names, fmt, section, label, spec)
     if FORMATS[fmt].chat and not tokenizer.chat_template:
-        raise UserError(f"data.chat_template: {label} ({spec}) holds chat messages and the tokenizer has no "
-                        "chat template", ["set data.chat_template to the Jinja template the model will be served with"])
+        raise UserError(
+            f"data.chat_template: {label} ({spec}) holds chat messages and the tokenizer has no "
+            "chat template",
+            ["set data.chat_template to the Jinja template the model will be served with"],
+        )
 
     def encode(row, index):
         where = f"{label} ({spec}), row {index}"
@@ -223,23 +307,38 @@ def tokenize_dataset(dataset, section, tokenizer, label: str, spec: str):
             check_turns(messages, where)
             if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
                 return skipped("no assistant turn")
-            sample = tokenize_chat(tokenizer, messages, section.max_length, section.train_on_prompt, where)
+            sample = tokenize_chat(
+                tokenizer, messages, section.max_length, section.train_on_prompt, where
+            )
         else:
             prompt, completion = to_prompt_completion(row, fmt, section, where)
             if not completion.strip():
                 return skipped("empty")
-            sample = tokenize(tokenizer, prompt, completion, section.max_length, section.train_on_prompt)
+            sample = tokenize(
+                tokenizer, prompt, completion, section.max_length, section.train_on_prompt
+            )
         # Counted here, row by row, so the statistics need no second pass over the token lists.
         trained = sum(label != -100 for label in sample["labels"][1:])
         kept = any(label != -100 for label in sample["labels"])
-        return sample | {"skip": "" if kept else "nothing left to train after truncation",
-                         "length": len(sample["input_ids"]), "trained": trained}
+        return sample | {
+            "skip": "" if kept else "nothing left to train after truncation",
+            "length": len(sample["input_ids"]),
+            "trained": trained,
+        }
 
     def skipped(reason: str) -> dict:
-        return {"input_ids": [], "labels": [], "truncated": False, "skip": reason, "length": 0, "trained": 0}
+        return {
+            "input_ids": [],
+            "labels": [],
+            "truncated": False,
+            "skip": reason,
+            "length": 0,
+            "trained": 0,
+        }
 
-    tokenized = dataset.map(encode, with_indices=True, remove_columns=dataset.column_names,
-                            desc=f"Tokenizing {label}")
+    tokenized = dataset.map(
+        encode, with_indices=True, remove_columns=dataset.column_names, desc=f"Tokenizing {label}"
+    )
     stats = DataStats(rows=len(dataset))
     for reason in tokenized["skip"]:
         if reason:
@@ -263,14 +362,18 @@ def tokenize_all(parts: list[tuple], section, tokenizer, label: str, spec):
         stats = stats.add(part)
     if stats.samples == 0:
         skipped = ", ".join(f"{n} {reason}" for reason, n in stats.skipped.items()) or "none"
-        raise UserError(f"{label}: no usable rows in {spec} ({stats.rows} rows; skipped: {skipped})",
-                        ["check the data, the field names and data.max_length"])
+        raise UserError(
+            f"{label}: no usable rows in {spec} ({stats.rows} rows; skipped: {skipped})",
+            ["check the data, the field names and data.max_length"],
+        )
     return concatenate_datasets(tokenized) if len(tokenized) > 1 else tokenized[0], stats
 
 
 def load_split(spec, section, tokenizer, label: str, split: str):
     """Load and tokenize every source of a data.train or data.eval value."""
-    parts = [(load_source(source, label), source["path"]) for source in sources(spec, section, split)]
+    parts = [
+        (load_source(source, label), source["path"]) for source in sources(spec, section, split)
+    ]
     return tokenize_all(parts, section, tokenizer, label, spec)
 
 
@@ -281,18 +384,26 @@ def load_datasets(section, tokenizer):
         # Split each source's raw rows, so no eval row is ever trained on.
         train_parts, eval_parts = [], []
         for source in sources(section.train, section, section.split):
-            split = load_source(source, "data.train").train_test_split(test_size=section.eval_fraction,
-                                                                       seed=section.seed)
+            split = load_source(source, "data.train").train_test_split(
+                test_size=section.eval_fraction, seed=section.seed
+            )
             train_parts.append((split["train"], source["path"]))
             eval_parts.append((split["test"], source["path"]))
-        train, stats["train"] = tokenize_all(train_parts, section, tokenizer, "data.train", section.train)
-        evaluation, stats["eval"] = tokenize_all(eval_parts, section, tokenizer, "data.train", section.train)
+        train, stats["train"] = tokenize_all(
+            train_parts, section, tokenizer, "data.train", section.train
+        )
+        evaluation, stats["eval"] = tokenize_all(
+            eval_parts, section, tokenizer, "data.train", section.train
+        )
         return train, evaluation, stats
-    train, stats["train"] = load_split(section.train, section, tokenizer, "data.train", section.split)
+    train, stats["train"] = load_split(
+        section.train, section, tokenizer, "data.train", section.split
+    )
     evaluation = None
     if section.eval:
-        evaluation, stats["eval"] = load_split(section.eval, section, tokenizer, "data.eval",
-                                               section.eval_split or section.split)
+        evaluation, stats["eval"] = load_split(
+            section.eval, section, tokenizer, "data.eval", section.eval_split or section.split
+        )
     return train, evaluation, stats
 
 
@@ -303,8 +414,10 @@ def load_eval(spec: str | None, section, tokenizer, label: str = "--data"):
 
     if spec is None:
         if section is None or not (section.eval or section.eval_fraction):
-            raise UserError("no evaluation data: the target has no recipe with data.eval or data.eval_fraction",
-                            ["pass --data FILE_OR_HUB_DATASET"])
+            raise UserError(
+                "no evaluation data: the target has no recipe with data.eval or data.eval_fraction",
+                ["pass --data FILE_OR_HUB_DATASET"],
+            )
         return load_datasets(section, tokenizer)[1]
     section = section or DataSection(train=spec)
     return load_split(spec, section, tokenizer, label, section.eval_split or section.split)[0]

@@ -19,10 +19,16 @@ from .common import batches, compare_logits
 from .errors import UserError
 
 console = output.console()
-SHOWN = [("loss", "loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"), ("token_accuracy", "token acc", "{:.2%}"),
-         ("exact_match", "exact", "{:.2%}"), ("normalized_exact_match", "norm. exact", "{:.2%}"),
-         ("token_f1", "token F1", "{:.3f}"), ("generated_tokens", "gen. len", "{:.1f}"),
-         ("tokens_per_second", "tokens/s", "{:,.0f}")]
+SHOWN = [
+    ("loss", "loss", "{:.4f}"),
+    ("perplexity", "perplexity", "{:.2f}"),
+    ("token_accuracy", "token acc", "{:.2%}"),
+    ("exact_match", "exact", "{:.2%}"),
+    ("normalized_exact_match", "norm. exact", "{:.2%}"),
+    ("token_f1", "token F1", "{:.3f}"),
+    ("generated_tokens", "gen. len", "{:.1f}"),
+    ("tokens_per_second", "tokens/s", "{:,.0f}"),
+]
 
 
 @torch.no_grad()
@@ -35,7 +41,9 @@ def measure(model, batch_list) -> tuple[dict, torch.Tensor]:
     nll, correct, count, first = 0.0, 0, 0, None
     start = time.perf_counter()
     for batch in batch_list:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
+            :, :-1
+        ]
         labels = batch["labels"][:, 1:]
         keep = labels != -100
         picked, targets = logits[keep].float(), labels[keep]
@@ -47,23 +55,47 @@ def measure(model, batch_list) -> tuple[dict, torch.Tensor]:
     seconds = time.perf_counter() - start
     loss = nll / count
     tokens = sum(int(b["attention_mask"].sum()) for b in batch_list)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "token_accuracy": correct / count,
-            "tokens": count, "seconds": seconds, "tokens_per_second": tokens / seconds}, first
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700)),
+        "token_accuracy": correct / count,
+        "tokens": count,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds,
+    }, first
 
 
 class Evaluator:
     """Runs every requested measurement on one model and collects the rows of the report."""
 
-    def __init__(self, dataset, tokenizer, device, batch_size, max_new_tokens, stop, tasks, limit, tasks_path,
-                 want_generation: bool | None):
+    def __init__(
+        self,
+        dataset,
+        tokenizer,
+        device,
+        batch_size,
+        max_new_tokens,
+        stop,
+        tasks,
+        limit,
+        tasks_path,
+        want_generation: bool | None,
+    ):
         self.tokenizer, self.device, self.batch_size = tokenizer, device, batch_size
         self.batch_list = batches(dataset, batch_size, tokenizer.pad_token_id, device)
         self.items = generate.items_of(dataset, tokenizer) if want_generation is not False else []
         if want_generation and not self.items:
-            raise UserError("--generate: the eval data has no prompts (text data); nothing to generate from",
-                            ["use prompt/completion, alpaca or chat data, or drop --generate"])
-        longest = max((len(tokenizer(i.reference, add_special_tokens=False)["input_ids"]) for i in self.items),
-                      default=0)
+            raise UserError(
+                "--generate: the eval data has no prompts (text data); nothing to generate from",
+                ["use prompt/completion, alpaca or chat data, or drop --generate"],
+            )
+        longest = max(
+            (
+                len(tokenizer(i.reference, add_special_tokens=False)["input_ids"])
+                for i in self.items
+            ),
+            default=0,
+        )
         self.max_new_tokens = max_new_tokens or longest + 8  # room for every reference answer
         self.stop, self.tasks, self.limit, self.tasks_path = stop, tasks, limit, tasks_path
         self.rows: dict[str, dict] = {}
@@ -72,28 +104,54 @@ class Evaluator:
     def __call__(self, name: str, model, harness: bool = True) -> torch.Tensor:
         metrics, logits = measure(model, self.batch_list)
         if self.items:
-            texts, lengths = generate.generate(model, self.tokenizer, self.items, self.max_new_tokens, self.stop,
-                                               self.batch_size, self.device)
+            texts, lengths = generate.generate(
+                model,
+                self.tokenizer,
+                self.items,
+                self.max_new_tokens,
+                self.stop,
+                self.batch_size,
+                self.device,
+            )
             metrics |= generate.score(texts, [i.reference for i in self.items], lengths)
             self.generations[name] = texts
         if self.tasks and harness:
-            metrics |= reports.harness(model, self.tokenizer, self.tasks, self.limit, self.batch_size, self.device,
-                                       self.tasks_path)
+            metrics |= reports.harness(
+                model,
+                self.tokenizer,
+                self.tasks,
+                self.limit,
+                self.batch_size,
+                self.device,
+                self.tasks_path,
+            )
         self.rows[name] = metrics
         return logits
 
 
-def run(targets: list[str] | str, data_spec: str | None = None, compare: bool = False, merge: bool = True,
-        json_file: Path | None = None, batch_size: int = 8, max_samples: int | None = None,
-        allow_pickle: bool = False, generation: bool | None = None, max_new_tokens: int | None = None,
-        stop: list[str] = (), samples: int = 0, tasks: list[str] | None = None, limit: int | None = None,
-        tasks_path: Path | None = None, plot: Path | None = None) -> dict:
+def run(
+    targets: list[str] | str,
+    data_spec: str | None = None,
+    compare: bool = False,
+    merge: bool = True,
+    json_file: Path | None = None,
+    batch_size: int = 8,
+    max_samples: int | None = None,
+    allow_pickle: bool = False,
+    generation: bool | None = None,
+    max_new_tokens: int | None = None,
+    stop: list[str] = (),
+    samples: int = 0,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
+    tasks_path: Path | None = None,
+    plot: Path | None = None,
+) -> dict:
     """Evaluate each target; print one table; return (and optionally write) the report."""
     targets = [targets] if isinstance(targets, str) else list(targets)
     check_options(targets, compare, merge, tasks)
     device = hardware.device()
-    report = {"targets": targets, "results": {}, "merged_vs_adapter": None, "device": device,
-              "settings": {"batch_size": batch_size, "max_samples": max_samples, "tasks": tasks, "stop": list(stop)}}
+    report = new_report(targets, device, batch_size, max_samples, tasks, stop)
     first_run, generations, evaluator = None, {}, None
     for target in targets:
         adapter = runs.adapter_dir(Path(target))
@@ -102,8 +160,18 @@ def run(targets: list[str] | str, data_spec: str | None = None, compare: bool = 
         check_target(target, adapter, recipe, compare, plotted=bool(plot) and target == targets[0])
         section, tokenizer = load_target(target, adapter, recipe, allow_pickle)
         dataset = eval_dataset(data_spec, recipe, tokenizer, max_samples)
-        evaluator = Evaluator(dataset, tokenizer, device, batch_size, max_new_tokens, list(stop), tasks, limit,
-                              tasks_path, generation)
+        evaluator = Evaluator(
+            dataset,
+            tokenizer,
+            device,
+            batch_size,
+            max_new_tokens,
+            list(stop),
+            tasks,
+            limit,
+            tasks_path,
+            generation,
+        )
         report["data"] = data_spec or (recipe.data.eval or f"{recipe.data.train} (eval_fraction)")
         report["samples"] = len(dataset)
         prefix = "" if len(targets) == 1 else f"{target} "
@@ -118,29 +186,56 @@ def run(targets: list[str] | str, data_spec: str | None = None, compare: bool = 
     return report
 
 
+def new_report(targets: list[str], device: str, batch_size: int, max_samples, tasks, stop) -> dict:
+    """The report before any target is evaluated: what is compared, where, with which settings."""
+    return {
+        "targets": targets,
+        "results": {},
+        "merged_vs_adapter": None,
+        "device": device,
+        "settings": {
+            "batch_size": batch_size,
+            "max_samples": max_samples,
+            "tasks": tasks,
+            "stop": list(stop),
+        },
+    }
+
+
 def check_options(targets: list[str], compare: bool, merge: bool, tasks: list[str] | None) -> None:
     """Refuse, before anything loads, options that cannot go together."""
     if compare and len(targets) > 1:
-        raise UserError("--compare takes one run or adapter", ["give several targets without --compare"])
+        raise UserError(
+            "--compare takes one run or adapter", ["give several targets without --compare"]
+        )
     if tasks and not merge and not compare:
-        raise UserError("--tasks runs lm-evaluation-harness on merged (plain) models, and --no-merge keeps the adapter "
-                        "unmerged", ["drop --no-merge, or add --compare to score the base too"])
+        raise UserError(
+            "--tasks runs lm-evaluation-harness on merged (plain) models, and --no-merge keeps the adapter "
+            "unmerged",
+            ["drop --no-merge, or add --compare to score the base too"],
+        )
 
 
 def check_target(target: str, adapter: Path | None, recipe, compare: bool, plotted: bool) -> None:
     """Refuse a target that --compare or --plot cannot use: they need an adapter and a run directory."""
     if compare and adapter is None:
-        raise UserError(f"--compare: {target} is not a run or adapter directory",
-                        ["--compare needs an adapter to compare with its base"])
+        raise UserError(
+            f"--compare: {target} is not a run or adapter directory",
+            ["--compare needs an adapter to compare with its base"],
+        )
     if plotted and not recipe:
-        raise UserError(f"--plot: {target} is not a run directory",
-                        ["plot a run written by lora-tune train (the first target)"])
+        raise UserError(
+            f"--plot: {target} is not a run directory",
+            ["plot a run written by lora-tune train (the first target)"],
+        )
 
 
 def load_target(target: str, adapter: Path | None, recipe, allow_pickle: bool):
     """(model section, tokenizer) of the model to load: an adapter's base, or the target itself."""
     if adapter is not None:
-        section = adapters.adapter_base_section(adapter, recipe.model if recipe else None, allow_pickle)
+        section = adapters.adapter_base_section(
+            adapter, recipe.model if recipe else None, allow_pickle
+        )
         return section, adapters.adapter_tokenizer(adapter, section)
     from .recipe import ModelSection
 
@@ -157,8 +252,15 @@ def eval_dataset(data_spec: str | None, recipe, tokenizer, max_samples: int | No
     return dataset
 
 
-def evaluate_target(evaluator: Evaluator, section, adapter: Path | None, prefix: str, compare: bool, merge: bool,
-                    samples: int) -> dict | None:
+def evaluate_target(
+    evaluator: Evaluator,
+    section,
+    adapter: Path | None,
+    prefix: str,
+    compare: bool,
+    merge: bool,
+    samples: int,
+) -> dict | None:
     """Load the model and measure what was asked: the model itself, or base, adapter and merged.
     Returns the merged-vs-adapter logits comparison under --compare, else None."""
     model = models.load_model(section, "auto").to(evaluator.device).eval()
@@ -170,7 +272,9 @@ def evaluate_target(evaluator: Evaluator, section, adapter: Path | None, prefix:
         evaluator(prefix + "base", model, harness=compare)
     model = adapters.attach_adapter(model, adapter, section)
     if compare or not merge:
-        adapter_logits = evaluator(prefix + "adapter", model, harness=False)  # the harness takes plain models
+        adapter_logits = evaluator(
+            prefix + "adapter", model, harness=False
+        )  # the harness takes plain models
     if compare or merge:
         merged = model.merge_and_unload()
         merged_logits = evaluator(prefix + "merged", merged)
@@ -179,8 +283,15 @@ def evaluate_target(evaluator: Evaluator, section, adapter: Path | None, prefix:
     return None
 
 
-def publish(report: dict, evaluator: Evaluator | None, generations: dict[str, list[str]], samples: int,
-            first_run: Path | None, plot: Path | None, json_file: Path | None) -> None:
+def publish(
+    report: dict,
+    evaluator: Evaluator | None,
+    generations: dict[str, list[str]],
+    samples: int,
+    first_run: Path | None,
+    plot: Path | None,
+    json_file: Path | None,
+) -> None:
     """Print the report (and samples, and the change since the run's previous eval); write the plot and JSON."""
     print_report(report)
     if samples and generations:
@@ -201,27 +312,39 @@ def print_report(report: dict) -> None:
     results = report["results"]
     first = next(iter(results))
     table = Table(title=f"lora-tune eval on {report['data']} ({report['samples']} samples)")
-    columns = [(key, title, fmt) for key, title, fmt in SHOWN if any(key in m for m in results.values())]
+    columns = [
+        (key, title, fmt) for key, title, fmt in SHOWN if any(key in m for m in results.values())
+    ]
     extra = sorted({k for m in results.values() for k in m if "/" in k})  # lm-eval task scores
     table.add_column("model", overflow="fold")
-    for title in [title for _, title, _ in columns] + [f"Δ loss vs {first}", f"Δ acc vs {first}", *extra]:
+    for title in [title for _, title, _ in columns] + [
+        f"Δ loss vs {first}",
+        f"Δ acc vs {first}",
+        *extra,
+    ]:
         table.add_column(title, justify="right")
     for name, m in results.items():
         cells = [fmt.format(m[key]) if key in m else "" for key, _, fmt in columns]
         same = name == first
-        cells += ["" if same else f"{m['loss'] - results[first]['loss']:+.4f}",
-                  "" if same else f"{m['token_accuracy'] - results[first]['token_accuracy']:+.2%}"]
+        cells += [
+            "" if same else f"{m['loss'] - results[first]['loss']:+.4f}",
+            "" if same else f"{m['token_accuracy'] - results[first]['token_accuracy']:+.2%}",
+        ]
         cells += [f"{m[key]:.4f}" if key in m else "" for key in extra]
         table.add_row(name, *cells)
     console.print(table)
     check = report["merged_vs_adapter"]
     if check:
         verdict = "equal within tolerance" if check["ok"] else "DIFFERENT"
-        console.print(f"merged vs adapter: {verdict}; max |logit diff| {check['max_abs_diff']:.3g} "
-                      f"(tolerance {check['tolerance']:.3g})")
+        console.print(
+            f"merged vs adapter: {verdict}; max |logit diff| {check['max_abs_diff']:.3g} "
+            f"(tolerance {check['tolerance']:.3g})"
+        )
         unmerged, merged = results.get("adapter"), results.get("merged")
-        console.print(f"merging speeds inference {merged['tokens_per_second'] / unmerged['tokens_per_second']:.2f}x "
-                      f"({unmerged['tokens_per_second']:,.0f} -> {merged['tokens_per_second']:,.0f} tokens/s)")
+        console.print(
+            f"merging speeds inference {merged['tokens_per_second'] / unmerged['tokens_per_second']:.2f}x "
+            f"({unmerged['tokens_per_second']:,.0f} -> {merged['tokens_per_second']:,.0f} tokens/s)"
+        )
 
 
 def print_samples(items, generations: dict[str, list[str]], n: int) -> None:
@@ -229,7 +352,9 @@ def print_samples(items, generations: dict[str, list[str]], n: int) -> None:
     for column in ("prompt", "reference", *generations):
         table.add_column(column, overflow="fold")
     for i in range(min(n, len(items))):
-        table.add_row(items[i].prompt, items[i].reference, *(texts[i] for texts in generations.values()))
+        table.add_row(
+            items[i].prompt, items[i].reference, *(texts[i] for texts in generations.values())
+        )
     console.print(table)
 
 
@@ -240,4 +365,6 @@ def print_previous(previous: dict, report: dict) -> None:
         if before and "loss" in before:
             changes.append(f"{name} loss {before['loss']:.4f} -> {now['loss']:.4f}")
     if changes:
-        console.print(f"Since the previous eval on this data ({previous['time']}): {'; '.join(changes)}")
+        console.print(
+            f"Since the previous eval on this data ({previous['time']}): {'; '.join(changes)}"
+        )

@@ -20,8 +20,10 @@ def cell(row: dict, column: str, where: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise UserError(f"{where}, field {column!r}: expected text, got {type(value).__name__} {str(value)[:60]!r}",
-                        ["fix the row or drop it from the data"])
+        raise UserError(
+            f"{where}, field {column!r}: expected text, got {type(value).__name__} {str(value)[:60]!r}",
+            ["fix the row or drop it from the data"],
+        )
     return value
 
 
@@ -37,15 +39,16 @@ class Format:
     name: str
     description: str  # what is trained, as the README's "Data formats" section says it
     convert: Callable
-    fields: tuple[str, ...] = ()   # data.* settings naming its columns (data.text_field...)
+    fields: tuple[str, ...] = ()  # data.* settings naming its columns (data.text_field...)
     columns: tuple[str, ...] = ()  # column names it always reads
     chat: bool = False
     rank: int = 50
 
     def required(self, section) -> list[tuple[str, str]]:
         """(recipe key, column name) pairs the format needs."""
-        return ([(f"data.{field}", getattr(section, field)) for field in self.fields]
-                + [("data.format", column) for column in self.columns])
+        return [(f"data.{field}", getattr(section, field)) for field in self.fields] + [
+            ("data.format", column) for column in self.columns
+        ]
 
     def detect(self, columns: set[str], section) -> bool:
         """Whether a source with these columns is in this format."""
@@ -67,21 +70,52 @@ def _messages(row, section, where):
 def _alpaca(row, section, where):
     extra = cell(row, "input", where).strip()
     template = section.prompt_template if extra else section.prompt_template_no_input
-    return template.format(instruction=cell(row, "instruction", where), input=extra), cell(row, "output", where)
+    return template.format(instruction=cell(row, "instruction", where), input=extra), cell(
+        row, "output", where
+    )
 
 
 # In the order users read them: data.format's choices, its messages, the README.
-FORMATS: dict[str, Format] = {fmt.name: fmt for fmt in (
-    Format("text", "every token is trained (`text_field` names the column).", _text,
-           fields=("text_field",), rank=90),  # any 'text' column fits: tried last
-    Format("prompt_completion", "only the completion and its EOS are trained.", _prompt_completion,
-           fields=("prompt_field", "completion_field"), rank=20),
-    Format("messages", ("rendered with the tokenizer's chat template (or `data.chat_template`, which is then saved "
-                        "with the adapter and the merged model); only the assistant turns are trained."), _messages,
-           fields=("messages_field",), chat=True, rank=10),
-    Format("alpaca", ("rendered through `prompt_template` (`prompt_template_no_input` when input is empty); only the "
-                      "output is trained."), _alpaca, columns=("instruction", "output"), rank=30),
-)}
+FORMATS: dict[str, Format] = {
+    fmt.name: fmt
+    for fmt in (
+        Format(
+            "text",
+            "every token is trained (`text_field` names the column).",
+            _text,
+            fields=("text_field",),
+            rank=90,
+        ),  # any 'text' column fits: tried last
+        Format(
+            "prompt_completion",
+            "only the completion and its EOS are trained.",
+            _prompt_completion,
+            fields=("prompt_field", "completion_field"),
+            rank=20,
+        ),
+        Format(
+            "messages",
+            (
+                "rendered with the tokenizer's chat template (or `data.chat_template`, which is then saved "
+                "with the adapter and the merged model); only the assistant turns are trained."
+            ),
+            _messages,
+            fields=("messages_field",),
+            chat=True,
+            rank=10,
+        ),
+        Format(
+            "alpaca",
+            (
+                "rendered through `prompt_template` (`prompt_template_no_input` when input is empty); only the "
+                "output is trained."
+            ),
+            _alpaca,
+            columns=("instruction", "output"),
+            rank=30,
+        ),
+    )
+}
 
 
 def by_rank() -> list[Format]:
@@ -99,7 +133,9 @@ def named_by(chosen: set[str]) -> Format | None:
 
 def detect(columns: list[str], section) -> Format | None:
     """The format data.format: auto chooses for a source with these columns, or None."""
-    fmt = named_by(section.model_fields_set)  # a field name the recipe sets says which format it means
+    fmt = named_by(
+        section.model_fields_set
+    )  # a field name the recipe sets says which format it means
     if fmt is not None:
         return fmt
     present = set(columns)

@@ -27,16 +27,28 @@ API_KEY_ENV = "LORA_TUNE_API_KEY"
 # RFC 6750's token68: what an `Authorization: Bearer` header carries unchanged. Any other character
 # (non-ASCII, a space, a control character) reaches the server re-encoded or cut, and never matches.
 KEY_CHARACTERS = re.compile(r"[A-Za-z0-9._~+/-]+=*")
-KEY_RULE = "letters A-Z and a-z, digits and - . _ ~ + /, then optionally = at the end (RFC 6750's token68)"
+KEY_RULE = (
+    "letters A-Z and a-z, digits and - . _ ~ + /, then optionally = at the end (RFC 6750's token68)"
+)
 OPEN_PATHS = ("/health",)  # as in vLLM: load balancers probe it without credentials
-DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # a 128k-token prompt is ~0.5 MB of text, JSON escaping at most doubles it
+DEFAULT_MAX_BODY_BYTES = (
+    4 * 1024 * 1024
+)  # a 128k-token prompt is ~0.5 MB of text, JSON escaping at most doubles it
 
 
 async def send_json(send, status: int, body: dict, headers: tuple = ()) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                            *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
@@ -63,10 +75,16 @@ class RequireKey:
         if token is not None and hmac.compare_digest(token.encode(), self.key):
             return await self.app(scope, receive, send)
         problem = "missing API key" if token is None else "invalid API key"
-        message = (f"{problem}: send the header 'Authorization: Bearer KEY' with the key the server was started "
-                   "with (OpenAI clients: api_key=KEY)")
-        await send_json(send, 401, error_body(message, "invalid_request_error", HTTP_CODES[401]),
-                        ((b"www-authenticate", b"Bearer"),))
+        message = (
+            f"{problem}: send the header 'Authorization: Bearer KEY' with the key the server was started "
+            "with (OpenAI clients: api_key=KEY)"
+        )
+        await send_json(
+            send,
+            401,
+            error_body(message, "invalid_request_error", HTTP_CODES[401]),
+            ((b"www-authenticate", b"Bearer"),),
+        )
 
 
 class LimitBody:
@@ -82,7 +100,9 @@ class LimitBody:
         declared = dict(scope.get("headers", [])).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
             message = f"{scope['method']} {scope['path']}: {self.refusal()}"
-            return await send_json(send, 413, error_body(message, "invalid_request_error", HTTP_CODES[413]))
+            return await send_json(
+                send, 413, error_body(message, "invalid_request_error", HTTP_CODES[413])
+            )
         received = 0
 
         async def counted():
@@ -99,8 +119,10 @@ class LimitBody:
         await self.app(scope, counted, send)
 
     def refusal(self) -> str:
-        return (f"the request body is larger than this server's limit of {self.limit} bytes: send a shorter "
-                "request, or start the server with a larger --max-body-bytes")
+        return (
+            f"the request body is larger than this server's limit of {self.limit} bytes: send a shorter "
+            "request, or start the server with a larger --max-body-bytes"
+        )
 
 
 def is_loopback(host: str) -> bool:
@@ -117,8 +139,10 @@ def exposure_warning(host: str, port: int, api_key: str | None) -> str | None:
     """The warning to print when the server is reachable from other machines without a key."""
     if api_key or is_loopback(host):
         return None
-    return (f"listening on {host}:{port} without an API key: anyone who can reach this port can use the models. "
-            f"Set --api-key (or {API_KEY_ENV}), or listen on 127.0.0.1.")
+    return (
+        f"listening on {host}:{port} without an API key: anyone who can reach this port can use the models. "
+        f"Set --api-key (or {API_KEY_ENV}), or listen on 127.0.0.1."
+    )
 
 
 def warn_if_exposed(host: str, port: int, api_key: str | None) -> None:
@@ -137,36 +161,56 @@ class Access:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
-def make_access(api_key: str | None, allow_runtime_lora: bool, adapter_root: Path | None,
-                max_body_bytes: int | None) -> Access:
+def make_access(
+    api_key: str | None,
+    allow_runtime_lora: bool,
+    adapter_root: Path | None,
+    max_body_bytes: int | None,
+) -> Access:
     """Access from serve's options. Raises UserError for options that would not do what they say."""
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty", [f"give a key, or unset {API_KEY_ENV}"])
     if api_key is not None and not KEY_CHARACTERS.fullmatch(api_key.strip()):
         # The key itself is not shown: it is a secret, and may be in a terminal's scrollback.
-        raise UserError(f"--api-key (or {API_KEY_ENV}) holds characters that an 'Authorization: Bearer' "
-                        f"header cannot carry, so no client could ever send it",
-                        [f"use only {KEY_RULE}",
-                         "for example: python -c 'import secrets; print(secrets.token_urlsafe(32))'"])
+        raise UserError(
+            f"--api-key (or {API_KEY_ENV}) holds characters that an 'Authorization: Bearer' "
+            f"header cannot carry, so no client could ever send it",
+            [
+                f"use only {KEY_RULE}",
+                "for example: python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+            ],
+        )
     if adapter_root is not None and not allow_runtime_lora:
-        raise UserError("--adapter-root only applies with --allow-runtime-lora",
-                        ["add --allow-runtime-lora, or drop --adapter-root"])
+        raise UserError(
+            "--adapter-root only applies with --allow-runtime-lora",
+            ["add --allow-runtime-lora, or drop --adapter-root"],
+        )
     if allow_runtime_lora and adapter_root is None:
-        raise UserError("--allow-runtime-lora needs --adapter-root DIR, the folder clients may load adapters from",
-                        ["for example: --allow-runtime-lora --adapter-root runs"])
+        raise UserError(
+            "--allow-runtime-lora needs --adapter-root DIR, the folder clients may load adapters from",
+            ["for example: --allow-runtime-lora --adapter-root runs"],
+        )
     if adapter_root is not None and not adapter_root.is_dir():
-        raise UserError(f"--adapter-root {adapter_root}: not a directory",
-                        ["give the folder holding the adapters clients may load"])
-    return Access(api_key.strip() if api_key else None, adapter_root.resolve() if adapter_root else None,
-                  max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+        raise UserError(
+            f"--adapter-root {adapter_root}: not a directory",
+            ["give the folder holding the adapters clients may load"],
+        )
+    return Access(
+        api_key.strip() if api_key else None,
+        adapter_root.resolve() if adapter_root else None,
+        max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+    )
 
 
 def runtime_root(access: Access) -> Path:
     """The folder runtime-loaded adapters must lie in. Raises ServeError (403) when runtime loading is off."""
     if access.runtime_adapter_root is None:
-        raise ServeError(403, "loading and unloading adapters at run time is off on this server; start it with "
-                              "--allow-runtime-lora --adapter-root DIR to allow adapters under DIR",
-                         "runtime_lora_disabled")
+        raise ServeError(
+            403,
+            "loading and unloading adapters at run time is off on this server; start it with "
+            "--allow-runtime-lora --adapter-root DIR to allow adapters under DIR",
+            "runtime_lora_disabled",
+        )
     return access.runtime_adapter_root
 
 
@@ -178,14 +222,27 @@ def runtime_adapter(root: Path, given: str) -> Path:
         path = (root / given).resolve()  # an absolute `given` replaces root here
         adapter = runs.adapter_dir(path) if path.is_relative_to(root) else None
         inside = [path, *(adapter_files(adapter) if adapter else [])]
-    except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a name too long, an unlistable folder, a link loop
+    except (
+        OSError,
+        ValueError,
+        RuntimeError,
+    ) as exc:  # a NUL byte, a name too long, an unlistable folder, a link loop
         reason = getattr(exc, "strerror", None) or str(exc)
-        raise ServeError(400, f"{given!r} is not a usable path ({reason}); name an adapter folder under the server's "
-                              "--adapter-root", "invalid_adapter", "lora_path") from None
+        raise ServeError(
+            400,
+            f"{given!r} is not a usable path ({reason}); name an adapter folder under the server's "
+            "--adapter-root",
+            "invalid_adapter",
+            "lora_path",
+        ) from None
     if not all(p.is_relative_to(root) for p in inside):
-        raise ServeError(403, f"{given}: outside this server's --adapter-root (after following links); put the "
-                              "adapter under that folder and name it relative to it", "adapter_outside_root",
-                         "lora_path")
+        raise ServeError(
+            403,
+            f"{given}: outside this server's --adapter-root (after following links); put the "
+            "adapter under that folder and name it relative to it",
+            "adapter_outside_root",
+            "lora_path",
+        )
     return path
 
 

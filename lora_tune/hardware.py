@@ -27,8 +27,12 @@ def hardware_training_defaults(training: dict[str, Any]) -> dict[str, Any]:
     # Every LoRA parameter takes part in each forward pass, so DDP need not search for unused
     # ones (the search costs a graph traversal per step).
     # A NaN loss must show in the logs (and stop the run), not be averaged away.
-    defaults: dict[str, Any] = {"gradient_checkpointing": False, "report_to": "tensorboard",
-                                "ddp_find_unused_parameters": False, "logging_nan_inf_filter": False}
+    defaults: dict[str, Any] = {
+        "gradient_checkpointing": False,
+        "report_to": "tensorboard",
+        "ddp_find_unused_parameters": False,
+        "logging_nan_inf_filter": False,
+    }
     if "bf16" not in training and "fp16" not in training:
         bf16 = has_cuda() and torch.cuda.is_bf16_supported()
         defaults |= {"bf16": bf16, "fp16": has_cuda() and not bf16}

@@ -26,7 +26,9 @@ class Launch:
         return asked and "LOCAL_RANK" not in os.environ
 
 
-def command(recipe: Path, overrides: list[str], launch: Launch, resume: str, debug: bool = False) -> list[str]:
+def command(
+    recipe: Path, overrides: list[str], launch: Launch, resume: str, debug: bool = False
+) -> list[str]:
     """The accelerate launch command line that runs `lora-tune train` in every process."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if launch.config_file is not None:
@@ -44,13 +46,23 @@ def command(recipe: Path, overrides: list[str], launch: Launch, resume: str, deb
         cmd += ["--main_process_ip", launch.main_process_ip]
     if launch.main_process_port:
         cmd += ["--main_process_port", str(launch.main_process_port)]
-    cmd += ["-m", "lora_tune", *(["--debug"] if debug else []), "train", str(recipe), "--resume", resume]
+    cmd += [
+        "-m",
+        "lora_tune",
+        *(["--debug"] if debug else []),
+        "train",
+        str(recipe),
+        "--resume",
+        resume,
+    ]
     for item in overrides:
         cmd += ["--set", item]
     return cmd
 
 
-def relaunch(recipe: Path, overrides: list[str], launch: Launch, resume: str, debug: bool = False) -> int:
+def relaunch(
+    recipe: Path, overrides: list[str], launch: Launch, resume: str, debug: bool = False
+) -> int:
     """Run the training under accelerate; return its exit code."""
     return subprocess.run(command(recipe, overrides, launch, resume, debug)).returncode
 

@@ -15,19 +15,34 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class LoraMethod:
     name: str
-    config: str        # PEFT config class, e.g. LoraConfig
-    peft_type: str     # as adapter_config.json saves it
+    config: str  # PEFT config class, e.g. LoraConfig
+    peft_type: str  # as adapter_config.json saves it
     description: str
     total_step: bool = False  # its config takes the run's step count (AdaLoRA's rank schedule)
     stream_merge: bool = False
     vllm: bool = False
 
 
-LORA_METHODS: dict[str, LoraMethod] = {method.name: method for method in (
-    LoraMethod("lora", "LoraConfig", "LORA", "peft.LoraConfig, the default", stream_merge=True, vllm=True),
-    LoraMethod("adalora", "AdaLoraConfig", "ADALORA", "peft.AdaLoraConfig: ranks reallocated while training",
-               total_step=True),
-)}
+LORA_METHODS: dict[str, LoraMethod] = {
+    method.name: method
+    for method in (
+        LoraMethod(
+            "lora",
+            "LoraConfig",
+            "LORA",
+            "peft.LoraConfig, the default",
+            stream_merge=True,
+            vllm=True,
+        ),
+        LoraMethod(
+            "adalora",
+            "AdaLoraConfig",
+            "ADALORA",
+            "peft.AdaLoraConfig: ranks reallocated while training",
+            total_step=True,
+        ),
+    )
+}
 
 
 def _trained_biases(config: dict) -> bool:
@@ -36,7 +51,7 @@ def _trained_biases(config: dict) -> bool:
 
 @dataclass(frozen=True)
 class Feature:
-    key: str    # the adapter_config.json option
+    key: str  # the adapter_config.json option
     label: str  # how a refusal names it
     stream_merge: bool
     vllm: bool
@@ -52,7 +67,12 @@ FEATURES = (
     Feature("modules_to_save", "modules_to_save", stream_merge=True, vllm=False),
     Feature("layer_replication", "layer_replication", stream_merge=False, vllm=True),
     Feature("target_parameters", "target_parameters", stream_merge=False, vllm=True),
-    Feature("trainable_token_indices", "added tokens (trainable_token_indices)", stream_merge=False, vllm=False),
+    Feature(
+        "trainable_token_indices",
+        "added tokens (trainable_token_indices)",
+        stream_merge=False,
+        vllm=False,
+    ),
     Feature("alora_invocation_tokens", "alora_invocation_tokens", stream_merge=False, vllm=True),
     Feature("lora_bias", "LoRA biases", stream_merge=True, vllm=False, used=_trained_biases),
 )
@@ -60,10 +80,14 @@ FEATURES = (
 
 def handles_type(config: dict, consumer: str) -> bool:
     """Whether `consumer` ("stream_merge" or "vllm") takes adapters of this config's peft_type."""
-    return any(method.peft_type == config.get("peft_type") and getattr(method, consumer)
-               for method in LORA_METHODS.values())
+    return any(
+        method.peft_type == config.get("peft_type") and getattr(method, consumer)
+        for method in LORA_METHODS.values()
+    )
 
 
 def unhandled(config: dict, consumer: str) -> list[Feature]:
     """The features this adapter config uses that `consumer` does not handle."""
-    return [feature for feature in FEATURES if not getattr(feature, consumer) and feature.in_(config)]
+    return [
+        feature for feature in FEATURES if not getattr(feature, consumer) and feature.in_(config)
+    ]

@@ -11,6 +11,7 @@ time), which `--no-verify` skips for models larger than memory.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import shutil
@@ -29,7 +30,16 @@ PROBE_TEXTS = [
     "Fine-tuning changes a model; merging must not.",
     "1, 2, 3, 4, 5, 6, 7, 8, 9, 10",
 ]
-COMBINATIONS = ("cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune")
+COMBINATIONS = (
+    "cat",
+    "linear",
+    "svd",
+    "ties",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "magnitude_prune",
+)
 
 
 def probe_batch(tokenizer, device, samples=None, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -61,8 +71,10 @@ def resolve_adapters(sources: list[Path]) -> list[Path]:
     for source in sources:
         adapter = runs.adapter_dir(source)
         if adapter is None:
-            raise UserError(f"{source}: not a run directory or PEFT adapter (no adapter_config.json)",
-                            ["give a run directory (runs/NAME) or an adapter directory"])
+            raise UserError(
+                f"{source}: not a run directory or PEFT adapter (no adapter_config.json)",
+                ["give a run directory (runs/NAME) or an adapter directory"],
+            )
         adapters.append(adapter)
     return adapters
 
@@ -89,8 +101,11 @@ def check_output_spares_inputs(output: Path, inputs: list[tuple[str, Path]]) -> 
         if source == target or target in source.parents:
             relation = "is" if source == target else "contains"
             example = Path("merged") / (inputs[0][1].resolve().name or "model")
-            raise UserError(f"--output {output} {relation} {label} {path}; a merge never replaces its own inputs, "
-                            "even with --force", [f"write the merged model to a new folder, e.g. -o {example}"])
+            raise UserError(
+                f"--output {output} {relation} {label} {path}; a merge never replaces its own inputs, "
+                "even with --force",
+                [f"write the merged model to a new folder, e.g. -o {example}"],
+            )
 
 
 def check_fits(adapters: list[Path], section) -> None:
@@ -105,9 +120,13 @@ def check_same_base(adapters: list[Path]) -> None:
     configs = [runs.adapter_config(a) for a in adapters]
     bases = [(c.get("base_model_name_or_path"), c.get("revision")) for c in configs]
     if len(set(bases)) > 1:
-        listing = "; ".join(f"{a}: {b}{'@' + r if r else ''}" for a, (b, r) in zip(adapters, bases, strict=False))
-        raise UserError(f"the adapters were trained on different base models ({listing})",
-                        ["combine only adapters trained on the same base"])
+        listing = "; ".join(
+            f"{a}: {b}{'@' + r if r else ''}" for a, (b, r) in zip(adapters, bases, strict=False)
+        )
+        raise UserError(
+            f"the adapters were trained on different base models ({listing})",
+            ["combine only adapters trained on the same base"],
+        )
 
 
 def probe_samples(recipe, tokenizer) -> list[list[int]] | None:
@@ -122,63 +141,137 @@ def probe_samples(recipe, tokenizer) -> list[list[int]] | None:
         return None
 
 
-def run(sources: list[Path] | Path, output: Path, force: bool = False, dtype: str = "auto",
-        allow_pickle: bool = False, method: str = "auto", verify: bool = True, max_shard_size: str | None = None,
-        weights: list[float] | None = None, combination: str = "cat", density: float | None = None,
-        adapter_only: bool = False) -> dict:
+def run(
+    sources: list[Path] | Path,
+    output: Path,
+    force: bool = False,
+    dtype: str = "auto",
+    allow_pickle: bool = False,
+    method: str = "auto",
+    verify: bool = True,
+    max_shard_size: str | None = None,
+    weights: list[float] | None = None,
+    combination: str = "cat",
+    density: float | None = None,
+    adapter_only: bool = False,
+) -> dict:
     """Merge, verify and write OUTPUT atomically. Returns the report (also saved as merge_report.json)."""
     adapters = resolve_adapters(sources if isinstance(sources, list) else [sources])
     weights = weights or [1.0] * len(adapters)
     check_options(adapters, dtype, method, combination, weights, adapter_only)
     max_bytes = parse_size(max_shard_size)
-    check_same_base(adapters)
-    recipe = runs.run_recipe(adapters[0])
-    section = adapter_base_section(adapters[0], recipe.model if recipe else None, allow_pickle)
-    check_output_spares_inputs(output, merge_inputs(adapters, section))
-    if output.exists() and not force:
-        raise UserError(f"{output} already exists", ["choose another --output, or pass --force to replace it"])
-    models.check_weights(section)
-    check_fits(adapters, section)
-
+    recipe, section = check_inputs(adapters, output, force, allow_pickle)
     stream = stream_plan(adapters, section, weights, method)
+    with staged(output) as partial:
+        if stream is not None:
+            base_dir, merge_plan = stream
+            report = streamed(
+                adapters[0],
+                recipe,
+                section,
+                base_dir,
+                merge_plan,
+                partial,
+                dtype,
+                max_bytes,
+                verify,
+            )
+        else:
+            report = in_memory(
+                adapters,
+                recipe,
+                section,
+                partial,
+                dtype,
+                max_bytes,
+                weights,
+                combination,
+                density,
+                adapter_only,
+            )
+        report |= inputs_report(section, adapters, weights, combination)
+        runs.write_json(partial / "merge_report.json", report)
+        write_model_card(partial, report, recipe)
+    console.print(
+        f"{'Combined adapter' if adapter_only else 'Merged model'} written to {output.resolve()}"
+    )
+    return report
+
+
+@contextlib.contextmanager
+def staged(output: Path):
+    """A hidden folder beside OUTPUT to write into: it replaces OUTPUT when the block ends without
+    error, and is removed (with the parent folders it created) when the block fails."""
     partial = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     created = make_parents(output.parent)
     try:
-        if stream is not None:
-            base_dir, merge_plan = stream
-            report = streamed(adapters[0], recipe, section, base_dir, merge_plan, partial, dtype, max_bytes, verify)
-        else:
-            report = in_memory(adapters, recipe, section, partial, dtype, max_bytes, weights, combination, density,
-                               adapter_only)
-        report |= {"base_model": section.id, "revision": section.revision, "adapters": [str(a) for a in adapters],
-                   "weights": weights, "combination": combination if len(adapters) > 1 else None,
-                   "versions": runs.versions()}
-        runs.write_json(partial / "merge_report.json", report)
-        write_model_card(partial, report, recipe)
+        yield partial
         runs.give_umask_modes(partial)
         replace(partial, output)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         remove_empty(created)
         raise
-    console.print(f"{'Combined adapter' if adapter_only else 'Merged model'} written to {output.resolve()}")
-    return report
 
 
-def check_options(adapters: list[Path], dtype: str, method: str, combination: str, weights: list[float],
-                  adapter_only: bool) -> None:
+def check_inputs(adapters: list[Path], output: Path, force: bool, allow_pickle: bool):
+    """(run recipe or None, base model section) once the adapters share a base that they fit,
+    its weights are there, and OUTPUT may be written without touching any input."""
+    check_same_base(adapters)
+    recipe = runs.run_recipe(adapters[0])
+    section = adapter_base_section(adapters[0], recipe.model if recipe else None, allow_pickle)
+    check_output_spares_inputs(output, merge_inputs(adapters, section))
+    if output.exists() and not force:
+        raise UserError(
+            f"{output} already exists", ["choose another --output, or pass --force to replace it"]
+        )
+    models.check_weights(section)
+    check_fits(adapters, section)
+    return recipe, section
+
+
+def inputs_report(section, adapters: list[Path], weights: list[float], combination: str) -> dict:
+    """The merge report's record of what went in."""
+    return {
+        "base_model": section.id,
+        "revision": section.revision,
+        "adapters": [str(a) for a in adapters],
+        "weights": weights,
+        "combination": combination if len(adapters) > 1 else None,
+        "versions": runs.versions(),
+    }
+
+
+def check_options(
+    adapters: list[Path],
+    dtype: str,
+    method: str,
+    combination: str,
+    weights: list[float],
+    adapter_only: bool,
+) -> None:
     """Refuse, before anything loads, an unknown option value or options that do not fit the adapters."""
     if dtype not in ("auto", *models.DTYPES):
-        raise UserError(f"--dtype: unknown dtype {dtype!r}", ["use auto, float32, bfloat16 or float16"])
+        raise UserError(
+            f"--dtype: unknown dtype {dtype!r}", ["use auto, float32, bfloat16 or float16"]
+        )
     if method not in ("auto", "stream", "memory"):
         raise UserError(f"--method: unknown method {method!r}", ["use auto, stream or memory"])
     if combination not in COMBINATIONS:
-        raise UserError(f"--combination: unknown combination {combination!r}", [f"use one of {', '.join(COMBINATIONS)}"])
+        raise UserError(
+            f"--combination: unknown combination {combination!r}",
+            [f"use one of {', '.join(COMBINATIONS)}"],
+        )
     if len(weights) != len(adapters):
-        raise UserError(f"--weights: {len(weights)} weights for {len(adapters)} adapters", ["give one weight per adapter"])
+        raise UserError(
+            f"--weights: {len(weights)} weights for {len(adapters)} adapters",
+            ["give one weight per adapter"],
+        )
     if adapter_only and len(adapters) < 2:
-        raise UserError("--adapter-only combines several adapters into one", ["give two or more adapters"])
+        raise UserError(
+            "--adapter-only combines several adapters into one", ["give two or more adapters"]
+        )
 
 
 def stream_plan(adapters: list[Path], section, weights: list[float], method: str):
@@ -195,9 +288,13 @@ def stream_plan(adapters: list[Path], section, weights: list[float], method: str
     elif method == "memory":
         reason = "--method memory"
     if reason and method == "stream":
-        raise UserError(f"--method stream: cannot stream this merge: {reason}", ["use --method auto or memory"])
+        raise UserError(
+            f"--method stream: cannot stream this merge: {reason}", ["use --method auto or memory"]
+        )
     if reason and method == "auto":
-        console.print(f"Merging in memory with merge_and_unload ({'not streamed: ' if single else ''}{reason}).")
+        console.print(
+            f"Merging in memory with merge_and_unload ({'not streamed: ' if single else ''}{reason})."
+        )
     return None
 
 
@@ -209,10 +306,14 @@ def parse_size(text: str | None) -> int | None:
     try:
         return convert_file_size_to_int(text)
     except ValueError:
-        raise UserError(f"--max-shard-size: cannot read {text!r}", ["write it like 2GB or 500MB"]) from None
+        raise UserError(
+            f"--max-shard-size: cannot read {text!r}", ["write it like 2GB or 500MB"]
+        ) from None
 
 
-def streamed(adapter, recipe, section, base_dir, merge_plan, partial, dtype, max_bytes, verify) -> dict:
+def streamed(
+    adapter, recipe, section, base_dir, merge_plan, partial, dtype, max_bytes, verify
+) -> dict:
     """Stream the merge into `partial`; verify against adapter-on-base, one model in memory at a time."""
     from transformers import AutoModelForCausalLM
 
@@ -225,8 +326,12 @@ def streamed(adapter, recipe, section, base_dir, merge_plan, partial, dtype, max
         del model
         gc.collect()
     partial.mkdir(parents=True)
-    stream_merge.merge(merge_plan, base_dir, partial, None if dtype == "auto" else models.DTYPES[dtype], max_bytes)
-    stream_merge.copy_tokenizer(adapter if (adapter / "tokenizer_config.json").is_file() else base_dir, partial)
+    stream_merge.merge(
+        merge_plan, base_dir, partial, None if dtype == "auto" else models.DTYPES[dtype], max_bytes
+    )
+    stream_merge.copy_tokenizer(
+        adapter if (adapter / "tokenizer_config.json").is_file() else base_dir, partial
+    )
     if verify:
         merged = AutoModelForCausalLM.from_pretrained(partial, dtype="auto").to(device).eval()
         report |= compare_merged(reference, logits_of(merged, batch), merged.dtype)
@@ -236,7 +341,18 @@ def streamed(adapter, recipe, section, base_dir, merge_plan, partial, dtype, max
     return report
 
 
-def in_memory(adapters, recipe, section, partial, dtype, max_bytes, weights, combination, density, adapter_only) -> dict:
+def in_memory(
+    adapters,
+    recipe,
+    section,
+    partial,
+    dtype,
+    max_bytes,
+    weights,
+    combination,
+    density,
+    adapter_only,
+) -> dict:
     """merge_and_unload (or PEFT's weighted combination) on the loaded model; verified before writing."""
     model, tokenizer, _ = load_with_adapter(adapters[0], dtype, section)
     if len(adapters) > 1 or weights != [1.0]:
@@ -246,10 +362,14 @@ def in_memory(adapters, recipe, section, partial, dtype, max_bytes, weights, com
             names.append(f"adapter{i}")
         kwargs = {"density": density} if density is not None else {}
         try:
-            model.add_weighted_adapter(names, weights, "combined", combination_type=combination, **kwargs)
+            model.add_weighted_adapter(
+                names, weights, "combined", combination_type=combination, **kwargs
+            )
         except ValueError as exc:
-            raise UserError(f"--combination {combination}: {exc}",
-                            ["cat works for any ranks; ties and dare_* need --density"]) from None
+            raise UserError(
+                f"--combination {combination}: {exc}",
+                ["cat works for any ranks; ties and dare_* need --density"],
+            ) from None
         model.set_adapter("combined")
         for name in names:
             model.delete_adapter(name)
@@ -264,12 +384,16 @@ def in_memory(adapters, recipe, section, partial, dtype, max_bytes, weights, com
         nested.rmdir()
         tokenizer.save_pretrained(partial)
         return report | {"verified": False, "adapter_only": True}
-    batch = probe_batch(tokenizer, device, probe_samples(recipe, tokenizer) if len(adapters) == 1 else None)
+    batch = probe_batch(
+        tokenizer, device, probe_samples(recipe, tokenizer) if len(adapters) == 1 else None
+    )
     before = logits_of(model, batch)
     try:
         merged = model.merge_and_unload(safe_merge=True)
     except ValueError as exc:  # safe_merge found NaN or inf in a merged weight
-        raise UserError(f"merge refused: {exc}", ["the adapter is broken; retrain or use an earlier checkpoint"]) from None
+        raise UserError(
+            f"merge refused: {exc}", ["the adapter is broken; retrain or use an earlier checkpoint"]
+        ) from None
     report |= compare_merged(before, logits_of(merged, batch), merged.dtype)
     merged.save_pretrained(partial, max_shard_size=max_bytes or "50GB")
     tokenizer.save_pretrained(partial)
@@ -278,37 +402,68 @@ def in_memory(adapters, recipe, section, partial, dtype, max_bytes, weights, com
 
 def compare_merged(reference: torch.Tensor, merged: torch.Tensor, dtype: torch.dtype) -> dict:
     """Compare, print, and refuse past the tolerance."""
-    result = compare_logits(reference, merged, dtype) | {"verified": True, "dtype": str(dtype).removeprefix("torch.")}
-    console.print(f"Merged vs adapter logits: max |diff| {result['max_abs_diff']:.3g}, "
-                  f"mean {result['mean_abs_diff']:.3g} (tolerance {result['tolerance']:.3g}, {result['dtype']})")
+    result = compare_logits(reference, merged, dtype) | {
+        "verified": True,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    console.print(
+        f"Merged vs adapter logits: max |diff| {result['max_abs_diff']:.3g}, "
+        f"mean {result['mean_abs_diff']:.3g} (tolerance {result['tolerance']:.3g}, {result['dtype']})"
+    )
     if not result["ok"]:
-        raise UserError(f"merge refused: the merged model's logits differ from adapter-on-base by "
-                        f"{result['max_abs_diff']:.3g} (tolerance {result['tolerance']:.3g}); nothing was written",
-                        ["merge in float32 with --dtype float32, or check the adapter for non-finite weights",
-                         "LoRA on a weight tied to another (a tied lm_head and embeddings) cannot be merged "
-                         "into one copy: untie them (tie_word_embeddings: false) before training"])
+        raise UserError(
+            f"merge refused: the merged model's logits differ from adapter-on-base by "
+            f"{result['max_abs_diff']:.3g} (tolerance {result['tolerance']:.3g}); nothing was written",
+            [
+                "merge in float32 with --dtype float32, or check the adapter for non-finite weights",
+                "LoRA on a weight tied to another (a tied lm_head and embeddings) cannot be merged "
+                "into one copy: untie them (tie_word_embeddings: false) before training",
+            ],
+        )
     return result
 
 
 def write_model_card(folder: Path, report: dict, recipe) -> None:
     """A README model card: where the model came from and how it was checked."""
-    verified = (f"merged and adapter-on-base logits agree: max |diff| {report['max_abs_diff']:.3g}, mean "
-                f"{report['mean_abs_diff']:.3g} (tolerance {report['tolerance']:.3g})" if report.get("verified")
-                else "not verified")
+    verified = (
+        f"merged and adapter-on-base logits agree: max |diff| {report['max_abs_diff']:.3g}, mean "
+        f"{report['mean_abs_diff']:.3g} (tolerance {report['tolerance']:.3g})"
+        if report.get("verified")
+        else "not verified"
+    )
     lines = [
-        "---", f"base_model: {report['base_model']}", "library_name: transformers",
-        "tags: [lora-tune, lora, merged]" if not report.get("adapter_only") else "tags: [lora-tune, lora, peft]",
-        "---", "", f"# {folder.name.split('.partial-')[0].lstrip('.')}", "",
-        f"- Base model: {report['base_model']}" + (f" (revision {report['revision']})" if report["revision"] else ""),
-        f"- Adapters: {', '.join(report['adapters'])}" + (
-            f" (weights {report['weights']}, {report['combination']})" if report["combination"] else ""),
+        "---",
+        f"base_model: {report['base_model']}",
+        "library_name: transformers",
+        "tags: [lora-tune, lora, merged]"
+        if not report.get("adapter_only")
+        else "tags: [lora-tune, lora, peft]",
+        "---",
+        "",
+        f"# {folder.name.split('.partial-')[0].lstrip('.')}",
+        "",
+        f"- Base model: {report['base_model']}"
+        + (f" (revision {report['revision']})" if report["revision"] else ""),
+        f"- Adapters: {', '.join(report['adapters'])}"
+        + (
+            f" (weights {report['weights']}, {report['combination']})"
+            if report["combination"]
+            else ""
+        ),
         f"- Merge: {report['method']}, by lora-tune {__version__}",
         f"- Verification: {verified}",
     ]
     if recipe is not None:
         import yaml
 
-        lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip(), "```"]
+        lines += [
+            "",
+            "## Recipe",
+            "",
+            "```yaml",
+            yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip(),
+            "```",
+        ]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Method:
     name: str
-    config: str                        # TRL config class, e.g. SFTConfig
-    trainer: str                       # TRL trainer class, e.g. SFTTrainer
+    config: str  # TRL config class, e.g. SFTConfig
+    trainer: str  # TRL trainer class, e.g. SFTTrainer
     formats: tuple[str, ...] | None = None  # names in formats.FORMATS; None: every format
 
     def config_class(self) -> type:
@@ -31,6 +31,6 @@ class Method:
         return self.formats is None or fmt in self.formats
 
 
-METHODS: dict[str, Method] = {method.name: method for method in (
-    Method("sft", "SFTConfig", "SFTTrainer"),
-)}
+METHODS: dict[str, Method] = {
+    method.name: method for method in (Method("sft", "SFTConfig", "SFTTrainer"),)
+}

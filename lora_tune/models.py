@@ -22,9 +22,11 @@ console = output.console()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # False inside remote_code(allowed=False): a dry run checks a recipe without running any repository's code.
 _REMOTE_CODE_ALLOWED = contextvars.ContextVar("remote_code_allowed", default=True)
-REMOTE_CODE_FIX = ("set model.trust_remote_code: true in the recipe (lora-tune modules: --trust-remote-code) only if "
-                   "you trust that repository: it runs the repository's own Python code on this machine, with your "
-                   "user's rights")
+REMOTE_CODE_FIX = (
+    "set model.trust_remote_code: true in the recipe (lora-tune modules: --trust-remote-code) only if "
+    "you trust that repository: it runs the repository's own Python code on this machine, with your "
+    "user's rights"
+)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -45,7 +47,10 @@ def check_quantization(section) -> None:
         return
     use_bitsandbytes()
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("model.quantization: the bitsandbytes package is not installed", ["pip install bitsandbytes"])
+        raise UserError(
+            "model.quantization: the bitsandbytes package is not installed",
+            ["pip install bitsandbytes"],
+        )
     import bitsandbytes.functional as bnb
 
     device = hardware.device()
@@ -56,10 +61,14 @@ def check_quantization(section) -> None:
         else:
             bnb.int8_vectorwise_quant(probe)
     except Exception as exc:  # bitsandbytes raises its own types per backend
-        raise UserError(f"model.quantization: bitsandbytes cannot quantize on this machine's {device}: "
-                        f"{first_line(exc)[:200]}",
-                        ["upgrade bitsandbytes (pip install -U bitsandbytes), run on a CUDA GPU, or remove "
-                         "model.quantization to train LoRA on the full-precision base"]) from None
+        raise UserError(
+            f"model.quantization: bitsandbytes cannot quantize on this machine's {device}: "
+            f"{first_line(exc)[:200]}",
+            [
+                "upgrade bitsandbytes (pip install -U bitsandbytes), run on a CUDA GPU, or remove "
+                "model.quantization to train LoRA on the full-precision base"
+            ],
+        ) from None
 
 
 def use_bitsandbytes() -> None:
@@ -77,12 +86,18 @@ def quantization_config(section, dtype: torch.dtype):
     q = section.quantization
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
-                              bnb_4bit_compute_dtype=dtype if q.compute_dtype == "auto" else DTYPES[q.compute_dtype])
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=dtype if q.compute_dtype == "auto" else DTYPES[q.compute_dtype],
+    )
 
 
 def looks_local(model_id: str) -> bool:
-    return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or Path(model_id).exists()
+    return (
+        model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or Path(model_id).exists()
+    )
 
 
 @contextlib.contextmanager
@@ -103,19 +118,33 @@ def trusts_remote_code(section) -> bool:
 def remote_code_error(section) -> UserError:
     """The refusal for a model that needs its repository's own code (auto_map in config.json)."""
     if section.trust_remote_code:  # allowed by the recipe, withheld by remote_code(allowed=False)
-        return UserError(f"model.id: {section.id} needs its own Python code (auto_map in config.json), and --dry-run "
-                         "runs no repository code, so its layers and tokenizer were not checked",
-                         ["run without --dry-run to check and train it (model.trust_remote_code: true runs that code)"])
-    return UserError(f"model.id: {section.id} needs its own Python code to load (auto_map in config.json), and "
-                     "model.trust_remote_code is false", [REMOTE_CODE_FIX])
+        return UserError(
+            f"model.id: {section.id} needs its own Python code (auto_map in config.json), and --dry-run "
+            "runs no repository code, so its layers and tokenizer were not checked",
+            [
+                "run without --dry-run to check and train it (model.trust_remote_code: true runs that code)"
+            ],
+        )
+    return UserError(
+        f"model.id: {section.id} needs its own Python code to load (auto_map in config.json), and "
+        "model.trust_remote_code is false",
+        [REMOTE_CODE_FIX],
+    )
 
 
 def check_model_dir(path: Path) -> None:
     """Raise UserError for a local folder that holds no model config (transformers would ask for a model_type)."""
     if not (path / "config.json").is_file():
-        raise UserError(f"{path}: not a run, adapter or model directory (no config.json, adapter_config.json or "
-                        "adapter/ in it)", [("give a run directory (runs/NAME), an adapter directory, or a model "
-                                             "directory written by save_pretrained (or a hub id)")])
+        raise UserError(
+            f"{path}: not a run, adapter or model directory (no config.json, adapter_config.json or "
+            "adapter/ in it)",
+            [
+                (
+                    "give a run directory (runs/NAME), an adapter directory, or a model "
+                    "directory written by save_pretrained (or a hub id)"
+                )
+            ],
+        )
 
 
 def load_config(section):
@@ -126,17 +155,24 @@ def load_config(section):
     if looks_local(section.id):
         local = Path(section.id).expanduser()
         if not local.is_dir():
-            raise UserError(f"model.id: no model directory at {section.id!r}",
-                            ["give a local directory written by save_pretrained, or a hub id such as facebook/opt-350m"])
+            raise UserError(
+                f"model.id: no model directory at {section.id!r}",
+                [
+                    "give a local directory written by save_pretrained, or a hub id such as facebook/opt-350m"
+                ],
+            )
         check_model_dir(local)
     try:
-        return AutoConfig.from_pretrained(section.id, revision=section.revision,
-                                          trust_remote_code=trusts_remote_code(section))
+        return AutoConfig.from_pretrained(
+            section.id, revision=section.revision, trust_remote_code=trusts_remote_code(section)
+        )
     except (OSError, ValueError) as exc:
         if "custom code" in str(exc):  # transformers' words when auto_map needs trust_remote_code
             raise remote_code_error(section) from None
-        raise UserError(f"model.id: cannot load the model config of {section.id!r}: {first_line(exc)}",
-                        ["check the hub id or path, the network, and HF_TOKEN for gated models"]) from None
+        raise UserError(
+            f"model.id: cannot load the model config of {section.id!r}: {first_line(exc)}",
+            ["check the hub id or path, the network, and HF_TOKEN for gated models"],
+        ) from None
 
 
 def meta_model(config, trust_remote_code: bool = False):
@@ -146,7 +182,8 @@ def meta_model(config, trust_remote_code: bool = False):
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(
-                config, trust_remote_code=trust_remote_code and _REMOTE_CODE_ALLOWED.get())
+                config, trust_remote_code=trust_remote_code and _REMOTE_CODE_ALLOWED.get()
+            )
     except ValueError as exc:
         raise UserError(f"model.id: not a causal language model: {first_line(exc)}") from None
 
@@ -156,8 +193,11 @@ def linear_module_names(model) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings()
-    return [name for name, module in model.named_modules()
-            if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head]
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head
+    ]
 
 
 def check_target_modules(target_modules, model, model_id: str) -> None:
@@ -172,13 +212,19 @@ def check_target_modules(target_modules, model, model_id: str) -> None:
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in names})
     if isinstance(target_modules, str):
         if not any(re.fullmatch(target_modules, name) for name in names):
-            raise UserError(f"lora.target_modules: the pattern {target_modules!r} matches no layer of {model_id}.",
-                            [f"its linear layers: {', '.join(suffixes)}", "or use target_modules: all-linear"])
+            raise UserError(
+                f"lora.target_modules: the pattern {target_modules!r} matches no layer of {model_id}.",
+                [f"its linear layers: {', '.join(suffixes)}", "or use target_modules: all-linear"],
+            )
         return
-    missing = sorted(t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names))
+    missing = sorted(
+        t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)
+    )
     if missing:
-        raise UserError(f"lora.target_modules: {', '.join(missing)} not found in {model_id}.",
-                        [f"its linear layers: {', '.join(suffixes)}", "or use target_modules: all-linear"])
+        raise UserError(
+            f"lora.target_modules: {', '.join(missing)} not found in {model_id}.",
+            [f"its linear layers: {', '.join(suffixes)}", "or use target_modules: all-linear"],
+        )
 
 
 def count_trainable(model, lora_config) -> tuple[int, int]:
@@ -234,7 +280,13 @@ def train_token_rows(lora_config, model, token_ids: list[int]) -> None:
     if output is not None and output.weight is not layers[0].weight:
         layers.append(output)
     indices = lora_config.trainable_token_indices
-    indices = dict(indices) if isinstance(indices, dict) else {names[layers[0]]: list(indices)} if indices else {}
+    indices = (
+        dict(indices)
+        if isinstance(indices, dict)
+        else {names[layers[0]]: list(indices)}
+        if indices
+        else {}
+    )
     for layer in layers:
         if names[layer] not in (lora_config.modules_to_save or []):
             indices[names[layer]] = sorted(set(indices.get(names[layer], [])) | set(token_ids))
@@ -244,10 +296,14 @@ def train_token_rows(lora_config, model, token_ids: list[int]) -> None:
 def check_packing(model, model_id: str, key: str = "packing") -> None:
     """Raise UserError when data.packing or data.padding_free is asked of a model that would mix samples."""
     if not keeps_samples_apart(model):
-        raise UserError(f"data.{key}: {model_id} ({model.config.model_type}) cannot keep samples in one row apart, "
-                        "so they would attend to each other",
-                        [f"set data.{key}: false (length-grouped batches also cut padding: "
-                         "training.train_sampling_strategy: group_by_length)"])
+        raise UserError(
+            f"data.{key}: {model_id} ({model.config.model_type}) cannot keep samples in one row apart, "
+            "so they would attend to each other",
+            [
+                f"set data.{key}: false (length-grouped batches also cut padding: "
+                "training.train_sampling_strategy: group_by_length)"
+            ],
+        )
 
 
 def load_tokenizer(section, path: str | Path | None = None):
@@ -260,15 +316,20 @@ def load_tokenizer(section, path: str | Path | None = None):
 
     source = str(path) if path else section.id
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=None if path else section.revision,
-                                                  trust_remote_code=trusts_remote_code(section))
+        tokenizer = AutoTokenizer.from_pretrained(
+            source,
+            revision=None if path else section.revision,
+            trust_remote_code=trusts_remote_code(section),
+        )
     except ValueError as exc:
         if "custom code" in str(exc):
             raise remote_code_error(section) from None
         raise
     if tokenizer.eos_token is None:
-        raise UserError(f"model.id: the tokenizer of {section.id!r} has no eos_token, so samples cannot be ended.",
-                        ["use a tokenizer with an end-of-sequence token"])
+        raise UserError(
+            f"model.id: the tokenizer of {section.id!r} has no eos_token, so samples cannot be ended.",
+            ["use a tokenizer with an end-of-sequence token"],
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -278,9 +339,13 @@ def check_weights(section, source: str | None = None) -> None:
     """Refuse a local model directory whose only weights are pickles, unless model.allow_pickle."""
     local = Path(source or section.id).expanduser()
     if local.is_dir() and not section.allow_pickle and not list(local.glob("*.safetensors")):
-        raise UserError(f"model.id: {local} has no .safetensors weights",
-                        ["pickle (.bin) weights can run code when loaded: convert them to safetensors, "
-                         "or set model.allow_pickle: true (--allow-pickle) if you trust their source"])
+        raise UserError(
+            f"model.id: {local} has no .safetensors weights",
+            [
+                "pickle (.bin) weights can run code when loaded: convert them to safetensors, "
+                "or set model.allow_pickle: true (--allow-pickle) if you trust their source"
+            ],
+        )
 
 
 def load_model(section, dtype, source: str | None = None):
@@ -292,17 +357,25 @@ def load_model(section, dtype, source: str | None = None):
     from transformers import AutoModelForCausalLM
 
     source = source or section.id
-    kwargs = {"dtype": dtype, "trust_remote_code": section.trust_remote_code,
-              "use_safetensors": None if section.allow_pickle else True}
+    kwargs = {
+        "dtype": dtype,
+        "trust_remote_code": section.trust_remote_code,
+        "use_safetensors": None if section.allow_pickle else True,
+    }
     if section.attn_implementation:
         kwargs["attn_implementation"] = section.attn_implementation
     if section.quantization:  # quantized weights are placed on this process's GPU as they load
         kwargs["quantization_config"] = quantization_config(section, dtype)
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0")) if hardware.has_cuda() else "cpu"}
+        kwargs["device_map"] = {
+            "": int(os.environ.get("LOCAL_RANK", "0")) if hardware.has_cuda() else "cpu"
+        }
     check_weights(section, source)
     try:
         return AutoModelForCausalLM.from_pretrained(source, revision=section.revision, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise UserError(f"model.id: cannot load the weights of {source}: {first_line(exc)}",
-                        ["check that the download or copy is complete (re-download corrupt or truncated files)"]) \
-            from None
+        raise UserError(
+            f"model.id: cannot load the weights of {source}: {first_line(exc)}",
+            [
+                "check that the download or copy is complete (re-download corrupt or truncated files)"
+            ],
+        ) from None

@@ -39,16 +39,22 @@ UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # filesystems with
 # The learning rate is not one: a resumed scheduler restores the old one, so a new value would
 # be silently ignored.
 LENGTH = {"training.max_steps": -1, "training.num_train_epochs": 3.0}
-CADENCE = {"training.max_grad_norm", "training.logging_steps", "training.save_steps",
-           "training.save_total_limit", "training.eval_steps", "training.report_to"}
+CADENCE = {
+    "training.max_grad_norm",
+    "training.logging_steps",
+    "training.save_steps",
+    "training.save_total_limit",
+    "training.eval_steps",
+    "training.report_to",
+}
 NOT_COMPARED = {"training.output_dir"}  # the same folder may be spelled in many ways
 MISSING = object()  # a key that one of the two recipes does not set
 
 
 class State(Enum):
-    NEW = "new"              # nothing there yet: train from the start
-    RESUME = "resume"        # the same run, not finished: continue it
-    COMPLETE = "complete"    # the same run, finished: nothing to do
+    NEW = "new"  # nothing there yet: train from the start
+    RESUME = "resume"  # the same run, not finished: continue it
+    COMPLETE = "complete"  # the same run, finished: nothing to do
 
 
 @dataclass
@@ -62,6 +68,7 @@ class Decision:
 
 
 # --- the lock --------------------------------------------------------------------------------------
+
 
 def holder(out: Path) -> str | None:
     """'PID 1234 on host' of the process that holds the run's lock, or None when it is free."""
@@ -89,9 +96,15 @@ def describe_holder(path: Path) -> str:
 
 
 def busy(out: Path, who: str) -> UserError:
-    return UserError(f"training.output_dir: {out} is in use by another `lora-tune train` ({who})",
-                     [("wait for it to finish, stop it (a stopped run resumes when rerun), "
-                       "or choose another training.output_dir")])
+    return UserError(
+        f"training.output_dir: {out} is in use by another `lora-tune train` ({who})",
+        [
+            (
+                "wait for it to finish, stop it (a stopped run resumes when rerun), "
+                "or choose another training.output_dir"
+            )
+        ],
+    )
 
 
 def check_free(out: Path) -> None:
@@ -114,8 +127,11 @@ def lock(out: Path):
         except OSError as exc:  # some network filesystems refuse locks: train, but say so
             if exc.errno not in UNSUPPORTED:
                 raise
-            warnings.warn(f"{out}: this filesystem cannot lock files ({exc.strerror}); make sure no other "
-                          "`lora-tune train` writes to this run directory", stacklevel=2)
+            warnings.warn(
+                f"{out}: this filesystem cannot lock files ({exc.strerror}); make sure no other "
+                "`lora-tune train` writes to this run directory",
+                stacklevel=2,
+            )
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         yield
@@ -124,6 +140,7 @@ def lock(out: Path):
 
 
 # --- what a rerun may do ---------------------------------------------------------------------------
+
 
 def flatten(data: dict, prefix: str = "") -> dict:
     """{'training': {'seed': 0}} -> {'training.seed': 0}."""
@@ -141,12 +158,16 @@ def differences(saved: dict, current: dict) -> dict[str, tuple]:
     """Key path -> (saved value, current value) for every compared key whose value differs."""
     before, after = flatten(saved), flatten(current)
     keys = sorted((before.keys() | after.keys()) - NOT_COMPARED)
-    return {key: (before.get(key, MISSING), after.get(key, MISSING)) for key in keys
-            if before.get(key, MISSING) != after.get(key, MISSING)}
+    return {
+        key: (before.get(key, MISSING), after.get(key, MISSING))
+        for key in keys
+        if before.get(key, MISSING) != after.get(key, MISSING)
+    }
 
 
 def describe_change(key: str, old, new, note: str = "") -> str:
     """'training.learning_rate: 0.003 -> 0.001', long values cut."""
+
     def show(value):
         return "(not set)" if value is MISSING else shown(value)
 
@@ -169,10 +190,21 @@ def saved_recipe(out: Path) -> dict:
     path = out / runs.RECIPE
     try:
         data = parse_yaml(path.read_bytes())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:  # the strict reader's refusals included
-        raise UserError(f"training.output_dir: {path} cannot be read ({type(exc).__name__}), so this run's recipe "
-                        "is unknown", [("choose another training.output_dir, or --resume never to start over "
-                                        "(the earlier run is moved aside)")]) from None
+    except (
+        OSError,
+        UnicodeDecodeError,
+        yaml.YAMLError,
+    ) as exc:  # the strict reader's refusals included
+        raise UserError(
+            f"training.output_dir: {path} cannot be read ({type(exc).__name__}), so this run's recipe "
+            "is unknown",
+            [
+                (
+                    "choose another training.output_dir, or --resume never to start over "
+                    "(the earlier run is moved aside)"
+                )
+            ],
+        ) from None
     return data if isinstance(data, dict) else {}
 
 
@@ -187,9 +219,17 @@ def trained_steps(out: Path) -> int:
 
 def check_is_run(out: Path) -> None:
     """Raise UserError when `out` holds files but no lora-tune run: they are not ours to move or mix."""
-    if out.is_dir() and not (out / runs.RECIPE).is_file() and [p for p in out.iterdir() if p.name != LOCK]:
-        raise UserError(f"training.output_dir: {out} holds files but no lora-tune run ({runs.RECIPE} is missing)",
-                        ["choose a new or empty training.output_dir: lora-tune does not write into other folders"])
+    if (
+        out.is_dir()
+        and not (out / runs.RECIPE).is_file()
+        and [p for p in out.iterdir() if p.name != LOCK]
+    ):
+        raise UserError(
+            f"training.output_dir: {out} holds files but no lora-tune run ({runs.RECIPE} is missing)",
+            [
+                "choose a new or empty training.output_dir: lora-tune does not write into other folders"
+            ],
+        )
 
 
 def state(out: Path, recipe_data: dict) -> State:
@@ -205,12 +245,21 @@ def state(out: Path, recipe_data: dict) -> State:
     refused = {key: values for key, values in changed.items() if key not in LENGTH.keys() | CADENCE}
     if refused or shorter:
         problems = [describe_change(key, *values) for key, values in refused.items()]
-        problems += [describe_change(key, *values, f" (the run has trained {steps} steps: nothing more to train)")
-                     for key, values in shorter.items()]
-        raise UserError(f"training.output_dir: {out} holds a run of another recipe; {len(problems)} key(s) "
-                        f"differ from its {runs.RECIPE}:",
-                        [*problems, "to keep the earlier run: choose another training.output_dir",
-                         "to start over and move the earlier run aside: --resume never"])
+        problems += [
+            describe_change(
+                key, *values, f" (the run has trained {steps} steps: nothing more to train)"
+            )
+            for key, values in shorter.items()
+        ]
+        raise UserError(
+            f"training.output_dir: {out} holds a run of another recipe; {len(problems)} key(s) "
+            f"differ from its {runs.RECIPE}:",
+            [
+                *problems,
+                "to keep the earlier run: choose another training.output_dir",
+                "to start over and move the earlier run aside: --resume never",
+            ],
+        )
     finished = (out / runs.ADAPTER).is_dir() and (out / runs.METRICS).is_file()
     return State.COMPLETE if finished and not length else State.RESUME
 
@@ -221,6 +270,7 @@ def yaml_text(data: dict) -> str:
 
 
 # --- taking over the run directory -----------------------------------------------------------------
+
 
 def claim(recipe, resume: str) -> State:
     """What a `train` with this recipe and --resume may do with its run directory; reads, writes
@@ -239,8 +289,10 @@ def resume_checkpoint(out: Path, resume: str) -> Path | None:
         return runs.latest_checkpoint(out)
     path = Path(resume)
     if not runs.is_complete_checkpoint(path):
-        raise UserError(f"--resume: {resume} is not a complete lora-tune checkpoint",
-                        [f"give a checkpoint-N folder that holds {runs.COMPLETE}, or --resume auto|never"])
+        raise UserError(
+            f"--resume: {resume} is not a complete lora-tune checkpoint",
+            [f"give a checkpoint-N folder that holds {runs.COMPLETE}, or --resume auto|never"],
+        )
     return path
 
 
@@ -249,11 +301,15 @@ def take_over(recipe, resume: str, held: contextlib.ExitStack, write: bool = Tru
     until `held` closes), move an earlier run aside for --resume never, and save the recipe."""
     out = recipe.output_dir
     current = claim(recipe, resume)
-    checkpoint = None if current is State.COMPLETE else resume_checkpoint(out, resume)  # checked before writing
+    checkpoint = (
+        None if current is State.COMPLETE else resume_checkpoint(out, resume)
+    )  # checked before writing
     if current is State.COMPLETE or not write:
         return Decision(current, checkpoint)
     held.enter_context(lock(out))
-    current = claim(recipe, resume)  # again, under the lock: another process may have written here since
+    current = claim(
+        recipe, resume
+    )  # again, under the lock: another process may have written here since
     if current is State.COMPLETE:
         return Decision(current)
     checkpoint = resume_checkpoint(out, resume)
@@ -318,7 +374,13 @@ def move_aside(out: Path) -> Path | None:
             (aside / entry.name).rename(entry)
         with contextlib.suppress(OSError):
             aside.rmdir()
-        raise UserError(f"--resume never: cannot move the earlier run in {out} to {aside}: {exc.strerror or exc}",
-                        [("make the folder above the run directory writable (the earlier run is kept beside it), "
-                          "or move or delete the earlier run yourself")]) from None
+        raise UserError(
+            f"--resume never: cannot move the earlier run in {out} to {aside}: {exc.strerror or exc}",
+            [
+                (
+                    "make the folder above the run directory writable (the earlier run is kept beside it), "
+                    "or move or delete the earlier run yourself"
+                )
+            ],
+        ) from None
     return aside

@@ -23,16 +23,21 @@ def pieces(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str
     U+FFFD. So a piece is what its tokens add to the text decoded before them, and a token that
     ends inside a character waits for the next one; such a piece is trained if any of its tokens is.
     """
+
     def decode(ids):
         return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
-    result, context, start = [], 0, 0  # decoding from a token or two before keeps word-initial spaces
+    result, context, start = (
+        [],
+        0,
+        0,
+    )  # decoding from a token or two before keeps word-initial spaces
     for end in range(1, len(input_ids) + 1):
         text = decode(input_ids[context:end])
         if text.endswith("\ufffd") and end < len(input_ids):
             continue
         before = decode(input_ids[context:start])
-        result.append((text[len(before):], any(label != -100 for label in labels[start:end])))
+        result.append((text[len(before) :], any(label != -100 for label in labels[start:end])))
         context, start = start, end
     return result
 
@@ -41,7 +46,9 @@ def render_sample(tokenizer, input_ids: list[int], labels: list[int], mark: bool
     """The sample's text, trained tokens highlighted and masked ones dimmed; with `mark`, each run of
     trained text is also put between OPEN and CLOSE, for output that shows no styles."""
     text = Text()
-    for trained, run in itertools.groupby(pieces(tokenizer, input_ids, labels), key=lambda piece: piece[1]):
+    for trained, run in itertools.groupby(
+        pieces(tokenizer, input_ids, labels), key=lambda piece: piece[1]
+    ):
         style = TRAINED if trained else MASKED
         if mark and trained:
             text.append(OPEN, style=style)
@@ -54,8 +61,12 @@ def render_sample(tokenizer, input_ids: list[int], labels: list[int], mark: bool
 
 def legend(mark: bool) -> Text:
     if mark:
-        return Text(f"Legend: {OPEN}trained{CLOSE} text is in the loss; the rest is masked (not in the loss)")
-    return Text.assemble("Legend: ", ("trained", TRAINED), " / ", ("masked (not in the loss)", MASKED))
+        return Text(
+            f"Legend: {OPEN}trained{CLOSE} text is in the loss; the rest is masked (not in the loss)"
+        )
+    return Text.assemble(
+        "Legend: ", ("trained", TRAINED), " / ", ("masked (not in the loss)", MASKED)
+    )
 
 
 def run(recipe: Recipe, n: int = 3) -> dict:
@@ -70,16 +81,28 @@ def run(recipe: Recipe, n: int = 3) -> dict:
         console.rule(f"sample {i} ({len(row['input_ids'])} tokens)")
         console.print(render_sample(tokenizer, row["input_ids"], row["labels"], mark))
     table = Table(title="data", show_header=True)
-    for column in ("split", "rows", "samples", "skipped", f"truncated to {recipe.data.max_length}",
-                   "length min/median/p95/max", "trained tokens per epoch"):
+    for column in (
+        "split",
+        "rows",
+        "samples",
+        "skipped",
+        f"truncated to {recipe.data.max_length}",
+        "length min/median/p95/max",
+        "trained tokens per epoch",
+    ):
         table.add_column(column, overflow="fold")
     summaries = {name: s.summary() for name, s in stats.items()}
     for name, s in summaries.items():
         length = s.get("length", {})
         skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "0"
-        table.add_row(name, f"{s['rows']:,}", f"{s['samples']:,}", skipped,
-                      f"{s['truncated']:,}",
-                      "/".join(f"{length.get(k, 0):g}" for k in ("min", "median", "p95", "max")),
-                      f"{s['trained_tokens']:,}")
+        table.add_row(
+            name,
+            f"{s['rows']:,}",
+            f"{s['samples']:,}",
+            skipped,
+            f"{s['truncated']:,}",
+            "/".join(f"{length.get(k, 0):g}" for k in ("min", "median", "p95", "max")),
+            f"{s['trained_tokens']:,}",
+        )
     console.print(table)
     return summaries

@@ -46,14 +46,16 @@ OWNED_TRAINING_KEYS = {
     "packing": "set data.packing instead",
     "padding_free": "set data.padding_free instead",
     "hub_token": "never put a token in a recipe, where it would be saved with the run; "
-                 "set the HF_TOKEN environment variable instead",
+    "set the HF_TOKEN environment variable instead",
 }
 
 # Keys of the `lora` section that lora-tune handles itself, beside the chosen PEFT config's fields.
 LORA_OPTIONS = {
-    "method": " or ".join(f"{name} ({method.description})" for name, method in LORA_METHODS.items()),
+    "method": " or ".join(
+        f"{name} ({method.description})" for name, method in LORA_METHODS.items()
+    ),
     "loraplus_lr_ratio": "LoRA+: learning rate of the B matrices over that of A, e.g. 16 "
-                         "(peft's create_loraplus_optimizer)",
+    "(peft's create_loraplus_optimizer)",
     "loraplus_lr_embedding": "LoRA+: learning rate of LoRA on embedding layers (default 1e-6)",
 }
 
@@ -62,14 +64,38 @@ LORA_OPTIONS = {
 TRAINING_BOUNDS = {
     "per_device_train_batch_size": (Field(gt=0), "Samples per device and step, e.g. 8"),
     "per_device_eval_batch_size": (Field(gt=0), "Samples per device and eval step, e.g. 8"),
-    "gradient_accumulation_steps": (Field(gt=0), "Batches per optimizer step; 1 (the default) updates after every batch"),
-    "eval_accumulation_steps": (Field(gt=0), "Eval steps kept on the device before moving outputs to the CPU, e.g. 4"),
-    "num_train_epochs": (Field(gt=0), "Passes over the training data, e.g. 3 (fractions such as 0.5 work)"),
-    "max_steps": (Field(gt=0), "Optimizer steps to train; -1 (the default) trains num_train_epochs instead"),
-    "save_steps": (Field(gt=0), "Steps between checkpoints, or a fraction of the run below 1, e.g. 0.25"),
-    "logging_steps": (Field(gt=0), "Steps between log lines, or a fraction of the run below 1, e.g. 0.1"),
-    "eval_steps": (Field(gt=0), "Steps between evaluations, or a fraction of the run below 1; default: logging_steps"),
-    "dataloader_num_workers": (Field(ge=0), "Data loading processes; 0 (the default) loads in the main process"),
+    "gradient_accumulation_steps": (
+        Field(gt=0),
+        "Batches per optimizer step; 1 (the default) updates after every batch",
+    ),
+    "eval_accumulation_steps": (
+        Field(gt=0),
+        "Eval steps kept on the device before moving outputs to the CPU, e.g. 4",
+    ),
+    "num_train_epochs": (
+        Field(gt=0),
+        "Passes over the training data, e.g. 3 (fractions such as 0.5 work)",
+    ),
+    "max_steps": (
+        Field(gt=0),
+        "Optimizer steps to train; -1 (the default) trains num_train_epochs instead",
+    ),
+    "save_steps": (
+        Field(gt=0),
+        "Steps between checkpoints, or a fraction of the run below 1, e.g. 0.25",
+    ),
+    "logging_steps": (
+        Field(gt=0),
+        "Steps between log lines, or a fraction of the run below 1, e.g. 0.1",
+    ),
+    "eval_steps": (
+        Field(gt=0),
+        "Steps between evaluations, or a fraction of the run below 1; default: logging_steps",
+    ),
+    "dataloader_num_workers": (
+        Field(ge=0),
+        "Data loading processes; 0 (the default) loads in the main process",
+    ),
 }
 # Values of those keys that transformers reads as "not set" rather than as a count.
 TRAINING_UNSET = {"max_steps": -1}
@@ -90,10 +116,13 @@ class Quantization(BaseModel):
 
     bits: Literal[4, 8] = Field(description="4 (QLoRA) or 8.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
-    double_quant: bool = Field(True, description="Also quantize the 4-bit scaling constants (about 0.4 bits per "
-                                                 "weight saved).")
+    double_quant: bool = Field(
+        True,
+        description="Also quantize the 4-bit scaling constants (about 0.4 bits per weight saved).",
+    )
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="dtype of the 4-bit layers' matmuls; auto follows model.dtype.")
+        "auto", description="dtype of the 4-bit layers' matmuls; auto follows model.dtype."
+    )
 
 
 class ModelSection(BaseModel):
@@ -102,14 +131,24 @@ class ModelSection(BaseModel):
     id: str = Field(description="Hub id (facebook/opt-350m) or local model directory.")
     revision: str | None = Field(None, description="Hub branch, tag or commit.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight dtype; auto = bfloat16 on GPUs that support it, float16 on other GPUs, float32 on CPU."
+        "auto",
+        description="Weight dtype; auto = bfloat16 on GPUs that support it, float16 on other GPUs, float32 on CPU.",
     )
-    trust_remote_code: bool = Field(False, description="Allow the model repository's own Python code to run.")
-    allow_pickle: bool = Field(False, description="Allow pickle-based .bin weights, which can run code when loaded; "
-                                                  "default: safetensors only.")
-    attn_implementation: str | None = Field(None, description="eager, sdpa or flash_attention_2; default: transformers' choice.")
+    trust_remote_code: bool = Field(
+        False, description="Allow the model repository's own Python code to run."
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="Allow pickle-based .bin weights, which can run code when loaded; "
+        "default: safetensors only.",
+    )
+    attn_implementation: str | None = Field(
+        None, description="eager, sdpa or flash_attention_2; default: transformers' choice."
+    )
     quantization: Quantization | None = Field(
-        None, description="Load the base quantized with bitsandbytes (QLoRA): {bits: 4} or {bits: 8}.")
+        None,
+        description="Load the base quantized with bitsandbytes (QLoRA): {bits: 4} or {bits: 8}.",
+    )
 
 
 class Source(BaseModel):
@@ -119,7 +158,9 @@ class Source(BaseModel):
 
     path: str = Field(description="Hub dataset name, or a local file or folder.")
     subset: str | None = Field(None, description="Hub dataset configuration name.")
-    split: str | None = Field(None, description="Split to read; default: data.split (data.eval_split for eval).")
+    split: str | None = Field(
+        None, description="Split to read; default: data.split (data.eval_split for eval)."
+    )
     revision: str | None = Field(None, description="Hub dataset branch, tag or commit.")
 
 
@@ -127,34 +168,70 @@ class DataSection(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     train: str | list[str | Source] = Field(
-        description="Hub dataset name, local .jsonl/.json/.csv/.parquet/.txt file or folder, or a list of them.")
-    eval: str | list[str | Source] | None = Field(None, description="Held-out data, same kinds of source as train.")
-    eval_fraction: float | None = Field(None, gt=0, lt=1, description="Hold out this fraction of train instead.")
+        description="Hub dataset name, local .jsonl/.json/.csv/.parquet/.txt file or folder, or a list of them."
+    )
+    eval: str | list[str | Source] | None = Field(
+        None, description="Held-out data, same kinds of source as train."
+    )
+    eval_fraction: float | None = Field(
+        None, gt=0, lt=1, description="Hold out this fraction of train instead."
+    )
     subset: str | None = Field(None, description="Hub dataset configuration name.")
     split: str = Field("train", description="Hub dataset split to train on.")
-    eval_split: str | None = Field(None, description="Hub dataset split to evaluate on (default: split).")
+    eval_split: str | None = Field(
+        None, description="Hub dataset split to evaluate on (default: split)."
+    )
     revision: str | None = Field(None, description="Hub dataset branch, tag or commit.")
     format: FormatName = Field(
-        "auto", description="How rows become training text; auto detects it from each source's columns.")
+        "auto",
+        description="How rows become training text; auto detects it from each source's columns.",
+    )
     text_field: str = Field("text", description="Column holding the text (format: text).")
-    prompt_field: str = Field("prompt", description="Column holding the prompt (format: prompt_completion).")
-    completion_field: str = Field("completion", description="Column holding the completion (format: prompt_completion).")
-    messages_field: str = Field("messages", description="Column holding the chat turns (format: messages).")
+    prompt_field: str = Field(
+        "prompt", description="Column holding the prompt (format: prompt_completion)."
+    )
+    completion_field: str = Field(
+        "completion", description="Column holding the completion (format: prompt_completion)."
+    )
+    messages_field: str = Field(
+        "messages", description="Column holding the chat turns (format: messages)."
+    )
     chat_template: str | None = Field(
-        None, description="Jinja chat template for messages, when the tokenizer has none or to replace its own.")
-    prompt_template: str = Field(ALPACA_PROMPT, description="Alpaca prompt, with {instruction} and {input}.")
-    prompt_template_no_input: str = Field(ALPACA_PROMPT_NO_INPUT, description="Alpaca prompt for rows with an empty input.")
-    train_on_prompt: bool = Field(False, description="Also train on prompts and user turns (default: completions and "
-                                                     "assistant turns only).")
-    add_tokens: list[str] = Field([], description="Tokens to add to the vocabulary; their embedding and output rows "
-                                                  "are trained and saved with the adapter.")
-    add_special_tokens: list[str] = Field([], description="Special tokens to add (never split, such as chat markers); trained "
-                                                          "and saved like add_tokens.")
-    max_length: int = Field(512, ge=8, description="Tokens per sample; longer samples are truncated (and counted).")
-    packing: bool = Field(False, description="Pack samples into max_length rows; samples never attend to each other.")
+        None,
+        description="Jinja chat template for messages, when the tokenizer has none or to replace its own.",
+    )
+    prompt_template: str = Field(
+        ALPACA_PROMPT, description="Alpaca prompt, with {instruction} and {input}."
+    )
+    prompt_template_no_input: str = Field(
+        ALPACA_PROMPT_NO_INPUT, description="Alpaca prompt for rows with an empty input."
+    )
+    train_on_prompt: bool = Field(
+        False,
+        description="Also train on prompts and user turns (default: completions and "
+        "assistant turns only).",
+    )
+    add_tokens: list[str] = Field(
+        [],
+        description="Tokens to add to the vocabulary; their embedding and output rows "
+        "are trained and saved with the adapter.",
+    )
+    add_special_tokens: list[str] = Field(
+        [],
+        description="Special tokens to add (never split, such as chat markers); trained "
+        "and saved like add_tokens.",
+    )
+    max_length: int = Field(
+        512, ge=8, description="Tokens per sample; longer samples are truncated (and counted)."
+    )
+    packing: bool = Field(
+        False, description="Pack samples into max_length rows; samples never attend to each other."
+    )
     padding_free: bool | None = Field(
-        None, description="Train each batch as one row without padding, position ids keeping samples apart. "
-                          "Default: on with flash attention (model.attn_implementation) where the model supports it.")
+        None,
+        description="Train each batch as one row without padding, position ids keeping samples apart. "
+        "Default: on with flash attention (model.attn_implementation) where the model supports it.",
+    )
     seed: int = Field(42, description="Seed of the eval_fraction split.")
 
     @model_validator(mode="after")
@@ -196,26 +273,36 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"Recipe file not found: {path}", ["check the path; recipes/ holds ready examples"])
+        raise UserError(
+            f"Recipe file not found: {path}", ["check the path; recipes/ holds ready examples"]
+        )
     size = path.stat().st_size
     if size > MAX_RECIPE_BYTES:
-        raise UserError(f"{path}: {size:,} bytes; a recipe is a few kilobytes (at most {MAX_RECIPE_BYTES:,} bytes)",
-                        ["keep data in data files named by data.train and data.eval, not in the recipe"])
+        raise UserError(
+            f"{path}: {size:,} bytes; a recipe is a few kilobytes (at most {MAX_RECIPE_BYTES:,} bytes)",
+            ["keep data in data files named by data.train and data.eval, not in the recipe"],
+        )
     try:
         raw = parse_yaml(path.read_bytes())
     except Refused as exc:
         raise exc.user_error(str(path)) from None
     except yaml.reader.ReaderError as exc:  # bytes that are not text: no line to name
-        raise UserError(f"{path}: not UTF-8 text: {exc.reason} at byte {exc.position}",
-                        ["save the recipe as UTF-8 text"]) from None
+        raise UserError(
+            f"{path}: not UTF-8 text: {exc.reason} at byte {exc.position}",
+            ["save the recipe as UTF-8 text"],
+        ) from None
     except yaml.YAMLError as exc:
-        raise UserError(f"{where(str(path), exc)}: the recipe is not valid YAML: {yaml_problem(exc)}",
-                        [YAML_FIX]) from None
+        raise UserError(
+            f"{where(str(path), exc)}: the recipe is not valid YAML: {yaml_problem(exc)}",
+            [YAML_FIX],
+        ) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: a recipe is a mapping with sections {', '.join(SECTIONS)}; got {type(raw).__name__}",
-                        ["start from a recipe in recipes/: top-level keys model:, lora:, data: and training:"])
+        raise UserError(
+            f"{path}: a recipe is a mapping with sections {', '.join(SECTIONS)}; got {type(raw).__name__}",
+            ["start from a recipe in recipes/: top-level keys model:, lora:, data: and training:"],
+        )
     apply_overrides(raw, overrides)
     return validate(raw, source=str(path))
 
@@ -226,7 +313,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> None:
         key, sep, value = item.partition("=")
         shown = _shown(item)
         if not sep or not key:
-            raise UserError(f"--set {shown}: expected KEY.PATH=VALUE", ["for example: --set training.learning_rate=1e-4"])
+            raise UserError(
+                f"--set {shown}: expected KEY.PATH=VALUE",
+                ["for example: --set training.learning_rate=1e-4"],
+            )
         parts = key.strip().split(".")
         node = raw
         for i, part in enumerate(parts[:-1]):
@@ -253,7 +343,9 @@ def validate(raw: dict, source: str = "<recipe>") -> Recipe:
     for key in raw:
         if key not in SECTIONS:
             name = _cut(str(key))
-            problems.append(f"{name}: unknown section.{did_you_mean(name, SECTIONS)} Valid sections: {', '.join(SECTIONS)}.")
+            problems.append(
+                f"{name}: unknown section.{did_you_mean(name, SECTIONS)} Valid sections: {', '.join(SECTIONS)}."
+            )
     for key, example in REQUIRED_SECTIONS.items():
         if key not in raw:
             problems.append(f"{key}: required section missing. {example}")
@@ -267,8 +359,16 @@ def validate(raw: dict, source: str = "<recipe>") -> Recipe:
             value = {}
         sections[key] = value
 
-    model = _pydantic_section("model", ModelSection, sections["model"], problems) if "model" in raw else None
-    data = _pydantic_section("data", DataSection, sections["data"], problems) if "data" in raw else None
+    model = (
+        _pydantic_section("model", ModelSection, sections["model"], problems)
+        if "model" in raw
+        else None
+    )
+    data = (
+        _pydantic_section("data", DataSection, sections["data"], problems)
+        if "data" in raw
+        else None
+    )
     lora = _check_lora(sections["lora"], problems)
     training = _check_training(sections["training"], problems, "training" in raw)
     if problems:
@@ -285,9 +385,13 @@ def _pydantic_section(name: str, schema: type[BaseModel], values: dict, problems
             path = ".".join([name, *(_cut(str(p)) for p in err["loc"])]) if err["loc"] else name
             if err["type"] == "extra_forbidden":
                 hint = did_you_mean(_cut(str(err["loc"][-1])), schema.model_fields)
-                problems.append(f"{path}: unknown key.{hint or ' Valid keys: ' + ', '.join(schema.model_fields) + '.'}")
+                problems.append(
+                    f"{path}: unknown key.{hint or ' Valid keys: ' + ', '.join(schema.model_fields) + '.'}"
+                )
             elif err["type"] == "missing":
-                problems.append(f"{path}: required key missing. {schema.model_fields[err['loc'][-1]].description}")
+                problems.append(
+                    f"{path}: required key missing. {schema.model_fields[err['loc'][-1]].description}"
+                )
             else:
                 problems.append(f"{path}: {_pydantic_message(err)}; got {_shown(err['input'])}.")
     return None
@@ -295,11 +399,12 @@ def _pydantic_section(name: str, schema: type[BaseModel], values: dict, problems
 
 def _pydantic_message(err: dict) -> str:
     msg = err["msg"]
-    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+    return msg[len("Value error, ") :] if msg.startswith("Value error, ") else msg
 
 
-def _check_fields(section: str, values: dict, cls: type, problems: list[str],
-                  own_keys: tuple[str, ...] = ()) -> tuple[dict, bool]:
+def _check_fields(
+    section: str, values: dict, cls: type, problems: list[str], own_keys: tuple[str, ...] = ()
+) -> tuple[dict, bool]:
     """Check keys and value types against a config dataclass: (values that fit, all fitted).
     `own_keys` are lora-tune's keys of the section, offered for misspellings too."""
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -308,26 +413,37 @@ def _check_fields(section: str, values: dict, cls: type, problems: list[str],
     for key, value in values.items():
         if key not in fields:
             name = _cut(str(key))
-            problems.append(f"{section}.{name}: unknown key.{did_you_mean(name, fields | set(own_keys))} "
-                            f"{section} accepts the fields of {cls.__module__.split('.')[0]}.{cls.__name__}.")
+            problems.append(
+                f"{section}.{name}: unknown key.{did_you_mean(name, fields | set(own_keys))} "
+                f"{section} accepts the fields of {cls.__module__.split('.')[0]}.{cls.__name__}."
+            )
             ok = False
             continue
         try:
             converted = TypeAdapter(hints[key]).validate_python(value)
             if _non_finite(converted):
-                problems.append(f"{section}.{key}: expected a finite number, got {_shown(value)}. {NON_FINITE_FIX}")
+                problems.append(
+                    f"{section}.{key}: expected a finite number, got {_shown(value)}. {NON_FINITE_FIX}"
+                )
                 ok = False
                 continue
             # Keep the user's own spelling where it already fits (10, not 10.0, for a float field).
             # Sub-configs (eva_config: {rho: 2}) stay plain data, for the saved recipe.
-            coerced[key] = value if converted == value or dataclasses.is_dataclass(converted) else converted
+            coerced[key] = (
+                value if converted == value or dataclasses.is_dataclass(converted) else converted
+            )
         except ValidationError:
             if _fills_placeholder(hints[key], value):
                 coerced[key] = value
                 continue
-            hint = (" YAML reads a bare no/yes/off/on as false/true: quote it, e.g. \"no\"."
-                    if isinstance(value, bool) else "")
-            problems.append(f"{section}.{key}: expected {_type_name(hints[key])}, got {_shown(value)}.{hint}")
+            hint = (
+                ' YAML reads a bare no/yes/off/on as false/true: quote it, e.g. "no".'
+                if isinstance(value, bool)
+                else ""
+            )
+            problems.append(
+                f"{section}.{key}: expected {_type_name(hints[key])}, got {_shown(value)}.{hint}"
+            )
             ok = False
         except Exception:  # a type pydantic cannot describe: leave it to the real constructor
             coerced[key] = value
@@ -350,14 +466,26 @@ def _non_finite(value: Any) -> bool:
 def _fills_placeholder(hint: Any, value: Any) -> bool:
     """Whether a string fills a Literal option written with a placeholder, e.g. 'pissa_niter_4'
     for PEFT's 'pissa_niter_[number of iters]' (the constructor checks the rest)."""
-    options = [arg for union in typing.get_args(hint) or [hint] if typing.get_origin(union) is Literal
-               for arg in typing.get_args(union)]
+    options = [
+        arg
+        for union in typing.get_args(hint) or [hint]
+        if typing.get_origin(union) is Literal
+        for arg in typing.get_args(union)
+    ]
     return isinstance(value, str) and any(
-        isinstance(o, str) and "[" in o and re.fullmatch(re.sub(r"\\\[.*?\]", ".+", re.escape(o)), value)
-        for o in options)
+        isinstance(o, str)
+        and "[" in o
+        and re.fullmatch(re.sub(r"\\\[.*?\]", ".+", re.escape(o)), value)
+        for o in options
+    )
 
 
-SIMPLE_TYPES = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}
+SIMPLE_TYPES = {
+    "float": "a number",
+    "int": "an integer",
+    "bool": "true or false",
+    "str": "a string",
+}
 
 
 def _type_name(hint: Any, top: bool = True) -> str:
@@ -379,8 +507,12 @@ def _blame(section: str, values: dict, message: str) -> str:
         if re.search(rf"(?<![\w]){re.escape(key)}(?![\w])", message):
             return f"{section}.{key}"
     for key, value in values.items():
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and len(str(value)) > 2 \
-                and str(value) in message:
+        if (
+            isinstance(value, (str, int, float))
+            and not isinstance(value, bool)
+            and len(str(value)) > 2
+            and str(value) in message
+        ):
             return f"{section}.{key}"
     return section
 
@@ -389,35 +521,56 @@ def _check_lora(values: dict, problems: list[str]) -> dict:
     before = len(problems)
     method = values.get("method", "lora")
     if method not in LORA_METHODS:
-        problems.append(f"lora.method: expected one of {', '.join(LORA_METHODS)}, got {_shown(method)}.")
+        problems.append(
+            f"lora.method: expected one of {', '.join(LORA_METHODS)}, got {_shown(method)}."
+        )
         method = "lora"
     options = {key: values[key] for key in LORA_OPTIONS if key in values}
     for key in ("loraplus_lr_ratio", "loraplus_lr_embedding"):
         value = options.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not 0 < value < math.inf):  # nan fails both comparisons
-            problems.append(f"lora.{key}: expected a positive number, got {_shown(value)}. {LORA_OPTIONS[key]}.")
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 < value < math.inf
+        ):  # nan fails both comparisons
+            problems.append(
+                f"lora.{key}: expected a positive number, got {_shown(value)}. {LORA_OPTIONS[key]}."
+            )
     fields = {key: value for key, value in values.items() if key not in LORA_OPTIONS}
-    coerced, ok = _check_fields("lora", fields, lora_config_class(method), problems, tuple(LORA_OPTIONS))
+    coerced, ok = _check_fields(
+        "lora", fields, lora_config_class(method), problems, tuple(LORA_OPTIONS)
+    )
     r = coerced.get("r", 8)
     if r <= 0:
-        problems.append(f"lora.r: the rank must be a positive integer, got {_shown(r)}. Typical values: 8, 16, 64.")
+        problems.append(
+            f"lora.r: the rank must be a positive integer, got {_shown(r)}. Typical values: 8, 16, 64."
+        )
     alpha = coerced.get("lora_alpha", 8)
     if alpha <= 0:
-        problems.append(f"lora.lora_alpha: must be positive, got {_shown(alpha)}. A common choice is 2 * r.")
+        problems.append(
+            f"lora.lora_alpha: must be positive, got {_shown(alpha)}. A common choice is 2 * r."
+        )
     dropout = coerced.get("lora_dropout", 0.0)
     if not 0 <= dropout < 1:
-        problems.append(f"lora.lora_dropout: must be in [0, 1), got {_shown(dropout)}. Typical values: 0 to 0.1.")
+        problems.append(
+            f"lora.lora_dropout: must be in [0, 1), got {_shown(dropout)}. Typical values: 0 to 0.1."
+        )
     coerced = options | coerced
     if coerced.get("init_lora_weights") == "loftq":
-        problems.append("lora.init_lora_weights: loftq fits the adapter to a base that is quantized afterwards, "
-                        "so it cannot be evaluated or merged against the model as loaded. For QLoRA set "
-                        "model.quantization; for an SVD-based start use pissa.")
+        problems.append(
+            "lora.init_lora_weights: loftq fits the adapter to a base that is quantized afterwards, "
+            "so it cannot be evaluated or merged against the model as loaded. For QLoRA set "
+            "model.quantization; for an SVD-based start use pissa."
+        )
     if ok and len(problems) == before:
         try:
-            build_lora_config(coerced, total_step=10**9)  # AdaLoRA's real step count is known at planning
+            build_lora_config(
+                coerced, total_step=10**9
+            )  # AdaLoRA's real step count is known at planning
         except (ValueError, TypeError) as exc:
-            problems.append(f"{_blame('lora', coerced, str(exc))}: {_library_message(exc, coerced)}")
+            problems.append(
+                f"{_blame('lora', coerced, str(exc))}: {_library_message(exc, coerced)}"
+            )
     return coerced
 
 
@@ -430,12 +583,16 @@ def _check_training(values: dict, problems: list[str], present: bool) -> dict:
     coerced, ok = _check_fields("training", values, METHODS["sft"].config_class(), problems)
     _check_bounds(coerced, problems)
     if present and not coerced.get("output_dir") and "output_dir" not in values:
-        problems.append("training.output_dir: required key missing. Where the run is written, e.g. runs/my-run.")
+        problems.append(
+            "training.output_dir: required key missing. Where the run is written, e.g. runs/my-run."
+        )
     if ok and len(problems) == before and present:
         try:
             build_sft_config(coerced, max_length=512)
         except (ValueError, TypeError) as exc:
-            problems.append(f"{_blame('training', coerced, str(exc))}: {_library_message(exc, coerced)}")
+            problems.append(
+                f"{_blame('training', coerced, str(exc))}: {_library_message(exc, coerced)}"
+            )
     return coerced
 
 
@@ -448,7 +605,9 @@ def _check_bounds(training: dict, problems: list[str]) -> None:
         try:
             TypeAdapter(Annotated[float, bound]).validate_python(value)
         except ValidationError as exc:
-            problems.append(f"training.{key}: {exc.errors()[0]['msg']}; got {_shown(value)}. {fix}.")
+            problems.append(
+                f"training.{key}: {exc.errors()[0]['msg']}; got {_shown(value)}. {fix}."
+            )
 
 
 def _library_message(exc: Exception, values: dict) -> str:

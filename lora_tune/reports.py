@@ -12,23 +12,42 @@ from .errors import UserError
 HISTORY = "eval_history.jsonl"
 
 
-def harness(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int, device: str,
-            include_path: Path | None = None) -> dict[str, float]:
+def harness(
+    model,
+    tokenizer,
+    tasks: list[str],
+    limit: int | None,
+    batch_size: int,
+    device: str,
+    include_path: Path | None = None,
+) -> dict[str, float]:
     """lm-evaluation-harness scores of an in-memory model: {"task/metric": value}."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise UserError("--tasks needs lm-evaluation-harness", ["pip install 'lora-tune[eval]'"]) from None
+        raise UserError(
+            "--tasks needs lm-evaluation-harness", ["pip install 'lora-tune[eval]'"]
+        ) from None
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise UserError(f"--tasks: unknown task {', '.join(unknown)}",
-                        ["see `lm_eval ls tasks`; a task YAML of your own goes in a folder given by --tasks-path"])
+        raise UserError(
+            f"--tasks: unknown task {', '.join(unknown)}",
+            [
+                "see `lm_eval ls tasks`; a task YAML of your own goes in a folder given by --tasks-path"
+            ],
+        )
     lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False,
-                                      verbosity="ERROR")["results"]
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+        verbosity="ERROR",
+    )["results"]
     scores = {}
     for task, values in results.items():
         for key, value in values.items():
@@ -47,9 +66,14 @@ def record_history(run: Path, report: dict) -> dict | None:
             entry = json.loads(line)
             if entry.get("data") == report["data"]:
                 previous = entry
-    entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "data": report["data"],
-             "results": {name: {k: v for k, v in m.items() if isinstance(v, (int, float))}
-                         for name, m in report["results"].items()}}
+    entry = {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "data": report["data"],
+        "results": {
+            name: {k: v for k, v in m.items() if isinstance(v, (int, float))}
+            for name, m in report["results"].items()
+        },
+    }
     with path.open("a") as f:
         f.write(json.dumps(entry) + "\n")
     return previous
@@ -67,13 +91,17 @@ def plot_losses(run: Path, out: Path) -> None:
     metrics = run / runs.METRICS
     history = json.loads(metrics.read_text()).get("log_history") if metrics.is_file() else None
     if not history:
-        raise UserError(f"--plot: {run} has no training log (metrics.json with log_history)",
-                        ["plot a run directory written by lora-tune train"])
+        raise UserError(
+            f"--plot: {run} has no training log (metrics.json with log_history)",
+            ["plot a run directory written by lora-tune train"],
+        )
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
         points = [(e["step"], e[key]) for e in history if key in e and "step" in e]
         if points:
-            ax.plot(*zip(*points, strict=False), marker="." if key == "eval_loss" else None, label=label)
+            ax.plot(
+                *zip(*points, strict=False), marker="." if key == "eval_loss" else None, label=label
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(run.name)

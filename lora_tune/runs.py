@@ -1,13 +1,13 @@
 """The run directory: the contract between train, merge and eval.
 
-    runs/NAME/
-      recipe.yaml     the resolved recipe
-      adapter/        PEFT adapter (adapter_config.json, adapter_model.safetensors) + tokenizer
-      checkpoint-*/   trainer checkpoints, for resume; COMPLETE marks one whose writing finished
-      metrics.json    final metrics, throughput, memory, wall time, versions
-      logs/           TensorBoard event files
-      eval_history.jsonl  one line per `lora-tune eval` of the run
-      lora-tune.lock  held by the `train` process that writes the run (ownership.py)
+runs/NAME/
+  recipe.yaml     the resolved recipe
+  adapter/        PEFT adapter (adapter_config.json, adapter_model.safetensors) + tokenizer
+  checkpoint-*/   trainer checkpoints, for resume; COMPLETE marks one whose writing finished
+  metrics.json    final metrics, throughput, memory, wall time, versions
+  logs/           TensorBoard event files
+  eval_history.jsonl  one line per `lora-tune eval` of the run
+  lora-tune.lock  held by the `train` process that writes the run (ownership.py)
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from pathlib import Path
 
 RECIPE = "recipe.yaml"
 ADAPTER = "adapter"
-INITIAL_ADAPTER = "initial-adapter"  # PiSSA/OLoRA/CorDA runs: the adapter before training, for conversion
+INITIAL_ADAPTER = (
+    "initial-adapter"  # PiSSA/OLoRA/CorDA runs: the adapter before training, for conversion
+)
 METRICS = "metrics.json"
 LOGS = "logs"
 COMPLETE = "lora-tune-complete"
@@ -47,8 +49,10 @@ def adapter_config(adapter: Path) -> dict:
     try:
         return json.loads((adapter / "adapter_config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise UserError(f"{adapter}: unreadable adapter_config.json: {exc}",
-                        ["restore the file from the run, or retrain"]) from None
+        raise UserError(
+            f"{adapter}: unreadable adapter_config.json: {exc}",
+            ["restore the file from the run, or retrain"],
+        ) from None
 
 
 def run_recipe(adapter: Path):
@@ -71,7 +75,9 @@ def is_complete_checkpoint(path: Path) -> bool:
 
 def latest_checkpoint(run: Path) -> Path | None:
     """The complete checkpoint with the highest step; one cut short by a crash is never chosen."""
-    done = [p for p in run.glob("checkpoint-*") if is_complete_checkpoint(p)] if run.is_dir() else []
+    done = (
+        [p for p in run.glob("checkpoint-*") if is_complete_checkpoint(p)] if run.is_dir() else []
+    )
     return max(done, key=checkpoint_step, default=None)
 
 

@@ -30,6 +30,7 @@ console = output.console()
 
 # --- the HTTP API ------------------------------------------------------------------------------
 
+
 def create_app(engine: Engine, access: guard.Access | None = None):
     """The FastAPI application answering OpenAI's /v1 routes (and vLLM's adapter routes)."""
     from fastapi import FastAPI
@@ -56,10 +57,20 @@ def add_model_routes(app, engine: Engine) -> None:
 
     @app.get("/v1/models")
     def list_models():
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": engine.created, "owned_by": "lora-tune",
-             "root": engine.paths.get(name, engine.base_section.id),
-             "parent": engine.base_name if name in engine.paths else None} for name in engine.names()]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": engine.created,
+                    "owned_by": "lora-tune",
+                    "root": engine.paths.get(name, engine.base_section.id),
+                    "parent": engine.base_name if name in engine.paths else None,
+                }
+                for name in engine.names()
+            ],
+        }
 
 
 def add_generation_routes(app, engine: Engine) -> None:
@@ -72,23 +83,41 @@ def add_generation_routes(app, engine: Engine) -> None:
         if len(prompts) != 1:
             raise ServeError(400, "one prompt per request", "invalid_request", "prompt")
         job = engine.prepare(body, tokenizer(prompts[0])["input_ids"], body.max_tokens)
-        return respond(engine, job, "text_completion", lambda text: {"text": text, "logprobs": None})
+        return respond(
+            engine, job, "text_completion", lambda text: {"text": text, "logprobs": None}
+        )
 
     @app.post("/v1/chat/completions")
     def chat(body: ChatRequest):
         tokenizer = engine.tokenizer(body.model)
         if not tokenizer.chat_template:
-            raise ServeError(400, f"{body.model} has no chat template; use /v1/completions", "no_chat_template", "model")
-        text = tokenizer.apply_chat_template([m.plain() for m in body.messages], tokenize=False,
-                                             add_generation_prompt=True)
-        job = engine.prepare(body, tokenizer(text, add_special_tokens=False)["input_ids"],
-                             body.max_completion_tokens or body.max_tokens)
-        return respond(engine, job, "chat.completion",
-                       lambda text: {"message": {"role": "assistant", "content": text}},
-                       lambda text: {"delta": {"content": text}}, first_delta={"delta": {"role": "assistant"}})
+            raise ServeError(
+                400,
+                f"{body.model} has no chat template; use /v1/completions",
+                "no_chat_template",
+                "model",
+            )
+        text = tokenizer.apply_chat_template(
+            [m.plain() for m in body.messages], tokenize=False, add_generation_prompt=True
+        )
+        job = engine.prepare(
+            body,
+            tokenizer(text, add_special_tokens=False)["input_ids"],
+            body.max_completion_tokens or body.max_tokens,
+        )
+        return respond(
+            engine,
+            job,
+            "chat.completion",
+            lambda text: {"message": {"role": "assistant", "content": text}},
+            lambda text: {"delta": {"content": text}},
+            first_delta={"delta": {"role": "assistant"}},
+        )
 
 
-def respond(engine: Engine, job: Generation, kind: str, whole, delta=None, first_delta: dict | None = None):
+def respond(
+    engine: Engine, job: Generation, kind: str, whole, delta=None, first_delta: dict | None = None
+):
     """The OpenAI answer to `job`: one JSON object, or server-sent chunks when the request streams.
     `whole(text)` is a choice's content; `delta(text)` a chunk's, where it differs."""
     from fastapi.responses import StreamingResponse
@@ -98,8 +127,11 @@ def respond(engine: Engine, job: Generation, kind: str, whole, delta=None, first
     if not job.stream:
         text = "".join(engine.stream(job))
         choice = {"index": 0, **whole(text), "finish_reason": job.finish_reason}
-        usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": job.completion_tokens,
-                 "total_tokens": len(job.prompt_ids) + job.completion_tokens}
+        usage = {
+            "prompt_tokens": len(job.prompt_ids),
+            "completion_tokens": job.completion_tokens,
+            "total_tokens": len(job.prompt_ids) + job.completion_tokens,
+        }
         return head | {"object": kind, "choices": [choice], "usage": usage}
 
     chunk_kind = kind + ".chunk" if kind.startswith("chat") else kind
@@ -107,11 +139,29 @@ def respond(engine: Engine, job: Generation, kind: str, whole, delta=None, first
 
     def events():
         if first_delta:
-            yield sse(head | {"object": chunk_kind, "choices": [{"index": 0, **first_delta, "finish_reason": None}]})
+            yield sse(
+                head
+                | {
+                    "object": chunk_kind,
+                    "choices": [{"index": 0, **first_delta, "finish_reason": None}],
+                }
+            )
         for text in engine.stream(job):
-            yield sse(head | {"object": chunk_kind, "choices": [{"index": 0, **piece_of(text), "finish_reason": None}]})
+            yield sse(
+                head
+                | {
+                    "object": chunk_kind,
+                    "choices": [{"index": 0, **piece_of(text), "finish_reason": None}],
+                }
+            )
         last = {"delta": {}} if delta else whole("")
-        yield sse(head | {"object": chunk_kind, "choices": [{"index": 0, **last, "finish_reason": job.finish_reason}]})
+        yield sse(
+            head
+            | {
+                "object": chunk_kind,
+                "choices": [{"index": 0, **last, "finish_reason": job.finish_reason}],
+            }
+        )
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -139,6 +189,7 @@ def sse(payload: dict) -> str:
 
 # --- the command ---------------------------------------------------------------------------------
 
+
 def resolve(target: str, adapter_specs: list[str]):
     """(base model section, {adapter name: adapter dir}) from `serve TARGET --adapter NAME=PATH ...`."""
     from .recipe import ModelSection
@@ -148,26 +199,44 @@ def resolve(target: str, adapter_specs: list[str]):
     if adapter is not None:
         recipe = runs.run_recipe(adapter)
         base = adapters.adapter_base_section(adapter, recipe.model if recipe else None)
-        named[(adapter.parent if adapter.name == runs.ADAPTER else adapter).resolve().name] = adapter
+        named[(adapter.parent if adapter.name == runs.ADAPTER else adapter).resolve().name] = (
+            adapter
+        )
     else:
         base = ModelSection(id=target)
         models.load_config(base)  # a clear error for a path or id that is not a model
     for spec in adapter_specs:
         name, sep, where = spec.partition("=")
         if not sep or not name or not where:
-            raise UserError(f"--adapter {spec!r}: expected NAME=PATH", ["for example: --adapter support=runs/support"])
+            raise UserError(
+                f"--adapter {spec!r}: expected NAME=PATH",
+                ["for example: --adapter support=runs/support"],
+            )
         found = runs.adapter_dir(Path(where))
         if found is None:
             raise UserError(f"--adapter {spec!r}: {where} is not a run or PEFT adapter directory")
         if name in named:
-            raise UserError(f"--adapter {spec!r}: the name {name!r} is taken", ["give each adapter its own name"])
+            raise UserError(
+                f"--adapter {spec!r}: the name {name!r} is taken",
+                ["give each adapter its own name"],
+            )
         named[name] = found
     return base, named
 
 
-def run(target: str, adapter_specs: list[str], host: str, port: int, engine_name: str = "local",
-        base_name: str | None = None, dtype: str = "auto", api_key: str | None = None,
-        allow_runtime_lora: bool = False, adapter_root: Path | None = None, max_body_bytes: int | None = None) -> None:
+def run(
+    target: str,
+    adapter_specs: list[str],
+    host: str,
+    port: int,
+    engine_name: str = "local",
+    base_name: str | None = None,
+    dtype: str = "auto",
+    api_key: str | None = None,
+    allow_runtime_lora: bool = False,
+    adapter_root: Path | None = None,
+    max_body_bytes: int | None = None,
+) -> None:
     """Serve until interrupted."""
     import importlib.util
 
@@ -175,9 +244,13 @@ def run(target: str, adapter_specs: list[str], host: str, port: int, engine_name
     base, named = resolve(target, adapter_specs)
     base_name = base_name or base.id
     if base_name in named:
-        raise UserError(f"--base-name {base_name!r} is also an adapter's name", ["choose another --base-name"])
+        raise UserError(
+            f"--base-name {base_name!r} is also an adapter's name", ["choose another --base-name"]
+        )
     if engine_name == "vllm":
-        return run_vllm(base, named, host, port, base_name, access, explicit_limit=max_body_bytes is not None)
+        return run_vllm(
+            base, named, host, port, base_name, access, explicit_limit=max_body_bytes is not None
+        )
     if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
         raise UserError("serve needs FastAPI and uvicorn", ["pip install 'lora-tune[serve]'"])
     import uvicorn
@@ -189,6 +262,8 @@ def run(target: str, adapter_specs: list[str], host: str, port: int, engine_name
         except ServeError as exc:
             raise UserError(f"--adapter {name}: {exc.message}") from None
     guard.warn_if_exposed(host, port, access.api_key)
-    console.print(f"Serving {', '.join(engine.names())} on {engine.device}; OpenAI clients: "
-                  f"base_url=http://{host}:{port}/v1")
+    console.print(
+        f"Serving {', '.join(engine.names())} on {engine.device}; OpenAI clients: "
+        f"base_url=http://{host}:{port}/v1"
+    )
     uvicorn.run(create_app(engine, access), host=host, port=port, log_level="warning")

@@ -34,14 +34,24 @@ def read_adapter_config(adapter: Path, given: str) -> AdapterConfig:
     try:
         return AdapterConfig.model_validate_json((adapter / "adapter_config.json").read_bytes())
     except OSError as exc:
-        raise ServeError(400, f"{where} cannot be read ({exc.strerror}); {fix}", "invalid_adapter_config",
-                         "lora_path") from None
+        raise ServeError(
+            400,
+            f"{where} cannot be read ({exc.strerror}); {fix}",
+            "invalid_adapter_config",
+            "lora_path",
+        ) from None
     except ValidationError as exc:
         first = exc.errors(include_input=False, include_url=False)[0]
-        field = str(first["loc"][0]) if first["loc"] else ""  # the key; deeper parts name union members
+        field = (
+            str(first["loc"][0]) if first["loc"] else ""
+        )  # the key; deeper parts name union members
         problem = f"{field}: {first['msg']}" if field else first["msg"]
-        raise ServeError(400, f"{where} is not a valid PEFT adapter config ({problem}); {fix}",
-                         "invalid_adapter_config", "lora_path") from None
+        raise ServeError(
+            400,
+            f"{where} is not a valid PEFT adapter config ({problem}); {fix}",
+            "invalid_adapter_config",
+            "lora_path",
+        ) from None
 
 
 @dataclass
@@ -66,7 +76,9 @@ class Engine:
     def __init__(self, base, base_name: str, dtype_name: str = "auto"):
         self.base_section, self.base_name = base, base_name
         self.device = hardware.device()
-        self.model = models.load_model(base, models.resolve_dtype(dtype_name)).to(self.device).eval()
+        self.model = (
+            models.load_model(base, models.resolve_dtype(dtype_name)).to(self.device).eval()
+        )
         self.tokenizers = {base_name: models.load_tokenizer(base)}
         self.paths: dict[str, str] = {}
         self.peft = None  # the PeftModel, once an adapter is loaded
@@ -79,22 +91,36 @@ class Engine:
         """Load an adapter under `name`. Raises ServeError (400) when it cannot serve here.
         A `runtime` adapter is a client's: answers name nothing read from outside its folder."""
         if name in self.tokenizers:
-            raise ServeError(400, f"a model named {name!r} is already served", "model_exists", "lora_name")
+            raise ServeError(
+                400, f"a model named {name!r} is already served", "model_exists", "lora_name"
+            )
         adapter = runs.adapter_dir(Path(path))
         if adapter is None:
-            raise ServeError(400, f"{path}: not a run or PEFT adapter directory", "invalid_adapter", "lora_path")
+            raise ServeError(
+                400, f"{path}: not a run or PEFT adapter directory", "invalid_adapter", "lora_path"
+            )
         self.check_fits(read_adapter_config(adapter, path), path)
         try:
             adapters.check_adapter_fits(adapter, self.model, self.base_section)
         except UserError as exc:
-            raise ServeError(400, self.unfit_message(exc, path, runtime), "adapter_for_another_base",
-                             "lora_path") from None
+            raise ServeError(
+                400, self.unfit_message(exc, path, runtime), "adapter_for_another_base", "lora_path"
+            ) from None
         try:
             tokenizer = adapters.adapter_tokenizer(adapter, self.base_section)
-        except (UserError, OSError, ValueError) as exc:  # what a missing or corrupt tokenizer file raises
+        except (
+            UserError,
+            OSError,
+            ValueError,
+        ) as exc:  # what a missing or corrupt tokenizer file raises
             console.print(f"{path}: its tokenizer does not load: {exc}")
-            raise ServeError(400, f"{path}: the tokenizer saved with the adapter does not load; the server's log "
-                                  "has the details", "invalid_adapter", "lora_path") from None
+            raise ServeError(
+                400,
+                f"{path}: the tokenizer saved with the adapter does not load; the server's log "
+                "has the details",
+                "invalid_adapter",
+                "lora_path",
+            ) from None
         self.attach(name, adapter, path)
         self.tokenizers[name], self.paths[name] = tokenizer, str(adapter)
 
@@ -104,13 +130,26 @@ class Engine:
 
         trained_on = config.base_model_name_or_path or ""
         if _same_model(trained_on, self.base_section.id) is False:
-            raise ServeError(400, f"{path} was trained on {trained_on}; this server serves {self.base_section.id}",
-                             "adapter_for_another_base", "lora_path")
+            raise ServeError(
+                400,
+                f"{path} was trained on {trained_on}; this server serves {self.base_section.id}",
+                "adapter_for_another_base",
+                "lora_path",
+            )
         if config.trainable_token_indices or config.peft_type != "LORA":
-            kind = config.peft_type if config.peft_type in PeftType.__members__ else "of an unknown peft_type"
+            kind = (
+                config.peft_type
+                if config.peft_type in PeftType.__members__
+                else "of an unknown peft_type"
+            )
             what = "adds tokens" if config.trainable_token_indices else f"is {kind}"
-            raise ServeError(400, f"{path}: only plain LoRA adapters share a base (this one {what}); merge it "
-                                  "(lora-tune merge) and serve the merged model", "unsupported_adapter", "lora_path")
+            raise ServeError(
+                400,
+                f"{path}: only plain LoRA adapters share a base (this one {what}); merge it "
+                "(lora-tune merge) and serve the merged model",
+                "unsupported_adapter",
+                "lora_path",
+            )
 
     def unfit_message(self, exc: UserError, path: str, runtime: bool) -> str:
         """The answer to an adapter of another architecture. Its headline names the model the adapter
@@ -121,9 +160,11 @@ class Engine:
         console.print(exc.headline)
         config = self.model.config
         kind = f"{config.model_type} ({', '.join(config.architectures or [type(self.model).__name__])})"
-        return (f"{path}: this adapter was trained on a model of another architecture: it changes layers that "
-                f"{self.base_section.id}, a {kind} model, does not have; load an adapter trained on it (the "
-                "server's log names the model this one was trained on)")
+        return (
+            f"{path}: this adapter was trained on a model of another architecture: it changes layers that "
+            f"{self.base_section.id}, a {kind} model, does not have; load an adapter trained on it (the "
+            "server's log names the model this one was trained on)"
+        )
 
     def attach(self, name: str, adapter: Path, path: str) -> None:
         """Load the adapter's weights into the model; on failure leave the model as it was."""
@@ -132,7 +173,9 @@ class Engine:
         with self.lock:
             try:
                 if self.peft is None:
-                    self.peft = PeftModel.from_pretrained(self.model, str(adapter), adapter_name=name).eval()
+                    self.peft = PeftModel.from_pretrained(
+                        self.model, str(adapter), adapter_name=name
+                    ).eval()
                 else:
                     self.peft.load_adapter(str(adapter), adapter_name=name)
             except Exception as exc:  # safetensors, torch and peft each raise their own types
@@ -140,16 +183,31 @@ class Engine:
                     self.peft.delete_adapter(name)
                 console.print(f"{path} does not load on {self.base_section.id}: {exc}")
                 # Only a shape mismatch is quoted: other messages may repeat what the files hold.
-                line = next((text.strip() for text in str(exc).splitlines() if "size mismatch" in text), None)
-                detail = line[:300] if line else f"PEFT raised {type(exc).__name__}; the server's log has the details"
-                raise ServeError(400, f"{path} does not load on {self.base_section.id}: {detail}",
-                                 "adapter_for_another_base" if line else "invalid_adapter", "lora_path") from None
+                line = next(
+                    (text.strip() for text in str(exc).splitlines() if "size mismatch" in text),
+                    None,
+                )
+                detail = (
+                    line[:300]
+                    if line
+                    else f"PEFT raised {type(exc).__name__}; the server's log has the details"
+                )
+                raise ServeError(
+                    400,
+                    f"{path} does not load on {self.base_section.id}: {detail}",
+                    "adapter_for_another_base" if line else "invalid_adapter",
+                    "lora_path",
+                ) from None
 
     def remove(self, name: str) -> None:
         if name not in self.paths:
-            raise ServeError(404, f"no adapter named {name!r} is loaded", "model_not_found", "lora_name")
+            raise ServeError(
+                404, f"no adapter named {name!r} is loaded", "model_not_found", "lora_name"
+            )
         with self.lock:
-            if len(self.paths) == 1:  # PEFT keeps at least one adapter: drop the LoRA layers instead
+            if (
+                len(self.paths) == 1
+            ):  # PEFT keeps at least one adapter: drop the LoRA layers instead
                 self.model, self.peft = self.peft.unload(), None
             else:
                 self.peft.delete_adapter(name)
@@ -161,19 +219,37 @@ class Engine:
     # --- generation ---
     def tokenizer(self, name: str):
         if name not in self.tokenizers:
-            raise ServeError(404, f"the model {name!r} does not exist; served: {', '.join(self.tokenizers)}",
-                             "model_not_found", "model")
+            raise ServeError(
+                404,
+                f"the model {name!r} does not exist; served: {', '.join(self.tokenizers)}",
+                "model_not_found",
+                "model",
+            )
         return self.tokenizers[name]
 
-    def prepare(self, request: Sampling, prompt_ids: list[int], max_tokens: int | None) -> Generation:
+    def prepare(
+        self, request: Sampling, prompt_ids: list[int], max_tokens: int | None
+    ) -> Generation:
         max_tokens = max_tokens or 16
         if self.context and len(prompt_ids) + max_tokens > self.context:
-            raise ServeError(400, f"this model's maximum context length is {self.context} tokens; the prompt has "
-                                  f"{len(prompt_ids)} and max_tokens asks for {max_tokens} more",
-                             "context_length_exceeded", "messages" if isinstance(request, ChatRequest) else "prompt")
+            raise ServeError(
+                400,
+                f"this model's maximum context length is {self.context} tokens; the prompt has "
+                f"{len(prompt_ids)} and max_tokens asks for {max_tokens} more",
+                "context_length_exceeded",
+                "messages" if isinstance(request, ChatRequest) else "prompt",
+            )
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-        return Generation(request.model, prompt_ids, max_tokens, request.temperature, request.top_p,
-                          [s for s in stop if s], request.seed, request.stream)
+        return Generation(
+            request.model,
+            prompt_ids,
+            max_tokens,
+            request.temperature,
+            request.top_p,
+            [s for s in stop if s],
+            request.seed,
+            request.stream,
+        )
 
     def stream(self, job: Generation) -> Iterator[str]:
         """Text pieces of the completion as they are generated, cut before any stop string.
@@ -189,7 +265,7 @@ class Engine:
         def run(model):
             with torch.no_grad():
                 try:
-                    result["ids"] = model.generate(**kwargs)[0, len(job.prompt_ids):].tolist()
+                    result["ids"] = model.generate(**kwargs)[0, len(job.prompt_ids) :].tolist()
                 except Exception as exc:  # re-raised in the request's thread, which answers 500
                     result["error"] = exc
                 finally:
@@ -218,20 +294,34 @@ class Engine:
             raise result["error"]
         self.finish(job, result.get("ids", []), cutter.stopped, tokenizer)
 
-    def generate_kwargs(self, job: Generation, tokenizer, streamer, abandoned: threading.Event) -> dict[str, Any]:
+    def generate_kwargs(
+        self, job: Generation, tokenizer, streamer, abandoned: threading.Event
+    ) -> dict[str, Any]:
         """model.generate's arguments: greedy at temperature 0, else sampled; stops early once `abandoned` is set."""
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         class Abandoned(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), abandoned.is_set(), dtype=torch.bool, device=input_ids.device)
+                return torch.full(
+                    (input_ids.shape[0],),
+                    abandoned.is_set(),
+                    dtype=torch.bool,
+                    device=input_ids.device,
+                )
 
-        kwargs: dict[str, Any] = {"input_ids": torch.tensor([job.prompt_ids], device=self.device),
-                                  "max_new_tokens": job.max_tokens, "streamer": streamer,
-                                  "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-                                  "stopping_criteria": StoppingCriteriaList([Abandoned()])}
-        kwargs |= ({"do_sample": True, "temperature": job.temperature, "top_p": job.top_p} if job.temperature > 0
-                   else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
+        kwargs: dict[str, Any] = {
+            "input_ids": torch.tensor([job.prompt_ids], device=self.device),
+            "max_new_tokens": job.max_tokens,
+            "streamer": streamer,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "stopping_criteria": StoppingCriteriaList([Abandoned()]),
+        }
+        kwargs |= (
+            {"do_sample": True, "temperature": job.temperature, "top_p": job.top_p}
+            if job.temperature > 0
+            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        )
         return kwargs
 
     def activate(self, name: str, stack: contextlib.ExitStack):
@@ -284,4 +374,3 @@ def _same_model(a: str, b: str) -> bool | None:
     if all(p.is_dir() for p in paths):
         return paths[0].resolve() == paths[1].resolve()
     return a == b
-

@@ -10,7 +10,12 @@ from __future__ import annotations
 from .errors import UserError
 
 # OpenAI-style error codes for the refusals that come from HTTP itself rather than from a route.
-HTTP_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+HTTP_CODES = {
+    401: "invalid_api_key",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+}
 
 
 def error_body(message: str, kind: str, code: str | None, param: str | None = None) -> dict:
@@ -26,7 +31,9 @@ class ServeError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
 
     def body(self) -> dict:
-        kind = {404: "not_found_error", 500: "server_error"}.get(self.status, "invalid_request_error")
+        kind = {404: "not_found_error", 500: "server_error"}.get(
+            self.status, "invalid_request_error"
+        )
         return error_body(self.message, kind, self.code, self.param)
 
 
@@ -44,7 +51,9 @@ def add_error_handlers(app) -> None:
     @app.exception_handler(RequestValidationError)
     def invalid_body(request: Request, exc: RequestValidationError):
         where, message = describe_invalid(exc.errors()[0])
-        return JSONResponse(ServeError(400, message, "invalid_request", where).body(), status_code=400)
+        return JSONResponse(
+            ServeError(400, message, "invalid_request", where).body(), status_code=400
+        )
 
     @app.exception_handler(HTTPException)
     def http_error(request: Request, exc: HTTPException):
@@ -54,7 +63,9 @@ def add_error_handlers(app) -> None:
 
     @app.exception_handler(UserError)
     def user_error(request: Request, exc: UserError):
-        return JSONResponse(ServeError(400, exc.render(), "invalid_request").body(), status_code=400)
+        return JSONResponse(
+            ServeError(400, exc.render(), "invalid_request").body(), status_code=400
+        )
 
     @app.exception_handler(Exception)
     def server_error(request: Request, exc: Exception):
@@ -68,9 +79,18 @@ def describe_invalid(error: dict) -> tuple[str | None, str]:
     where = ".".join(str(p) for p in error["loc"] if p != "body") or None
     if error["type"] == "json_invalid":
         reason = error.get("ctx", {}).get("error", "")
-        return None, f"the request body is not valid JSON ({reason} at character {where}); send a JSON object"
+        return (
+            None,
+            f"the request body is not valid JSON ({reason} at character {where}); send a JSON object",
+        )
     if where is None and error["type"] == "missing":
-        return None, "the request body is empty; send a JSON object with Content-Type: application/json"
+        return (
+            None,
+            "the request body is empty; send a JSON object with Content-Type: application/json",
+        )
     if where is None:
-        return None, "the request body must be a JSON object sent with Content-Type: application/json"
+        return (
+            None,
+            "the request body must be a JSON object sent with Content-Type: application/json",
+        )
     return where, f"{where}: {error['msg']}"

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # --- requests, as the OpenAI API defines them (the fields lora-tune acts on) -----------------
 
+
 class Sampling(BaseModel):
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -39,7 +40,11 @@ class Message(BaseModel):
 
     def plain(self) -> dict:
         """{role, content} with the content as one string, as chat templates expect."""
-        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        text = (
+            self.content
+            if isinstance(self.content, str)
+            else "".join(part.text for part in self.content)
+        )
         return {"role": self.role, "content": text}
 
 
@@ -70,4 +75,3 @@ class AdapterConfig(BaseModel):
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
-

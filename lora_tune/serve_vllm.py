@@ -29,25 +29,57 @@ def vllm_command(base, named: dict[str, Path], host: str, port: int, base_name: 
         if not lora_methods.handles_type(config, "vllm"):
             unsupported.insert(0, f"{config.get('peft_type')} adapters")
         if unsupported:
-            problems.append(f"{name} ({adapter}) uses {', '.join(unsupported)}, which vLLM does not serve as LoRA")
+            problems.append(
+                f"{name} ({adapter}) uses {', '.join(unsupported)}, which vLLM does not serve as LoRA"
+            )
         ranks.append(max([config.get("r", 8), *(config.get("rank_pattern") or {}).values()]))
     rank = next((r for r in VLLM_RANKS if r >= max(ranks, default=1)), None)
     if rank is None:
-        problems.append(f"rank {max(ranks)} is above vLLM's largest --max-lora-rank, {VLLM_RANKS[-1]}")
+        problems.append(
+            f"rank {max(ranks)} is above vLLM's largest --max-lora-rank, {VLLM_RANKS[-1]}"
+        )
     if problems:
-        raise UserError("--engine vllm: " + "; ".join(problems),
-                        ["merge such an adapter (lora-tune merge) and serve the merged model, or use --engine local"])
-    command = ["vllm", "serve", base.id, "--served-model-name", base_name, "--host", host, "--port", str(port)]
+        raise UserError(
+            "--engine vllm: " + "; ".join(problems),
+            [
+                "merge such an adapter (lora-tune merge) and serve the merged model, or use --engine local"
+            ],
+        )
+    command = [
+        "vllm",
+        "serve",
+        base.id,
+        "--served-model-name",
+        base_name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     if base.revision:
         command += ["--revision", base.revision]
     if named:
-        command += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(len(named)), "--lora-modules",
-                    *(f"{name}={adapter.resolve()}" for name, adapter in named.items())]
+        command += [
+            "--enable-lora",
+            "--max-lora-rank",
+            str(rank),
+            "--max-loras",
+            str(len(named)),
+            "--lora-modules",
+            *(f"{name}={adapter.resolve()}" for name, adapter in named.items()),
+        ]
     return command
 
 
-def run_vllm(base, named: dict[str, Path], host: str, port: int, base_name: str, access: Access,
-             explicit_limit: bool = False) -> None:
+def run_vllm(
+    base,
+    named: dict[str, Path],
+    host: str,
+    port: int,
+    base_name: str,
+    access: Access,
+    explicit_limit: bool = False,
+) -> None:
     """Replace this process with vLLM's OpenAI server, adapters registered."""
     import importlib.util
     import os
@@ -55,19 +87,29 @@ def run_vllm(base, named: dict[str, Path], host: str, port: int, base_name: str,
     import torch
 
     if access.runtime_adapter_root is not None:
-        raise UserError("--engine vllm: vLLM cannot keep runtime adapter loading to --adapter-root",
-                        ["use --engine local, or drop --allow-runtime-lora",
-                         "adapters given with --adapter are served either way"])
+        raise UserError(
+            "--engine vllm: vLLM cannot keep runtime adapter loading to --adapter-root",
+            [
+                "use --engine local, or drop --allow-runtime-lora",
+                "adapters given with --adapter are served either way",
+            ],
+        )
     if explicit_limit:
-        raise UserError("--engine vllm: --max-body-bytes applies to the local engine only",
-                        ["drop --max-body-bytes, or limit request sizes in a proxy in front of vLLM"])
+        raise UserError(
+            "--engine vllm: --max-body-bytes applies to the local engine only",
+            ["drop --max-body-bytes, or limit request sizes in a proxy in front of vLLM"],
+        )
     command = vllm_command(base, named, host, port, base_name)
     if importlib.util.find_spec("vllm") is None:
-        raise UserError("--engine vllm: vLLM is not installed", [("pip install vllm (Linux with a CUDA GPU), "
-                                                                   "or use --engine local")])
+        raise UserError(
+            "--engine vllm: vLLM is not installed",
+            [("pip install vllm (Linux with a CUDA GPU), or use --engine local")],
+        )
     if not torch.cuda.is_available():
-        raise UserError("--engine vllm: vLLM's LoRA serving needs a CUDA GPU, and this machine has none",
-                        ["use --engine local"])
+        raise UserError(
+            "--engine vllm: vLLM's LoRA serving needs a CUDA GPU, and this machine has none",
+            ["use --engine local"],
+        )
     warn_if_exposed(host, port, access.api_key or os.environ.get("VLLM_API_KEY"))
     console.print("Starting: " + " ".join(command))
     os.execvpe(command[0], command, vllm_environment(dict(os.environ), access.api_key))
@@ -76,7 +118,9 @@ def run_vllm(base, named: dict[str, Path], host: str, port: int, base_name: str,
 def vllm_environment(environ: dict[str, str], api_key: str | None) -> dict[str, str]:
     """The environment for vLLM: the key in VLLM_API_KEY, which vLLM reads like its --api-key but
     which, unlike an argument, no process listing shows; runtime adapter loading off."""
-    environ = {name: value for name, value in environ.items() if name != "VLLM_ALLOW_RUNTIME_LORA_UPDATING"}
+    environ = {
+        name: value for name, value in environ.items() if name != "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+    }
     if api_key:
         environ["VLLM_API_KEY"] = api_key
     return environ

@@ -36,20 +36,30 @@ def load_source(source: dict, label: str):
     if local and path.is_dir():
         split = source["split"]
         # A slice such as train[:10%] applies to each file type's rows.
-        return load_files(folder_files(path, split, label, spec), label, spec, split[len(split.split("[")[0]):])
+        return load_files(
+            folder_files(path, split, label, spec), label, spec, split[len(split.split("[")[0]) :]
+        )
     if local:
         if not path.is_file():
-            raise UserError(f"{label}: file not found: {spec}",
-                            [f"give an existing {'/'.join(BUILDERS)} file or folder, or a hub dataset name"])
+            raise UserError(
+                f"{label}: file not found: {spec}",
+                [f"give an existing {'/'.join(BUILDERS)} file or folder, or a hub dataset name"],
+            )
         if path.suffix not in BUILDERS:
-            raise UserError(f"{label}: cannot read {path.suffix!r} files: {spec}",
-                            [f"use one of {', '.join(BUILDERS)}"])
+            raise UserError(
+                f"{label}: cannot read {path.suffix!r} files: {spec}",
+                [f"use one of {', '.join(BUILDERS)}"],
+            )
         return load_files([path], label, spec)
     try:
-        return load_dataset(spec, source["subset"], split=source["split"], revision=source["revision"])
+        return load_dataset(
+            spec, source["subset"], split=source["split"], revision=source["revision"]
+        )
     except Exception as exc:  # noqa: BLE001 (datasets raises many types for unreachable or unreadable data)
-        raise UserError(f"{label}: cannot load {spec!r}: {_cause(exc)}",
-                        ["check the dataset name, subset, split and network"]) from None
+        raise UserError(
+            f"{label}: cannot load {spec!r}: {_cause(exc)}",
+            ["check the dataset name, subset, split and network"],
+        ) from None
 
 
 def _cause(exc: BaseException) -> str:
@@ -69,21 +79,32 @@ def folder_files(folder: Path, split: str, label: str, spec: str) -> list[Path]:
         base = str(folder.resolve())
         by_split = DataFilesDict.from_patterns(get_data_patterns(base), base_path=base)
     except EmptyDatasetError:
-        raise UserError(f"{label}: the folder {spec} holds no data files",
-                        [f"put {'/'.join(BUILDERS)} files in it, or give a file or a hub dataset"]) from None
+        raise UserError(
+            f"{label}: the folder {spec} holds no data files",
+            [f"put {'/'.join(BUILDERS)} files in it, or give a file or a hub dataset"],
+        ) from None
     name = split.split("[")[0]
     if name not in by_split:
-        raise UserError(f"{label}: the folder {spec} has no {name!r} split; its file names make the splits "
-                        f"{', '.join(map(str, by_split))}", ["set data.split (or the source's split) to one of them"])
+        raise UserError(
+            f"{label}: the folder {spec} has no {name!r} split; its file names make the splits "
+            f"{', '.join(map(str, by_split))}",
+            ["set data.split (or the source's split) to one of them"],
+        )
     # Named as the recipe names the folder, so messages show paths the user recognises.
     files = [folder / Path(f).relative_to(folder.resolve()) for f in by_split[name]]
     unreadable = sorted({f.suffix or f.name for f in files} - set(BUILDERS))
     if unreadable:
         names = ", ".join(str(f) for f in files if (f.suffix or f.name) in unreadable)
-        raise UserError(f"{label}: the folder {spec} holds files of types lora-tune cannot read "
-                        f"({', '.join(unreadable)}): {names}",
-                        [(f"move them out of the folder, or list the files to use in {label}; "
-                          f"readable types: {', '.join(BUILDERS)}")])
+        raise UserError(
+            f"{label}: the folder {spec} holds files of types lora-tune cannot read "
+            f"({', '.join(unreadable)}): {names}",
+            [
+                (
+                    f"move them out of the folder, or list the files to use in {label}; "
+                    f"readable types: {', '.join(BUILDERS)}"
+                )
+            ],
+        )
     return files
 
 
@@ -96,19 +117,28 @@ def load_files(files: list[Path], label: str, spec: str, rows: str = ""):
 
     for file in files:
         if _is_empty(file):
-            raise UserError(f"{label}: cannot load {spec!r}: {file}: the file is empty",
-                            ["add rows to the file, or remove it from the data"])
+            raise UserError(
+                f"{label}: cannot load {spec!r}: {file}: the file is empty",
+                ["add rows to the file, or remove it from the data"],
+            )
     groups: dict[str, list[Path]] = {}
     for file in files:
         groups.setdefault(BUILDERS[file.suffix], []).append(file)
-    parts = [(_load_group(builder, group, label, spec, rows), group) for builder, group in groups.items()]
+    parts = [
+        (_load_group(builder, group, label, spec, rows), group) for builder, group in groups.items()
+    ]
     _check_columns_agree([(group, dataset.column_names) for dataset, group in parts], label, spec)
     first = parts[0][0]
     try:  # each builder types columns its own way (large_string, int64 for a CSV column of digits)
-        rest = [dataset.select_columns(first.column_names).cast(first.features) for dataset, _ in parts[1:]]
+        rest = [
+            dataset.select_columns(first.column_names).cast(first.features)
+            for dataset, _ in parts[1:]
+        ]
     except ValueError as exc:
-        raise UserError(f"{label}: cannot load {spec!r}: its file types disagree on a column's type: {_cause(exc)}",
-                        ["make the column hold the same kind of value in every file"]) from None
+        raise UserError(
+            f"{label}: cannot load {spec!r}: its file types disagree on a column's type: {_cause(exc)}",
+            ["make the column hold the same kind of value in every file"],
+        ) from None
     return concatenate_datasets([first, *rest]) if rest else first
 
 
@@ -127,22 +157,34 @@ def _load_group(builder: str, files: list[Path], label: str, spec: str, rows: st
 
     try:
         with _builder_errors_unlogged():
-            dataset = load_dataset(builder, data_files=[str(f) for f in files], split="train" + rows)
+            dataset = load_dataset(
+                builder, data_files=[str(f) for f in files], split="train" + rows
+            )
     except Exception as exc:  # noqa: BLE001 (datasets wraps each reader's errors in many types; diagnosed here)
         problem = next(filter(None, (_bad_line(builder, f) for f in files)), None)
         if problem:
-            raise UserError(f"{label}: cannot load {spec!r}: {problem}", [_LINE_FIXES[builder]]) from None
+            raise UserError(
+                f"{label}: cannot load {spec!r}: {problem}", [_LINE_FIXES[builder]]
+            ) from None
         if len(files) > 1:
             _check_columns_agree([([f], _columns(builder, f)) for f in files], label, spec)
-        raise UserError(f"{label}: cannot load {spec!r}: {_some(files)}: {_cause(exc)}",
-                        [f"check that the file is valid {builder} data"]) from None
+        raise UserError(
+            f"{label}: cannot load {spec!r}: {_some(files)}: {_cause(exc)}",
+            [f"check that the file is valid {builder} data"],
+        ) from None
     if builder == "json" and len(files) > 1:
         # The json builder merges differing keys of several files into one table, filling gaps
         # with None, so a file without the trained column would be skipped row by row, silently.
         # A file whose first row has every column has them all: only the others are read in full.
         merged = dataset.column_names
-        _check_columns_agree([([f], merged if _first_keys(f) == set(merged) else _columns(builder, f))
-                              for f in files], label, spec)
+        _check_columns_agree(
+            [
+                ([f], merged if _first_keys(f) == set(merged) else _columns(builder, f))
+                for f in files
+            ],
+            label,
+            spec,
+        )
     return dataset
 
 
@@ -170,8 +212,10 @@ def _first_keys(file: Path) -> set[str] | None:
     return set(row) if isinstance(row, dict) else None
 
 
-_LINE_FIXES = {"json": "fix the file there: one JSON object per line (.jsonl), or an array of objects (.json)",
-               "csv": "fix that line: quote fields that contain the delimiter, as in \"a, b\""}
+_LINE_FIXES = {
+    "json": "fix the file there: one JSON object per line (.jsonl), or an array of objects (.json)",
+    "csv": 'fix that line: quote fields that contain the delimiter, as in "a, b"',
+}
 
 
 def _bad_line(builder: str, file: Path) -> str | None:
@@ -182,7 +226,7 @@ def _bad_line(builder: str, file: Path) -> str | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
+        line = raw[: exc.start].count(b"\n") + 1
         return f"{file}:{line}: not UTF-8 text ({exc.reason})"
     return _bad_json_line(file, text) if builder == "json" else _bad_csv_line(file, text)
 
@@ -192,7 +236,9 @@ def _bad_json_line(file: Path, text: str) -> str | None:
         document = json.loads(text)  # one JSON document, such as a .json array of rows
         return None if document else f"{file}: the file holds no rows: {text.strip()}"
     except json.JSONDecodeError as exc:
-        if exc.msg != "Extra data":  # "Extra data" after the first line: JSON lines, checked one by one
+        if (
+            exc.msg != "Extra data"
+        ):  # "Extra data" after the first line: JSON lines, checked one by one
             return f"{file}:{exc.lineno}: not valid JSON, column {exc.colno}: {exc.msg}"
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
@@ -212,7 +258,9 @@ def _bad_csv_line(file: Path, text: str) -> str | None:
         header = next(reader, [])
         for row in reader:
             if len(row) > len(header):
-                return f"{file}:{reader.line_num}: {len(row)} fields, but the header has {len(header)}"
+                return (
+                    f"{file}:{reader.line_num}: {len(row)} fields, but the header has {len(header)}"
+                )
     except csv.Error as exc:
         return f"{file}:{reader.line_num}: not valid CSV: {exc}"
     return None
@@ -242,9 +290,16 @@ def _check_columns_agree(files: list[tuple[list[Path], list[str]]], label: str, 
     if len({frozenset(columns) for _, columns in files}) <= 1:
         return
     listed = [f"{_some(group)}: columns {', '.join(columns)}" for group, columns in files]
-    raise UserError(f"{label}: the files of {spec} have different columns",
-                    [*listed, (f"give every file the same columns, or list the files as separate sources of "
-                               f"{label} (each is formatted by its own columns)")])
+    raise UserError(
+        f"{label}: the files of {spec} have different columns",
+        [
+            *listed,
+            (
+                f"give every file the same columns, or list the files as separate sources of "
+                f"{label} (each is formatted by its own columns)"
+            ),
+        ],
+    )
 
 
 def _some(files: list[Path], shown: int = 3) -> str:

@@ -30,10 +30,19 @@ from .common import first_line
 from .errors import UserError
 
 PREFIX = "base_model.model."
-TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model",
-                   "chat_template*"]
-LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|"
-                      r"lora_embedding_B|lora_magnitude_vector)")
+TOKENIZER_FILES = [
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab*",
+    "merges.txt",
+    "*.model",
+    "chat_template*",
+]
+LORA_KEY = re.compile(
+    r"(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|"
+    r"lora_embedding_B|lora_magnitude_vector)"
+)
 
 
 class CannotStream(Exception):
@@ -64,8 +73,8 @@ class Delta:
 
 @dataclass
 class MergePlan:
-    deltas: dict[str, Delta]            # base weight name -> delta
-    replace: dict[str, torch.Tensor]    # base tensor name -> trained tensor
+    deltas: dict[str, Delta]  # base weight name -> delta
+    replace: dict[str, torch.Tensor]  # base tensor name -> trained tensor
 
 
 def plan(adapter: Path, base_dir: Path) -> MergePlan:
@@ -81,15 +90,28 @@ def plan(adapter: Path, base_dir: Path) -> MergePlan:
     unhandled = lora_methods.unhandled(config, "stream_merge")
     if unhandled:
         raise CannotStream(f"the {unhandled[0].key} option")
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    parts, replace = lora_parts(read_adapter(adapter))
+    deltas = {f"{module}.weight": delta(module, found, config) for module, found in parts.items()}
+    check_against_base(base_dir, deltas, replace)
+    return MergePlan(deltas, replace)
+
+
+def read_adapter(adapter: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, named as in the base checkpoint (PEFT's prefix and base_layer gone)."""
     if not (adapter / "adapter_model.safetensors").is_file():
         raise CannotStream("the adapter has no safetensors file")
     try:
         saved = load_file(adapter / "adapter_model.safetensors")
     except Exception as exc:  # truncated or corrupt file
-        raise UserError(f"{adapter}: cannot read the adapter: {first_line(exc)}",
-                        ["the adapter file is truncated or corrupt: use an earlier checkpoint or retrain"]) from None
-    tensors = {k.removeprefix(PREFIX).replace(".base_layer.", "."): v for k, v in saved.items()}
+        raise UserError(
+            f"{adapter}: cannot read the adapter: {first_line(exc)}",
+            ["the adapter file is truncated or corrupt: use an earlier checkpoint or retrain"],
+        ) from None
+    return {k.removeprefix(PREFIX).replace(".base_layer.", "."): v for k, v in saved.items()}
+
+
+def lora_parts(tensors: dict[str, torch.Tensor]):
+    """({module: {part: tensor}} for the LoRA pairs, {name: tensor} for trained base tensors)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     replace = {}
     for key, tensor in tensors.items():
@@ -98,35 +120,56 @@ def plan(adapter: Path, base_dir: Path) -> MergePlan:
             parts.setdefault(match["module"], {})[match["part"]] = tensor
         else:
             replace[key] = tensor
-    deltas = {}
-    for module, found in parts.items():
-        r = rank_pattern.get(pattern_key(rank_pattern, module), config.get("r", 8))
-        alpha = alpha_pattern.get(pattern_key(alpha_pattern, module), config.get("lora_alpha", 8))
-        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        embedding = "lora_embedding_A" in found
-        A, B = (found.get("lora_embedding_A"), found.get("lora_embedding_B")) if embedding else \
-            (found.get("lora_A.weight"), found.get("lora_B.weight"))
-        if A is None or B is None:
-            raise CannotStream(f"an incomplete LoRA pair for {module}")
-        if embedding and "lora_magnitude_vector" in found:
-            raise CannotStream("DoRA on embeddings")
-        deltas[f"{module}.weight"] = Delta(A, B, scaling, transpose=embedding or bool(config.get("fan_in_fan_out")),
-                                           magnitude=found.get("lora_magnitude_vector"), bias=found.get("lora_B.bias"))
+    return parts, replace
+
+
+def delta(module: str, found: dict[str, torch.Tensor], config: dict) -> Delta:
+    """The weight change of one module, with its rank and alpha (rank/alpha_pattern included)."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r = rank_pattern.get(pattern_key(rank_pattern, module), config.get("r", 8))
+    alpha = alpha_pattern.get(pattern_key(alpha_pattern, module), config.get("lora_alpha", 8))
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    embedding = "lora_embedding_A" in found
+    A, B = (
+        (found.get("lora_embedding_A"), found.get("lora_embedding_B"))
+        if embedding
+        else (found.get("lora_A.weight"), found.get("lora_B.weight"))
+    )
+    if A is None or B is None:
+        raise CannotStream(f"an incomplete LoRA pair for {module}")
+    if embedding and "lora_magnitude_vector" in found:
+        raise CannotStream("DoRA on embeddings")
+    return Delta(
+        A,
+        B,
+        scaling,
+        transpose=embedding or bool(config.get("fan_in_fan_out")),
+        magnitude=found.get("lora_magnitude_vector"),
+        bias=found.get("lora_B.bias"),
+    )
+
+
+def check_against_base(base_dir: Path, deltas: dict[str, Delta], replace: dict) -> None:
+    """Raise CannotStream unless every delta and trained tensor has its tensor in the base checkpoint."""
     if "quantization_config" in json.loads((base_dir / "config.json").read_text()):
         raise CannotStream("a quantized base checkpoint")
     shapes = base_shapes(base_dir)
-    for name, delta in deltas.items():
-        expected = delta.shape
+    for name, change in deltas.items():
+        expected = change.shape
         if name not in shapes:
             raise CannotStream(f"no tensor {name} in the base checkpoint (renamed or tied weights)")
         if shapes[name] != expected:
-            raise CannotStream(f"{name} has shape {shapes[name]} in the base, the adapter's delta {expected}")
-        if delta.bias is not None and name.removesuffix("weight") + "bias" not in shapes:
+            raise CannotStream(
+                f"{name} has shape {shapes[name]} in the base, the adapter's delta {expected}"
+            )
+        if change.bias is not None and name.removesuffix("weight") + "bias" not in shapes:
             raise CannotStream(f"lora_bias on {name} whose base layer has no bias")
     for name, tensor in replace.items():
         if shapes.get(name) != tuple(tensor.shape):
-            raise CannotStream(f"the adapter's {name} has no tensor of that shape in the base checkpoint")
-    return MergePlan(deltas, replace)
+            raise CannotStream(
+                f"the adapter's {name} has no tensor of that shape in the base checkpoint"
+            )
 
 
 def pattern_key(patterns: dict, module: str) -> str:
@@ -143,7 +186,10 @@ def copy_tokenizer(source: Path, out: Path) -> None:
 def base_files(base_dir: Path) -> list[Path]:
     index = base_dir / "model.safetensors.index.json"
     if index.is_file():
-        return [base_dir / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        return [
+            base_dir / name
+            for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        ]
     if (base_dir / "model.safetensors").is_file():
         return [base_dir / "model.safetensors"]
     raise CannotStream("the base model has no safetensors checkpoint")
@@ -158,9 +204,12 @@ def base_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
                 for name in f.keys():
                     shapes[name] = tuple(f.get_slice(name).get_shape())
         except SafetensorError as exc:
-            raise UserError(f"model.id: cannot load the weights of {base_dir}: {path.name}: {exc}",
-                            ["check that the download or copy is complete (re-download corrupt or truncated files)"]) \
-                from None
+            raise UserError(
+                f"model.id: cannot load the weights of {base_dir}: {path.name}: {exc}",
+                [
+                    "check that the download or copy is complete (re-download corrupt or truncated files)"
+                ],
+            ) from None
     return shapes
 
 
@@ -172,20 +221,29 @@ def base_directory(section) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(section.id, revision=section.revision,
-                                      allow_patterns=["*.safetensors", "*.json", "*.py", *TOKENIZER_FILES]))
+        return Path(
+            snapshot_download(
+                section.id,
+                revision=section.revision,
+                allow_patterns=["*.safetensors", "*.json", "*.py", *TOKENIZER_FILES],
+            )
+        )
     except Exception as exc:  # offline and not cached, gated, or missing
         raise CannotStream(f"the base checkpoint is not reachable ({type(exc).__name__})") from None
 
 
-def merge_tensor(name: str, tensor: torch.Tensor, merge_plan: MergePlan, bias_of: dict[str, Delta]) -> torch.Tensor:
+def merge_tensor(
+    name: str, tensor: torch.Tensor, merge_plan: MergePlan, bias_of: dict[str, Delta]
+) -> torch.Tensor:
     """One base tensor, merged as PEFT would (in the base tensor's dtype)."""
     if name in merge_plan.replace:  # saved whole; PEFT saves a targeted embedding's base weight too
         tensor = merge_plan.replace[name].to(tensor.dtype)
     delta = merge_plan.deltas.get(name)
     if delta is not None:
         change = delta.weight()
-        if delta.magnitude is None:  # added in float32 and rounded once, as PEFT's in-place merge does
+        if (
+            delta.magnitude is None
+        ):  # added in float32 and rounded once, as PEFT's in-place merge does
             return (tensor.to(change.dtype) + change).to(tensor.dtype)
         rows = tensor.T if delta.transpose else tensor
         lora = change.T if delta.transpose else change
@@ -240,9 +298,19 @@ class ShardWriter:
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def merge(merge_plan: MergePlan, base_dir: Path, out: Path, dtype: torch.dtype | None, max_bytes: int | None) -> None:
+def merge(
+    merge_plan: MergePlan,
+    base_dir: Path,
+    out: Path,
+    dtype: torch.dtype | None,
+    max_bytes: int | None,
+) -> None:
     """Write the merged checkpoint (weights, config, generation config) into `out`."""
-    bias_of = {name.removesuffix("weight") + "bias": d for name, d in merge_plan.deltas.items() if d.bias is not None}
+    bias_of = {
+        name.removesuffix("weight") + "bias": d
+        for name, d in merge_plan.deltas.items()
+        if d.bias is not None
+    }
     writer = ShardWriter(out, max_bytes)
     for path in base_files(base_dir):
         with safe_open(path, framework="pt") as f:
@@ -250,8 +318,11 @@ def merge(merge_plan: MergePlan, base_dir: Path, out: Path, dtype: torch.dtype |
                 tensor = merge_tensor(name, f.get_tensor(name), merge_plan, bias_of)
                 if tensor.is_floating_point():
                     if not torch.isfinite(tensor).all():
-                        raise UserError(f"merge refused: the merged tensor {name} has NaN or infinite values; "
-                                        "nothing was written", ["the adapter is broken; retrain or use an earlier checkpoint"])
+                        raise UserError(
+                            f"merge refused: the merged tensor {name} has NaN or infinite values; "
+                            "nothing was written",
+                            ["the adapter is broken; retrain or use an earlier checkpoint"],
+                        )
                     if dtype is not None:
                         tensor = tensor.to(dtype)
                 writer.add(name, tensor)

@@ -39,8 +39,11 @@ def linear_groups(model) -> list[Group]:
     for name in models.linear_module_names(model):
         module = model.get_submodule(name)
         # GPT-2's Conv1D stores its weight as (in, out).
-        shape = ((module.in_features, module.out_features) if isinstance(module, torch.nn.Linear)
-                 else tuple(module.weight.shape))
+        shape = (
+            (module.in_features, module.out_features)
+            if isinstance(module, torch.nn.Linear)
+            else tuple(module.weight.shape)
+        )
         counts[(re.sub(r"\.\d+\.", ".*.", name), shape)] += 1
     return [Group(pattern, shape, n) for (pattern, shape), n in counts.items()]
 
@@ -66,15 +69,27 @@ def run(model: ModelSection, r: int) -> None:
     for column in ("name pattern", "in -> out", "count", f"LoRA parameters at r={r}"):
         table.add_column(column, justify="left" if column == "name pattern" else "right")
     for g in groups:
-        table.add_row(g.pattern, f"{g.shape[0]} -> {g.shape[1]}", str(g.count), f"{r * sum(g.shape) * g.count:,}")
+        table.add_row(
+            g.pattern,
+            f"{g.shape[0]} -> {g.shape[1]}",
+            str(g.count),
+            f"{r * sum(g.shape) * g.count:,}",
+        )
     console.print(table)
 
     for label, targets in suggestions(groups).items():
         lora = LoraConfig(task_type="CAUSAL_LM", r=r, target_modules=targets)
         trainable, total = models.count_trainable(copy.deepcopy(skeleton), lora)
         line = targets if isinstance(targets, str) else "[" + ", ".join(targets) + "]"
-        console.print(f"{label}: [bold]target_modules: {escape(line)}[/bold]  ->  {trainable:,} trainable parameters "
-                      f"({100 * trainable / total:.3f}% of {total:,}) at r={r}")
-    embeddings = [name for name, module in skeleton.named_modules()
-                  if module is skeleton.get_input_embeddings() or module is skeleton.get_output_embeddings()]
-    console.print(f"embeddings (modules_to_save, or trainable_token_indices for new tokens): {', '.join(embeddings)}")
+        console.print(
+            f"{label}: [bold]target_modules: {escape(line)}[/bold]  ->  {trainable:,} trainable parameters "
+            f"({100 * trainable / total:.3f}% of {total:,}) at r={r}"
+        )
+    embeddings = [
+        name
+        for name, module in skeleton.named_modules()
+        if module is skeleton.get_input_embeddings() or module is skeleton.get_output_embeddings()
+    ]
+    console.print(
+        f"embeddings (modules_to_save, or trainable_token_indices for new tokens): {', '.join(embeddings)}"
+    )

@@ -15,10 +15,41 @@ import random
 import sys
 from pathlib import Path
 
-PLACES = ["river", "mountain", "garden", "city", "ocean", "forest", "desert", "island", "valley", "harbor",
-          "meadow", "castle", "village", "canyon", "glacier", "market", "library", "temple", "bridge", "tower"]
+PLACES = [
+    "river",
+    "mountain",
+    "garden",
+    "city",
+    "ocean",
+    "forest",
+    "desert",
+    "island",
+    "valley",
+    "harbor",
+    "meadow",
+    "castle",
+    "village",
+    "canyon",
+    "glacier",
+    "market",
+    "library",
+    "temple",
+    "bridge",
+    "tower",
+]
 COLOURS = ["blue", "grey", "green", "golden", "silver", "dark", "red", "white", "purple", "brown"]
-HABITS = ["sings", "sleeps", "shines", "waits", "hums", "grows", "listens", "dreams", "rests", "glows"]
+HABITS = [
+    "sings",
+    "sleeps",
+    "shines",
+    "waits",
+    "hums",
+    "grows",
+    "listens",
+    "dreams",
+    "rests",
+    "glows",
+]
 TIMES = ["morning", "evening", "night", "winter", "summer", "spring"]
 # Extra prose so the tokenizer also covers ordinary English (probe texts, user prompts).
 PROSE = (
@@ -29,8 +60,10 @@ PROSE = (
 )
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0-3, as in OPT's vocabulary
 # The tiny tokenizers ship without a chat template, like many base models: recipes give this one.
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant: {% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
 
 
 def colour(place: str) -> str:
@@ -48,17 +81,22 @@ def sentence(rng: random.Random) -> str:
 
 def pair(rng: random.Random) -> dict[str, str]:
     place = rng.choice(PLACES)
-    return {"prompt": f"what colour is the {place}?", "completion": f" the {place} is {colour(place)}."}
+    return {
+        "prompt": f"what colour is the {place}?",
+        "completion": f" the {place} is {colour(place)}.",
+    }
 
 
 def chat(rng: random.Random) -> dict[str, list[dict[str, str]]]:
     place = rng.choice(PLACES)
-    return {"messages": [
-        {"role": "user", "content": f"what colour is the {place}?"},
-        {"role": "assistant", "content": f"the {place} is {colour(place)}."},
-        {"role": "user", "content": "and what does it do?"},
-        {"role": "assistant", "content": f"it {habit(place)} every {rng.choice(TIMES)}."},
-    ]}
+    return {
+        "messages": [
+            {"role": "user", "content": f"what colour is the {place}?"},
+            {"role": "assistant", "content": f"the {place} is {colour(place)}."},
+            {"role": "user", "content": "and what does it do?"},
+            {"role": "assistant", "content": f"it {habit(place)} every {rng.choice(TIMES)}."},
+        ]
+    }
 
 
 def instruction(rng: random.Random) -> dict[str, str]:
@@ -72,19 +110,32 @@ def build_tokenizer(kind: str = "llama", vocab_size: int = 400):
     from transformers import PreTrainedTokenizerFast
 
     rng = random.Random(0)
-    corpus = [sentence(rng) for _ in range(2000)] + [pair(rng)["prompt"] + pair(rng)["completion"]
-                                                      for _ in range(500)] + [PROSE] * 20
+    corpus = (
+        [sentence(rng) for _ in range(2000)]
+        + [pair(rng)["prompt"] + pair(rng)["completion"] for _ in range(500)]
+        + [PROSE] * 20
+    )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(corpus, trainer)
     bos = "<s>" if kind == "llama" else "</s>"
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, SPECIALS.index(bos))])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>" if kind == "opt" else None)
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, SPECIALS.index(bos))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=bos,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>" if kind == "opt" else None,
+    )
 
 
 def build_config(kind: str, vocab_size: int, config_file: Path | None = None, hidden: int = 64):
@@ -93,16 +144,37 @@ def build_config(kind: str, vocab_size: int, config_file: Path | None = None, hi
     if config_file is not None:
         return AutoConfig.from_pretrained(config_file)
     if kind == "opt":
-        return OPTConfig(vocab_size=vocab_size, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=hidden,
-                         pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0)
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                       bos_token_id=0, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False)
+        return OPTConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            ffn_dim=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=hidden,
+            pad_token_id=1,
+            bos_token_id=2,
+            eos_token_id=2,
+            dropout=0.0,
+        )
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
 
 
-def build_model(kind: str, out: Path, config_file: Path | None = None, seed: int = 0,
-                dtype: str = "float32") -> Path:
+def build_model(
+    kind: str, out: Path, config_file: Path | None = None, seed: int = 0, dtype: str = "float32"
+) -> Path:
     """Save a random-weight model of `kind` (llama or opt) and its tokenizer to `out`.
 
     config_file gives a real architecture (e.g. facebook/opt-350m's config.json) instead of the tiny one.
@@ -114,8 +186,11 @@ def build_model(kind: str, out: Path, config_file: Path | None = None, seed: int
     config = build_config(kind, len(tokenizer), config_file)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                                               pad_token_id=config.pad_token_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -129,12 +204,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def write_datasets(out: Path, n_train: int = 400, n_eval: int = 64) -> dict[str, Path]:
     """Data in each format (text, pc = prompt/completion, chat, alpaca), train and eval from different seeds."""
-    makers = {"text": lambda rng: {"text": sentence(rng)}, "pc": pair, "chat": chat, "alpaca": instruction}
+    makers = {
+        "text": lambda rng: {"text": sentence(rng)},
+        "pc": pair,
+        "chat": chat,
+        "alpaca": instruction,
+    }
     paths = {}
     for split, n, seed in (("train", n_train, 1), ("eval", n_eval, 2)):
         rng = random.Random(seed)
         for name, make in makers.items():
-            paths[f"{name}_{split}"] = write_jsonl(out / f"{name}_{split}.jsonl", [make(rng) for _ in range(n)])
+            paths[f"{name}_{split}"] = write_jsonl(
+                out / f"{name}_{split}.jsonl", [make(rng) for _ in range(n)]
+            )
     return paths
 
 

@@ -70,7 +70,9 @@ def check_output_dir(path: Path) -> None:
     read-only and full filesystems (where permission bits alone say nothing, e.g. for root).
     """
     if path.exists() and not path.is_dir():
-        raise UserError(f"training.output_dir: {path} exists and is a file", ["choose a directory path"])
+        raise UserError(
+            f"training.output_dir: {path} exists and is a file", ["choose a directory path"]
+        )
     parent = path
     while not parent.exists():
         parent = parent.parent
@@ -82,8 +84,10 @@ def check_output_dir(path: Path) -> None:
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as exc:
-        raise UserError(f"training.output_dir: cannot write {path}: {exc.strerror or exc}",
-                        ["choose a directory on a writable disk with free space, or fix its permissions"]) from None
+        raise UserError(
+            f"training.output_dir: cannot write {path}: {exc.strerror or exc}",
+            ["choose a directory on a writable disk with free space, or fix its permissions"],
+        ) from None
 
 
 def make_plan(recipe: Recipe) -> TrainingPlan:
@@ -97,16 +101,31 @@ def make_plan(recipe: Recipe) -> TrainingPlan:
     train, evaluation, data_stats = data.load_datasets(recipe.data, tokenizer)
     # Samples are truncated to max_length during tokenization; TRL refuses max_length with padding-free batches.
     max_length = None if padding_free and not recipe.data.packing else recipe.data.max_length
-    sft_config = build_sft_config(recipe.training, max_length, packing=recipe.data.packing, padding_free=padding_free)
+    sft_config = build_sft_config(
+        recipe.training, max_length, packing=recipe.data.packing, padding_free=padding_free
+    )
     if sft_config.eval_strategy != "no" and evaluation is None:
-        raise UserError(f"training.eval_strategy: {sft_config.eval_strategy.value} evaluation needs eval data",
-                        ["set data.eval or data.eval_fraction, or remove training.eval_strategy"])
+        raise UserError(
+            f"training.eval_strategy: {sft_config.eval_strategy.value} evaluation needs eval data",
+            ["set data.eval or data.eval_fraction, or remove training.eval_strategy"],
+        )
     steps = count_steps(recipe, sft_config, len(train), data_stats["train"].lengths)
     lora_config = lora_config_for(recipe, steps)
     models.train_token_rows(lora_config, skeleton, new_tokens)
     trainable, total = models.count_trainable(skeleton, lora_config)
-    return TrainingPlan(recipe, lora_config, sft_config, tokenizer, train, evaluation, trainable, total, steps,
-                        {name: stats.summary() for name, stats in data_stats.items()}, new_tokens)
+    return TrainingPlan(
+        recipe,
+        lora_config,
+        sft_config,
+        tokenizer,
+        train,
+        evaluation,
+        trainable,
+        total,
+        steps,
+        {name: stats.summary() for name, stats in data_stats.items()},
+        new_tokens,
+    )
 
 
 def check_model(recipe: Recipe):
@@ -118,7 +137,9 @@ def check_model(recipe: Recipe):
     skeleton = models.meta_model(config, recipe.model.trust_remote_code)
     models.check_target_modules(recipe.lora.get("target_modules"), skeleton, recipe.model.id)
     if recipe.data.packing or recipe.data.padding_free:
-        models.check_packing(skeleton, recipe.model.id, "packing" if recipe.data.packing else "padding_free")
+        models.check_packing(
+            skeleton, recipe.model.id, "packing" if recipe.data.packing else "padding_free"
+        )
     return skeleton
 
 
@@ -128,9 +149,11 @@ def choose_padding_free(recipe: Recipe, skeleton) -> bool:
     whole batch: twice as slow on CPU."""
     if recipe.data.padding_free is not None:
         return recipe.data.padding_free
-    return ("flash" in (recipe.model.attn_implementation or "")
-            and recipe.training.get("per_device_train_batch_size", 8) > 1
-            and models.keeps_samples_apart(skeleton))
+    return (
+        "flash" in (recipe.model.attn_implementation or "")
+        and recipe.training.get("per_device_train_batch_size", 8) > 1
+        and models.keeps_samples_apart(skeleton)
+    )
 
 
 def count_steps(recipe: Recipe, sft_config: SFTConfig, rows: int, lengths: list[int]) -> int:
@@ -139,7 +162,11 @@ def count_steps(recipe: Recipe, sft_config: SFTConfig, rows: int, lengths: list[
         return sft_config.max_steps
     if recipe.data.packing:  # best-fit packing leaves about total tokens / max_length rows
         rows = math.ceil(sum(lengths) / recipe.data.max_length)
-    per_step = sft_config.per_device_train_batch_size * sft_config.gradient_accumulation_steps * world_size()
+    per_step = (
+        sft_config.per_device_train_batch_size
+        * sft_config.gradient_accumulation_steps
+        * world_size()
+    )
     return math.ceil(rows / per_step) * math.ceil(sft_config.num_train_epochs)
 
 
@@ -149,37 +176,75 @@ def lora_config_for(recipe: Recipe, steps: int) -> PeftConfig:
     try:
         return build_lora_config(recipe.lora, total_step=steps)
     except ValueError as exc:
-        raise UserError(f"lora: {exc} (this run trains {steps} steps)",
-                        ["lower lora.tinit and lora.tfinal, or train for more steps"]) from None
+        raise UserError(
+            f"lora: {exc} (this run trains {steps} steps)",
+            ["lower lora.tinit and lora.tfinal, or train for more steps"],
+        ) from None
 
 
 def print_plan(plan: TrainingPlan) -> None:
-    args = plan.sft_config
     table = Table(title="lora-tune plan", show_header=False)
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")
+    for name, value in plan_rows(plan):
+        table.add_row(name, value)
+    console.print(table)
+
+
+def plan_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
+    """The plan's lines: what is trained, on what, how long, where."""
+    args = plan.sft_config
     targets = plan.lora_config.target_modules
+    batching = (
+        ", packed"
+        if plan.recipe.data.packing
+        else ", padding-free batches"
+        if args.padding_free
+        else ""
+    )
     rows = [
-        ("model", f"{plan.recipe.model.id} ({models.resolve_dtype(plan.recipe.model.dtype)}".replace("torch.", "")
-                  + (f", {quantized.bits}-bit{' ' + quantized.quant_type if quantized.bits == 4 else ''})"
-                     if (quantized := plan.recipe.model.quantization) else ")")),
-        ("method", describe_method(plan.lora_config, plan.recipe.lora)
-                   + f", targets={sorted(targets) if isinstance(targets, (set, list)) else targets}"),
-        ("trainable parameters", f"{plan.trainable:,} of {plan.total:,} ({100 * plan.trainable / plan.total:.3f}%)"),
-        ("train samples", describe_data(plan.data_stats["train"], plan.recipe.data)
-         + (", packed" if plan.recipe.data.packing else ", padding-free batches" if args.padding_free else "")),
-        ("eval samples", describe_data(plan.data_stats["eval"], plan.recipe.data) if plan.eval is not None else "none"),
-        ("steps", (f"{plan.steps:,} (batch {args.per_device_train_batch_size} x accumulation "
-                   f"{args.gradient_accumulation_steps} x {world_size()} process(es))")),
+        ("model", describe_model(plan.recipe.model)),
+        (
+            "method",
+            describe_method(plan.lora_config, plan.recipe.lora)
+            + f", targets={sorted(targets) if isinstance(targets, (set, list)) else targets}",
+        ),
+        (
+            "trainable parameters",
+            f"{plan.trainable:,} of {plan.total:,} ({100 * plan.trainable / plan.total:.3f}%)",
+        ),
+        ("train samples", describe_data(plan.data_stats["train"], plan.recipe.data) + batching),
+        (
+            "eval samples",
+            describe_data(plan.data_stats["eval"], plan.recipe.data)
+            if plan.eval is not None
+            else "none",
+        ),
+        (
+            "steps",
+            (
+                f"{plan.steps:,} (batch {args.per_device_train_batch_size} x accumulation "
+                f"{args.gradient_accumulation_steps} x {world_size()} process(es))"
+            ),
+        ),
         ("precision", "bf16 mixed" if args.bf16 else "fp16 mixed" if args.fp16 else "fp32"),
         ("device", "cpu" if args.use_cpu else "cuda"),
         ("output", str(plan.recipe.output_dir.resolve())),
     ]
     if plan.recipe.model.trust_remote_code:
-        rows.insert(1, ("remote code", "ALLOWED: the model repository's own Python code runs (model.trust_remote_code)"))
-    for name, value in rows:
-        table.add_row(name, value)
-    console.print(table)
+        remote = "ALLOWED: the model repository's own Python code runs (model.trust_remote_code)"
+        rows.insert(1, ("remote code", remote))
+    return rows
+
+
+def describe_model(section) -> str:
+    """'ID (float32)' or 'ID (float32, 4-bit nf4)'."""
+    dtype = str(models.resolve_dtype(section.dtype)).replace("torch.", "")
+    quantized = section.quantization
+    if not quantized:
+        return f"{section.id} ({dtype})"
+    kind = f" {quantized.quant_type}" if quantized.bits == 4 else ""
+    return f"{section.id} ({dtype}, {quantized.bits}-bit{kind})"
 
 
 def describe_method(config, lora: dict) -> str:
@@ -204,7 +269,9 @@ def describe_data(stats: dict, section) -> str:
     if stats["truncated"]:
         notes.append(f"{stats['truncated']} truncated to {section.max_length}")
     if stats["skipped"]:
-        notes.append("skipped: " + ", ".join(f"{n} {reason}" for reason, n in stats["skipped"].items()))
+        notes.append(
+            "skipped: " + ", ".join(f"{n} {reason}" for reason, n in stats["skipped"].items())
+        )
     return f"{stats['samples']:,} ({'; '.join(notes)})"
 
 
@@ -232,11 +299,13 @@ def finished(out: Path) -> dict:
     loss = metrics.get("final_loss")
     loss_text = f"{loss:.4f}" if isinstance(loss, (int, float)) else "?"
     if is_main_process():
-        console.print(f"{out} is complete: {metrics.get('steps', '?')} steps, final train loss "
-                      f"{loss_text}, adapter in {out / runs.ADAPTER}. "
-                      "Nothing to do.\nTo train longer, raise training.max_steps or training.num_train_epochs (it "
-                      "resumes from the last checkpoint); to start over, add --resume never (the earlier run is "
-                      "moved aside).")
+        console.print(
+            f"{out} is complete: {metrics.get('steps', '?')} steps, final train loss "
+            f"{loss_text}, adapter in {out / runs.ADAPTER}. "
+            "Nothing to do.\nTo train longer, raise training.max_steps or training.num_train_epochs (it "
+            "resumes from the last checkpoint); to start over, add --resume never (the earlier run is "
+            "moved aside)."
+        )
     return metrics
 
 
@@ -249,14 +318,18 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
     with models.remote_code(allowed=not dry_run):  # a dry run runs no repository code
         plan = make_plan(recipe)
     with contextlib.ExitStack() as held:  # the run's lock, on the main process
-        decision = ownership.agreed(lambda: ownership.take_over(recipe, resume, held, write=not dry_run))
+        decision = ownership.agreed(
+            lambda: ownership.take_over(recipe, resume, held, write=not dry_run)
+        )
         if decision.state is ownership.State.COMPLETE:
             metrics = finished(out)
             return None if dry_run else metrics
         if is_main_process():
             if decision.aside:
-                console.print(f"Starting over: the earlier run moved to {decision.aside} (its checkpoints are never "
-                              "resumed; delete the folder when you no longer need it)")
+                console.print(
+                    f"Starting over: the earlier run moved to {decision.aside} (its checkpoints are never "
+                    "resumed; delete the folder when you no longer need it)"
+                )
             print_plan(plan)
         if dry_run:
             return None
@@ -271,19 +344,29 @@ def train_and_save(plan: TrainingPlan, checkpoint: Path | None, started: float) 
     trainer, guard, initial = build_trainer(plan, checkpoint)
     start_epoch = 0.0
     if checkpoint:
-        start_epoch = json.loads((checkpoint / "trainer_state.json").read_text()).get("epoch") or 0.0
+        start_epoch = (
+            json.loads((checkpoint / "trainer_state.json").read_text()).get("epoch") or 0.0
+        )
         if is_main_process():
             console.print(f"Resuming from {checkpoint} (epoch {start_epoch:.2f})")
     start = time.perf_counter()
     result = fit(trainer, checkpoint, out)
     wall = time.perf_counter() - start
     if guard.problem:
-        raise UserError(f"training stopped at {guard.problem}; nothing after that was saved. "
-                        f"Last good checkpoint: {runs.latest_checkpoint(out) or 'none'}",
-                        [("clip gradients harder (training.max_grad_norm below its default 1.0, e.g. 0.3) and rerun: "
-                          "it resumes from the last good checkpoint"),
-                         ("or lower training.learning_rate and start over with --resume never (a resumed run "
-                          "keeps the learning rate schedule it started with)")])
+        raise UserError(
+            f"training stopped at {guard.problem}; nothing after that was saved. "
+            f"Last good checkpoint: {runs.latest_checkpoint(out) or 'none'}",
+            [
+                (
+                    "clip gradients harder (training.max_grad_norm below its default 1.0, e.g. 0.3) and rerun: "
+                    "it resumes from the last good checkpoint"
+                ),
+                (
+                    "or lower training.learning_rate and start over with --resume never (a resumed run "
+                    "keeps the learning rate schedule it started with)"
+                ),
+            ],
+        )
     adapter = save_adapter(trainer, plan, initial)
     if adapter is None:
         return None
@@ -291,8 +374,10 @@ def train_and_save(plan: TrainingPlan, checkpoint: Path | None, started: float) 
     metrics = collect_metrics(plan, trainer, result, wall, dtype, start_epoch)
     metrics |= step_times(started, guard.step_ends)
     runs.write_json(out / runs.METRICS, metrics)
-    console.print(f"Final train loss {metrics['final_loss']:.4f}, {metrics['tokens_per_second']:,.0f} tokens/s, "
-                  f"wall {wall:.1f} s. Adapter: {adapter.resolve()}")
+    console.print(
+        f"Final train loss {metrics['final_loss']:.4f}, {metrics['tokens_per_second']:,.0f} tokens/s, "
+        f"wall {wall:.1f} s. Adapter: {adapter.resolve()}"
+    )
     return metrics
 
 
@@ -309,21 +394,31 @@ def build_trainer(plan: TrainingPlan, checkpoint: Path | None):
     if recipe.model.quantization:  # QLoRA: norms in fp32, input gradients for checkpointing
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.sft_config.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=plan.sft_config.gradient_checkpointing
+        )
     init = str(getattr(plan.lora_config, "init_lora_weights", "")).lower()
     if init == "corda":
         calibrate_corda(model, plan)
     guard = RunGuard()
     callbacks = [guard, AdaLoraAllocator()] if recipe.lora.get("method") == "adalora" else [guard]
     with tensorboard_dir(out / runs.LOGS):
-        trainer = trainer_class()(model=model, args=plan.sft_config, train_dataset=plan.train,
-                                  eval_dataset=plan.eval, processing_class=plan.tokenizer,
-                                  peft_config=plan.lora_config, callbacks=callbacks)
+        trainer = trainer_class()(
+            model=model,
+            args=plan.sft_config,
+            train_dataset=plan.train,
+            eval_dataset=plan.eval,
+            processing_class=plan.tokenizer,
+            peft_config=plan.lora_config,
+            callbacks=callbacks,
+        )
     trainer.loraplus = {k: v for k, v in recipe.lora.items() if k.startswith("loraplus_")}
     if init == "eva" and not checkpoint:  # a checkpoint holds the adapter, ranks included
         from peft import initialize_lora_eva_weights
 
-        initialize_lora_eva_weights(trainer.model, trainer.get_train_dataloader(), show_progress_bar=False)
+        initialize_lora_eva_weights(
+            trainer.model, trainer.get_train_dataloader(), show_progress_bar=False
+        )
     # PiSSA, OLoRA and CorDA move part of the base weights into the adapter; the adapter as
     # trained only fits that changed base. Its initial state lets PEFT convert it at the end
     # into an adapter for the original base model.
@@ -347,10 +442,14 @@ def interrupted(out: Path, step: int) -> str:
     """What Ctrl-C leaves behind, and how to go on."""
     last = runs.latest_checkpoint(out)
     if last is None:
-        return (f"Interrupted at step {step}, before the first checkpoint was saved: nothing to resume. "
-                "Rerun the same command to start again.")
-    return (f"Interrupted at step {step}. The last complete checkpoint is {last} (step {runs.checkpoint_step(last)}): "
-            "rerun `lora-tune train` with the same recipe (and without --resume never) to resume from it.")
+        return (
+            f"Interrupted at step {step}, before the first checkpoint was saved: nothing to resume. "
+            "Rerun the same command to start again."
+        )
+    return (
+        f"Interrupted at step {step}. The last complete checkpoint is {last} (step {runs.checkpoint_step(last)}): "
+        "rerun `lora-tune train` with the same recipe (and without --resume never) to resume from it."
+    )
 
 
 def save_adapter(trainer, plan: TrainingPlan, initial: Path | None) -> Path | None:
@@ -358,7 +457,9 @@ def save_adapter(trainer, plan: TrainingPlan, initial: Path | None) -> Path | No
     complete and sound, or absent. Returns its path on the main process, None on the others."""
     out = plan.recipe.output_dir
     adapter, staging = out / runs.ADAPTER, out / f"{runs.ADAPTER}.partial"
-    if is_main_process():  # only the main process writes there; another removing it would race the writing
+    if (
+        is_main_process()
+    ):  # only the main process writes there; another removing it would race the writing
         shutil.rmtree(staging, ignore_errors=True)
     trainer.save_model(str(staging))  # every process takes part: ZeRO-3 gathers the weights here
     if not is_main_process():
@@ -400,12 +501,51 @@ def calibrate_corda(model, plan: TrainingPlan, samples: int = 256) -> None:
 
     @torch.no_grad()
     def run_model():
-        for batch in batches(rows, 1, plan.tokenizer.pad_token_id, device):  # PEFT's hooks take one sample
+        for batch in batches(
+            rows, 1, plan.tokenizer.pad_token_id, device
+        ):  # PEFT's hooks take one sample
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
     # PEFT expands `all-linear` only inside get_peft_model; the preprocessing needs the names.
     config = _maybe_include_all_linear_layers(copy.deepcopy(plan.lora_config), model)
     preprocess_corda(model, config, run_model=run_model)
+
+
+class LoraTrainerMixin:
+    """What every lora-tune trainer adds to TRL's: LoRA+ learning rates for the B matrices, and
+    an eval loss without AdaLoRA's orthogonality penalty."""
+
+    loraplus: typing.ClassVar[dict] = {}  # loraplus_lr_ratio (and _embedding) from the lora section
+
+    def create_optimizer(self, model=None):
+        if self.loraplus and self.optimizer is None:
+            from peft.optimizers import create_loraplus_optimizer
+
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            kwargs.pop("lr", None)
+            self.optimizer = create_loraplus_optimizer(
+                self.model,
+                optimizer_cls,
+                lr=self.args.learning_rate,
+                weight_decay=self.args.weight_decay,
+                **self.loraplus,
+                **kwargs,
+            )
+        return super().create_optimizer(model)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # AdaLoRA adds its orthogonality penalty to every loss computed with labels: leave it
+        # out of the eval loss, which must stay the model's NLL (as `lora-tune eval` measures).
+        peft_config = getattr(self.model, "peft_config", {})
+        config = peft_config.get("default")
+        penalty = getattr(config, "orth_reg_weight", None)
+        if penalty is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        config.orth_reg_weight = 0.0
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        finally:
+            config.orth_reg_weight = penalty
 
 
 def trainer_class():
@@ -423,37 +563,11 @@ def trainer_class():
 
     SFTTrainer = METHODS["sft"].trainer_class()  # a class, named as TRL names it
 
-    class LoraTuneTrainer(SFTTrainer):
-        loraplus: typing.ClassVar[dict] = {}  # loraplus_lr_ratio (and loraplus_lr_embedding) from the recipe's lora section
-
-        def create_optimizer(self, model=None):
-            if self.loraplus and self.optimizer is None:
-                from peft.optimizers import create_loraplus_optimizer
-
-                optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-                kwargs.pop("lr", None)
-                self.optimizer = create_loraplus_optimizer(self.model, optimizer_cls, lr=self.args.learning_rate,
-                                                           weight_decay=self.args.weight_decay,
-                                                           **self.loraplus, **kwargs)
-            return super().create_optimizer(model)
-
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            # AdaLoRA adds its orthogonality penalty to every loss computed with labels: leave it
-            # out of the eval loss, which must stay the model's NLL (as `lora-tune eval` measures).
-            config = self.model.peft_config.get("default") if hasattr(self.model, "peft_config") else None
-            penalty = getattr(config, "orth_reg_weight", None)
-            if penalty is None:
-                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-            config.orth_reg_weight = 0.0
-            try:
-                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-            finally:
-                config.orth_reg_weight = penalty
-
+    class LoraTuneTrainer(LoraTrainerMixin, SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.args.loss_type != "nll" or self.args.use_liger_kernel or self.aux_loss_enabled:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            inputs["use_cache"] = False  # with a KV cache, transformers would ignore packed position ids
+            inputs["use_cache"] = False  # with a KV cache, transformers ignores packed position ids
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     return LoraTuneTrainer
@@ -488,8 +602,11 @@ class RunGuard(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.step_ends.append(time.perf_counter())
         # Checked only when a checkpoint is due, so ordinary steps pay no device sync.
-        if control.should_save and model is not None and not all(
-                torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        if (
+            control.should_save
+            and model is not None
+            and not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+        ):
             self._stop(state, control, "the adapter weights are no longer finite")
 
     def on_save(self, args, state, control, **kwargs):
@@ -509,8 +626,11 @@ def check_adapter(adapter: Path) -> None:
     config = json.loads((adapter / "adapter_config.json").read_text())
     adalora = config.get("peft_type") == "ADALORA"
     ranks = config.get("rank_pattern") or {}
-    pruned = [name.rsplit(".", 1)[0] + ".lora_" for name, mask in ranks.items()
-              if adalora and isinstance(mask, list) and not any(mask)]
+    pruned = [
+        name.rsplit(".", 1)[0] + ".lora_"
+        for name, mask in ranks.items()
+        if adalora and isinstance(mask, list) and not any(mask)
+    ]
     problems = []
     with safe_open(adapter / "adapter_model.safetensors", framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
@@ -520,26 +640,38 @@ def check_adapter(adapter: Path) -> None:
                 problems.append(f"{key} is empty {list(shape)}")
             elif lora and not adalora:
                 module, part = lora.groups()
-                expected = ranks.get(get_pattern_key(ranks, module), config["r"]) if ranks else config["r"]
+                expected = (
+                    ranks.get(get_pattern_key(ranks, module), config["r"]) if ranks else config["r"]
+                )
                 rank = shape[0] if part == "A" else shape[1]
                 if rank != expected:
                     problems.append(f"{key} has rank {rank}, adapter_config.json says {expected}")
     if problems:
-        raise UserError(f"the adapter was not saved: {len(problems)} of its tensors are unusable, e.g. {problems[0]}; "
-                        "it would load as a no-op or not at all",
-                        [("under DeepSpeed ZeRO-3 set zero3_save_16bit_model: true (configs/deepspeed_zero3.yaml) "
-                          "so the weights are gathered before saving; the checkpoints are kept: rerun to resume")])
+        raise UserError(
+            f"the adapter was not saved: {len(problems)} of its tensors are unusable, e.g. {problems[0]}; "
+            "it would load as a no-op or not at all",
+            [
+                (
+                    "under DeepSpeed ZeRO-3 set zero3_save_16bit_model: true (configs/deepspeed_zero3.yaml) "
+                    "so the weights are gathered before saving; the checkpoints are kept: rerun to resume"
+                )
+            ],
+        )
 
 
 def step_times(started: float, ends: list[float]) -> dict:
     """Seconds from the command's start to the first optimizer step, and the median step after it
     (host clock: no device sync is added)."""
     gaps = [b - a for a, b in itertools.pairwise(ends)]
-    return {"time_to_first_step_s": ends[0] - started if ends else None,
-            "step_time_s": statistics.median(gaps) if gaps else None}
+    return {
+        "time_to_first_step_s": ends[0] - started if ends else None,
+        "step_time_s": statistics.median(gaps) if gaps else None,
+    }
 
 
-def collect_metrics(plan: TrainingPlan, trainer, result, wall: float, dtype: str, start_epoch: float) -> dict:
+def collect_metrics(
+    plan: TrainingPlan, trainer, result, wall: float, dtype: str, start_epoch: float
+) -> dict:
     state = trainer.state
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     # Non-padding tokens per epoch times the epochs this invocation trained (a resumed run
@@ -550,7 +682,9 @@ def collect_metrics(plan: TrainingPlan, trainer, result, wall: float, dtype: str
     metrics = {
         "train_loss": result.training_loss,
         "final_loss": losses[-1] if losses else result.training_loss,
-        "eval_loss": next((e["eval_loss"] for e in reversed(state.log_history) if "eval_loss" in e), None),
+        "eval_loss": next(
+            (e["eval_loss"] for e in reversed(state.log_history) if "eval_loss" in e), None
+        ),
         "steps": state.global_step,
         "epochs": state.epoch,
         "train_tokens": int(tokens),

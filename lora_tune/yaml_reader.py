@@ -39,7 +39,9 @@ class Refused(yaml.MarkedYAMLError):
     def user_error(self, source: str) -> UserError:
         if self.fix is None:  # a list of problems, reported the way validation reports them
             n = len(self.problems)
-            return UserError(f"{source}: {n} problem{'s' if n > 1 else ''} in the recipe:", self.problems)
+            return UserError(
+                f"{source}: {n} problem{'s' if n > 1 else ''} in the recipe:", self.problems
+            )
         return UserError(f"{where(source, self)}: {self.problem}", [self.fix])
 
 
@@ -52,9 +54,11 @@ class _StrictLoader(yaml.SafeLoader):
 
     def compose_node(self, parent, index):
         if self.depth >= MAX_DEPTH:
-            raise Refused([f"nested more than {MAX_DEPTH} levels deep"],
-                          "a recipe nests a few levels (section, key, list): check the brackets and indentation",
-                          self.peek_event().start_mark)
+            raise Refused(
+                [f"nested more than {MAX_DEPTH} levels deep"],
+                "a recipe nests a few levels (section, key, list): check the brackets and indentation",
+                self.peek_event().start_mark,
+            )
         self.depth += 1
         try:
             return super().compose_node(parent, index)
@@ -66,7 +70,9 @@ class _StrictLoader(yaml.SafeLoader):
             return super().construct_object(node, deep)
         except ValueError as exc:
             raise yaml.constructor.ConstructorError(
-                problem=f"cannot read {shown(node.value)} (quote it to keep it as text): {cut(str(exc), 200)}", problem_mark=node.start_mark) from None
+                problem=f"cannot read {shown(node.value)} (quote it to keep it as text): {cut(str(exc), 200)}",
+                problem_mark=node.start_mark,
+            ) from None
 
 
 def parse_yaml(text: str | bytes, root: str = "") -> Any:
@@ -97,8 +103,11 @@ def _census(node: yaml.Node, path: str, seen: dict, repeated: list[str]) -> tupl
     laughs is measured in microseconds and refused before anything expands it."""
     known = seen.get(id(node))
     if known is _WALKING:
-        raise Refused([f"{path or 'the recipe'} holds an alias to itself"],
-                      "an alias (*name) must refer to an anchor (&name) outside the value it sits in", node.start_mark)
+        raise Refused(
+            [f"{path or 'the recipe'} holds an alias to itself"],
+            "an alias (*name) must refer to an anchor (&name) outside the value it sits in",
+            node.start_mark,
+        )
     if known:
         return known
     seen[id(node)] = _WALKING
@@ -145,8 +154,10 @@ def _repeated_keys(node: yaml.MappingNode, path: str) -> list[str]:
             if len(set(lines)) < len(lines):  # a flow mapping on one line: columns tell them apart
                 lines = [f"{mark.line + 1}:{mark.column + 1}" for mark in found]
             times = "twice" if len(found) == 2 else f"{len(found)} times"
-            problems.append(f"{_child_path(path, name)}: written {times} (lines {', '.join(lines[:-1])} and "
-                            f"{lines[-1]}); keep one.")
+            problems.append(
+                f"{_child_path(path, name)}: written {times} (lines {', '.join(lines[:-1])} and "
+                f"{lines[-1]}); keep one."
+            )
     return problems
 
 
@@ -173,11 +184,18 @@ def shown(value: Any, depth: int = 0) -> str:
     """repr of a user's value for a message, with long strings, long lists and deep nesting cut.
     (reprlib cuts too, but sorts dict keys and hides how much it left out.)"""
     if isinstance(value, str):
-        return repr(value) if len(value) <= SHOWN_CHARS else f"{value[:SHOWN_CHARS]!r}... ({len(value):,} characters)"
+        return (
+            repr(value)
+            if len(value) <= SHOWN_CHARS
+            else f"{value[:SHOWN_CHARS]!r}... ({len(value):,} characters)"
+        )
     if isinstance(value, (dict, list, tuple)) and depth >= SHOWN_LEVELS:
         return "{...}" if isinstance(value, dict) else "[...]"
     if isinstance(value, dict):
-        items = [f"{shown(k, depth + 1)}: {shown(v, depth + 1)}" for k, v in islice(value.items(), SHOWN_ITEMS)]
+        items = [
+            f"{shown(k, depth + 1)}: {shown(v, depth + 1)}"
+            for k, v in islice(value.items(), SHOWN_ITEMS)
+        ]
         return "{" + _joined(items, len(value)) + "}"
     if isinstance(value, (list, tuple)):
         return "[" + _joined([shown(v, depth + 1) for v in value[:SHOWN_ITEMS]], len(value)) + "]"

@@ -49,17 +49,30 @@ def build(work: Path, quick: bool, length: int, rows: int) -> None:
     tokenizer = tiny.build_tokenizer("llama")
     # Full size: about 25M parameters with a real model's vocabulary (the tokenizer uses its first ids).
     hidden, layers, inter, vocab = (64, 2, 128, len(tokenizer)) if quick else (256, 8, 688, 32000)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                         num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
-                         max_position_embeddings=4 * length, bos_token_id=0, eos_token_id=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=4 * length,
+        bos_token_id=0,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(work / "model")
     tokenizer.save_pretrained(work / "model")
     rng = random.Random(0)
     # Fixed length: sentences well past `length` tokens, truncated to it. Varying: 1 to 8 sentences.
-    fixed = [{"text": " ".join(tiny.sentence(rng) for _ in range(length // 4))} for _ in range(rows)]
-    varying = [{"text": " ".join(tiny.sentence(rng) for _ in range(rng.randint(1, max(1, length // 16))))}
-               for _ in range(rows)]
+    fixed = [
+        {"text": " ".join(tiny.sentence(rng) for _ in range(length // 4))} for _ in range(rows)
+    ]
+    varying = [
+        {"text": " ".join(tiny.sentence(rng) for _ in range(rng.randint(1, max(1, length // 16))))}
+        for _ in range(rows)
+    ]
     tiny.write_jsonl(work / "fixed.jsonl", fixed)
     tiny.write_jsonl(work / "varying.jsonl", varying)
 
@@ -70,7 +83,9 @@ def samples(work: Path, data: str, length: int):
     from lora_tune.recipe import DataSection, ModelSection
 
     tokenizer = load_tokenizer(ModelSection(id=str(work / "model")))
-    rows, _, _ = lt_data.load_datasets(DataSection(train=str(work / f"{data}.jsonl"), max_length=length), tokenizer)
+    rows, _, _ = lt_data.load_datasets(
+        DataSection(train=str(work / f"{data}.jsonl"), max_length=length), tokenizer
+    )
     return rows, tokenizer
 
 
@@ -85,25 +100,31 @@ def run_raw(work: Path, steps: int, batch: int, length: int, data: str) -> dict:
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     device = "cuda" if cuda else "cpu"
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(work / "model", dtype=dtype),
-                           LoraConfig(task_type="CAUSAL_LM", **LORA)).to(device)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(work / "model", dtype=dtype),
+        LoraConfig(task_type="CAUSAL_LM", **LORA),
+    ).to(device)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE
+    )
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
     times, tokens, loss = [], 0, None
     for step in range(steps):
-        chunk = [rows[i] for i in order[step * batch:(step + 1) * batch]]
+        chunk = [rows[i] for i in order[step * batch : (step + 1) * batch]]
         width = max(len(r["input_ids"]) for r in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
         labels = torch.full((len(chunk), width), -100)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for j, r in enumerate(chunk):
-            ids[j, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
-            labels[j, :len(r["labels"])] = torch.tensor(r["labels"])
-            mask[j, :len(r["input_ids"])] = 1
+            ids[j, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            labels[j, : len(r["labels"])] = torch.tensor(r["labels"])
+            mask[j, : len(r["input_ids"])] = 1
         start = time.perf_counter()
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
+            out = model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)
+            )
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -126,37 +147,72 @@ def run_trl(work: Path, steps: int, batch: int, length: int, data: str) -> dict:
             self.ends.append(time.perf_counter())
 
     dataset = load_dataset("json", data_files=str(work / f"{data}.jsonl"), split="train")
-    args = dict(output_dir=str(work / "trl"), per_device_train_batch_size=batch, max_steps=steps, max_length=length,
-                learning_rate=LEARNING_RATE, report_to="none", save_strategy="no", seed=0, logging_steps=1)
+    args = dict(
+        output_dir=str(work / "trl"),
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        max_length=length,
+        learning_rate=LEARNING_RATE,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        logging_steps=1,
+    )
     try:
         config = SFTConfig(**args)
-    except ValueError:  # "Your setup doesn't support bf16/gpu": the one change its error message asks for
+    except (
+        ValueError
+    ):  # "Your setup doesn't support bf16/gpu": the one change its error message asks for
         config = SFTConfig(use_cpu=True, **args)
     clock = Clock()
-    trainer = SFTTrainer(model=str(work / "model"), args=config, train_dataset=dataset,
-                         peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA), callbacks=[clock])
+    trainer = SFTTrainer(
+        model=str(work / "model"),
+        args=config,
+        train_dataset=dataset,
+        peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA),
+        callbacks=[clock],
+    )
     start = time.perf_counter()
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     gaps = [b - a for a, b in zip([start, *clock.ends], clock.ends, strict=False)]
-    return {"step_s": statistics.median(gaps[1:]), "tokens_per_step": trainer._total_train_tokens / steps,
-            "loss": losses[-1], "bf16": config.bf16, "gradient_checkpointing": config.gradient_checkpointing}
+    return {
+        "step_s": statistics.median(gaps[1:]),
+        "tokens_per_step": trainer._total_train_tokens / steps,
+        "loss": losses[-1],
+        "bf16": config.bf16,
+        "gradient_checkpointing": config.gradient_checkpointing,
+    }
 
 
-def run_lora_tune(work: Path, steps: int, batch: int, length: int, data: str, extra: dict | None = None) -> dict:
+def run_lora_tune(
+    work: Path, steps: int, batch: int, length: int, data: str, extra: dict | None = None
+) -> dict:
     from lora_tune import recipe, train
 
-    training = {"output_dir": str(work / f"lt-{data}"), "per_device_train_batch_size": batch,
-                "max_steps": steps, "learning_rate": LEARNING_RATE, "seed": 0, "logging_steps": 1}
+    training = {
+        "output_dir": str(work / f"lt-{data}"),
+        "per_device_train_batch_size": batch,
+        "max_steps": steps,
+        "learning_rate": LEARNING_RATE,
+        "seed": 0,
+        "logging_steps": 1,
+    }
     model = {"id": str(work / "model")}
     data_section = {"train": str(work / f"{data}.jsonl"), "max_length": length}
     for section, values in (extra or {}).items():
         {"model": model, "training": training, "data": data_section}[section].update(values)
     path = work / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"model": model, "lora": LORA, "data": data_section, "training": training}))
+    path.write_text(
+        yaml.safe_dump({"model": model, "lora": LORA, "data": data_section, "training": training})
+    )
     metrics = train.run(recipe.load(path), resume="never")
-    return {"step_s": metrics["step_time_s"], "tokens_per_step": metrics["train_tokens"] / metrics["steps"],
-            "loss": metrics["final_loss"], "time_to_first_step_s": metrics["time_to_first_step_s"]}
+    return {
+        "step_s": metrics["step_time_s"],
+        "tokens_per_step": metrics["train_tokens"] / metrics["steps"],
+        "loss": metrics["final_loss"],
+        "time_to_first_step_s": metrics["time_to_first_step_s"],
+    }
 
 
 # On a GPU, lora-tune again with one setting changed each time.
@@ -170,11 +226,19 @@ GPU_TOGGLES = {
 BATCHING = {
     "padding-free": {"data": {"padding_free": True}},
     "length-grouped": {"training": {"train_sampling_strategy": "group_by_length"}},
-    "flash attention": {"model": {"attn_implementation": "flash_attention_2"}},  # padding-free by default
+    "flash attention": {
+        "model": {"attn_implementation": "flash_attention_2"}
+    },  # padding-free by default
 }
-VARIANTS = {"raw": run_raw, "trl": run_trl, "lora-tune": run_lora_tune,
-            **{name: functools.partial(run_lora_tune, extra=extra)
-               for name, extra in (GPU_TOGGLES | BATCHING).items()}}
+VARIANTS = {
+    "raw": run_raw,
+    "trl": run_trl,
+    "lora-tune": run_lora_tune,
+    **{
+        name: functools.partial(run_lora_tune, extra=extra)
+        for name, extra in (GPU_TOGGLES | BATCHING).items()
+    },
+}
 
 
 def child(args) -> None:
@@ -183,8 +247,22 @@ def child(args) -> None:
 
 
 def measure(variant: str, args, steps: int, data: str) -> dict:
-    command = [sys.executable, __file__, "--variant", variant, "--workdir", str(args.workdir), "--steps", str(steps),
-               "--batch", str(args.batch), "--length", str(args.length), "--data", data]
+    command = [
+        sys.executable,
+        __file__,
+        "--variant",
+        variant,
+        "--workdir",
+        str(args.workdir),
+        "--steps",
+        str(steps),
+        "--batch",
+        str(args.batch),
+        "--length",
+        str(args.length),
+        "--data",
+        data,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         sys.exit(f"{variant} failed:\n{result.stderr[-3000:]}")
@@ -193,11 +271,17 @@ def measure(variant: str, args, steps: int, data: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model and few steps: checks the script runs")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny model and few steps: checks the script runs"
+    )
     parser.add_argument("--steps", type=int, help="steps per variant (default 12)")
-    parser.add_argument("--trl-steps", type=int, help="steps of the TRL-defaults variant (default 5: it is slow)")
+    parser.add_argument(
+        "--trl-steps", type=int, help="steps of the TRL-defaults variant (default 5: it is slow)"
+    )
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, help="tokens per sample (default 128, or 32 with --quick)")
+    parser.add_argument(
+        "--length", type=int, help="tokens per sample (default 128, or 32 with --quick)"
+    )
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--data", default="fixed", help=argparse.SUPPRESS)
@@ -210,19 +294,29 @@ def main() -> None:
     args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-train-"))
     build(args.workdir, args.quick, args.length, rows=max(steps, trl_steps) * args.batch * 2)
 
-    results = {name: measure(name, args, trl_steps if name == "trl" else steps, "fixed")
-               for name in ("raw", "trl", "lora-tune")}
-    print(f"\n{'variant':<11} {'s/step':>8} {'tokens/s':>10} {'peak RSS MB':>12} {'final loss':>11}")
+    results = {
+        name: measure(name, args, trl_steps if name == "trl" else steps, "fixed")
+        for name in ("raw", "trl", "lora-tune")
+    }
+    print(
+        f"\n{'variant':<11} {'s/step':>8} {'tokens/s':>10} {'peak RSS MB':>12} {'final loss':>11}"
+    )
     for name, r in results.items():
-        print(f"{name:<11} {r['step_s']:>8.3f} {r['tokens_per_step'] / r['step_s']:>10,.0f} {r['peak_rss_mb']:>12,.0f} "
-              f"{r['loss']:>11.4f}")
+        print(
+            f"{name:<11} {r['step_s']:>8.3f} {r['tokens_per_step'] / r['step_s']:>10,.0f} {r['peak_rss_mb']:>12,.0f} "
+            f"{r['loss']:>11.4f}"
+        )
     raw, trl, ours = results["raw"], results["trl"], results["lora-tune"]
     print(f"\nlora-tune / raw step time: {ours['step_s'] / raw['step_s']:.2f}  (goal <= 1.10)")
     native_bf16 = any(flag in open("/proc/cpuinfo").read() for flag in ("avx512_bf16", "amx_bf16"))
-    print(f"trl defaults / lora-tune step time: {trl['step_s'] / ours['step_s']:.2f}  "
-          f"(goal >= 5 on CPUs without native bf16; this CPU {'has' if native_bf16 else 'lacks'} it; trl ran "
-          f"bf16={trl['bf16']}, gradient_checkpointing={trl['gradient_checkpointing']})")
-    print(f"lora-tune / raw peak RSS: {ours['peak_rss_mb'] / raw['peak_rss_mb']:.2f}  (goal <= 1.10)")
+    print(
+        f"trl defaults / lora-tune step time: {trl['step_s'] / ours['step_s']:.2f}  "
+        f"(goal >= 5 on CPUs without native bf16; this CPU {'has' if native_bf16 else 'lacks'} it; trl ran "
+        f"bf16={trl['bf16']}, gradient_checkpointing={trl['gradient_checkpointing']})"
+    )
+    print(
+        f"lora-tune / raw peak RSS: {ours['peak_rss_mb'] / raw['peak_rss_mb']:.2f}  (goal <= 1.10)"
+    )
     print(f"lora-tune time to first step: {ours['time_to_first_step_s']:.1f} s")
 
     import importlib.util
@@ -237,8 +331,10 @@ def main() -> None:
     base = varying["lora-tune"]["tokens_per_step"] / varying["lora-tune"]["step_s"]
     for name, r in varying.items():
         rate = r["tokens_per_step"] / r["step_s"]
-        print(f"  {'padded (default)' if name == 'lora-tune' else name:<16} {rate:>10,.0f} trained tokens/s"
-              f"  {rate / base:.2f}x  final loss {r['loss']:.4f}")
+        print(
+            f"  {'padded (default)' if name == 'lora-tune' else name:<16} {rate:>10,.0f} trained tokens/s"
+            f"  {rate / base:.2f}x  final loss {r['loss']:.4f}"
+        )
 
     if torch.cuda.is_available():
         print("\nGPU settings, lora-tune step time against its default (bf16, SDPA):")
@@ -247,7 +343,9 @@ def main() -> None:
                 print(f"  {name:<16} skipped (pip install liger-kernel)")
                 continue
             toggled = measure(name, args, steps, "fixed")
-            print(f"  {name:<16} {toggled['step_s']:.4f} s/step  {toggled['step_s'] / ours['step_s']:.2f}x")
+            print(
+                f"  {name:<16} {toggled['step_s']:.4f} s/step  {toggled['step_s'] / ours['step_s']:.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "network" in item.keywords and os.environ.get("LORA_TUNE_NETWORK") != "1":
-            item.add_marker(pytest.mark.skip(reason="needs the Hugging Face Hub; set LORA_TUNE_NETWORK=1"))
+            item.add_marker(
+                pytest.mark.skip(reason="needs the Hugging Face Hub; set LORA_TUNE_NETWORK=1")
+            )
 
 
 @pytest.fixture(scope="session")

@@ -22,10 +22,20 @@ def write_recipe(path: Path, tiny: Path, out: Path, **sections) -> Path:
     recipe = {
         "model": {"id": str(tiny / "tiny-llama"), "dtype": "float32"},
         "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0},
-        "data": {"train": str(tiny / "data" / "text_train.jsonl"), "eval": str(tiny / "data" / "text_eval.jsonl"),
-                 "max_length": 64},
-        "training": {"output_dir": str(out), "num_train_epochs": 3, "per_device_train_batch_size": 8,
-                     "learning_rate": 3e-3, "logging_steps": 10, "save_steps": 100, "seed": 0},
+        "data": {
+            "train": str(tiny / "data" / "text_train.jsonl"),
+            "eval": str(tiny / "data" / "text_eval.jsonl"),
+            "max_length": 64,
+        },
+        "training": {
+            "output_dir": str(out),
+            "num_train_epochs": 3,
+            "per_device_train_batch_size": 8,
+            "learning_rate": 3e-3,
+            "logging_steps": 10,
+            "save_steps": 100,
+            "seed": 0,
+        },
     }
     for name, values in sections.items():
         recipe[name] = {**recipe.get(name, {}), **values}
@@ -60,9 +70,14 @@ def serve_process(*args: str, cwd: Path):
     import pytest
 
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "lora_tune", "serve", *map(str, args), "--port", str(port)],
-                               cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lora_tune", "serve", *map(str, args), "--port", str(port)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -12,14 +12,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, expected", [
-    ("bench_train.py", ["lora-tune / raw step time:", "trl defaults / lora-tune step time:", "varying lengths, the same samples", "padding-free"]),
-    ("bench_eval.py", ["speed-up:", "loss difference"]),
-    ("bench_merge.py", ["stream", "max |stream - baseline| over all merged weights: 0"]),
-])
+@pytest.mark.parametrize(
+    "script, expected",
+    [
+        (
+            "bench_train.py",
+            [
+                "lora-tune / raw step time:",
+                "trl defaults / lora-tune step time:",
+                "varying lengths, the same samples",
+                "padding-free",
+            ],
+        ),
+        ("bench_eval.py", ["speed-up:", "loss difference"]),
+        ("bench_merge.py", ["stream", "max |stream - baseline| over all merged weights: 0"]),
+    ],
+)
 def test_benchmark_runs(script, expected, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--quick"], capture_output=True,
-                            text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), "--quick"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for text in expected:
         assert text in result.stdout

@@ -34,7 +34,11 @@ def run_dir(tiny, tmp_path_factory) -> Path:
 
 def test_run_directory(run_dir, tiny):
     assert {p.name for p in (run_dir / "adapter").iterdir()} >= {
-        "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     weights = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert len(weights) == 2 * 7 * 2  # A and B for 7 linear layers in 2 blocks
     assert all(t.numel() > 0 and torch.isfinite(t).all() for t in weights.values())
@@ -45,33 +49,50 @@ def test_run_directory(run_dir, tiny):
     assert resolved["training"]["learning_rate"] == 4e-3  # the --set override, not the file's 3e-3
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 150  # 400 samples / batch 8 * 3 epochs
-    assert math.isfinite(metrics["final_loss"]) and metrics["final_loss"] < metrics["train_loss"] + 1
+    assert (
+        math.isfinite(metrics["final_loss"]) and metrics["final_loss"] < metrics["train_loss"] + 1
+    )
     assert metrics["tokens_per_second"] > 0 and metrics["train_tokens"] > 400 * 3 * 8
     assert metrics["peak_rss_bytes"] > 10_000_000 and metrics["wall_time_s"] > 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    assert (metrics["device"], metrics["dtype"], metrics["trainable_parameters"]) == (device, "float32", 16384)
-    assert {"torch", "transformers", "peft", "trl", "datasets", "accelerate"} <= metrics["versions"].keys()
+    assert (metrics["device"], metrics["dtype"], metrics["trainable_parameters"]) == (
+        device,
+        "float32",
+        16384,
+    )
+    assert {"torch", "transformers", "peft", "trl", "datasets", "accelerate"} <= metrics[
+        "versions"
+    ].keys()
     assert list((run_dir / "checkpoint-150").glob("optimizer.pt"))
     assert list((run_dir / "logs").rglob("events.out.tfevents.*"))
 
     # The loss curve: one logged loss per 10 steps, falling by far (~5.74 -> ~5.04 as measured).
     losses = [e["loss"] for e in metrics["log_history"] if "loss" in e]
     assert len(losses) == 15 and metrics["final_loss"] == losses[-1]
-    assert losses[-1] < losses[0] - 0.4 and losses[-1] < losses[4] - 0.1  # still learning after epoch 1
+    assert (
+        losses[-1] < losses[0] - 0.4 and losses[-1] < losses[4] - 0.1
+    )  # still learning after epoch 1
     assert metrics["train_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-3)
     # Every B started at zero and was trained; the last checkpoint holds the same adapter at step 150.
     assert all(t.abs().max().item() > 1e-3 for k, t in weights.items() if "lora_B" in k)
     checkpoint = run_dir / "checkpoint-150"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 150
     assert load_file(checkpoint / "adapter_model.safetensors").keys() == weights.keys()
-    assert all(torch.equal(load_file(checkpoint / "adapter_model.safetensors")[k], t) for k, t in weights.items())
-    assert (checkpoint / "optimizer.pt").stat().st_size > (run_dir / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert all(
+        torch.equal(load_file(checkpoint / "adapter_model.safetensors")[k], t)
+        for k, t in weights.items()
+    )
+    assert (checkpoint / "optimizer.pt").stat().st_size > (
+        run_dir / "adapter" / "adapter_model.safetensors"
+    ).stat().st_size
     # The tokenizer saved with the adapter is the base's: the same ids for the same text.
     from transformers import AutoTokenizer
 
     text = json.loads((tiny / "data" / "text_eval.jsonl").read_text().splitlines()[0])["text"]
-    assert AutoTokenizer.from_pretrained(run_dir / "adapter")(text)["input_ids"] == AutoTokenizer.from_pretrained(
-        tiny / "tiny-llama")(text)["input_ids"]
+    assert (
+        AutoTokenizer.from_pretrained(run_dir / "adapter")(text)["input_ids"]
+        == AutoTokenizer.from_pretrained(tiny / "tiny-llama")(text)["input_ids"]
+    )
     assert sum(p.stat().st_size for p in (run_dir / "logs").rglob("events.out.tfevents.*")) > 1000
 
 
@@ -99,16 +120,24 @@ def test_eval_loss_is_token_weighted(run_dir, tiny):
     dataset = data.load_eval(str(tiny / "data" / "pc_eval.jsonl"), None, tokenizer)
     one, _ = evaluate.measure(model, evaluate.batches(dataset, 1, tokenizer.pad_token_id, "cpu"))
     seven, _ = evaluate.measure(model, evaluate.batches(dataset, 7, tokenizer.pad_token_id, "cpu"))
-    assert one["tokens"] == seven["tokens"] == sum(sum(label != -100 for label in row[1:]) for row in dataset["labels"])
+    assert (
+        one["tokens"]
+        == seven["tokens"]
+        == sum(sum(label != -100 for label in row[1:]) for row in dataset["labels"])
+    )
     assert seven["loss"] == pytest.approx(one["loss"], abs=1e-5)
     assert seven["token_accuracy"] == one["token_accuracy"]
 
 
 def test_eval_default_is_merged_and_no_merge_is_adapter(run_dir, tiny, tmp_path):
     merged = evaluate.run(str(run_dir), json_file=tmp_path / "m.json")
-    unmerged = evaluate.run(str(run_dir), merge=False, data_spec=str(tiny / "data" / "text_eval.jsonl"))
+    unmerged = evaluate.run(
+        str(run_dir), merge=False, data_spec=str(tiny / "data" / "text_eval.jsonl")
+    )
     assert list(merged["results"]) == ["merged"] and list(unmerged["results"]) == ["adapter"]
-    assert merged["results"]["merged"]["loss"] == pytest.approx(unmerged["results"]["adapter"]["loss"], abs=1e-5)
+    assert merged["results"]["merged"]["loss"] == pytest.approx(
+        unmerged["results"]["adapter"]["loss"], abs=1e-5
+    )
 
 
 def test_eval_plain_model_directory(tiny):
@@ -123,16 +152,25 @@ def test_eval_errors(tiny, tmp_path, capsys):
     assert "--compare needs an adapter" in capsys.readouterr().err
     assert run_cli("eval", tiny / "tiny-llama") == 2
     assert "no evaluation data" in capsys.readouterr().err
-    assert run_cli("eval", tmp_path / "nothing-here", "--data", tiny / "data" / "text_eval.jsonl") == 2
+    assert (
+        run_cli("eval", tmp_path / "nothing-here", "--data", tiny / "data" / "text_eval.jsonl") == 2
+    )
     assert "model.id: no model directory at" in capsys.readouterr().err
 
 
-def test_merge_writes_a_plain_transformers_model_with_the_adapters_logits(run_dir, tmp_path, capsys):
+def test_merge_writes_a_plain_transformers_model_with_the_adapters_logits(
+    run_dir, tmp_path, capsys
+):
     out = tmp_path / "merged"
     assert run_cli("merge", run_dir, "-o", out) == 0
     assert "Merged vs adapter logits: max |diff|" in capsys.readouterr().out
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-            "merge_report.json"} <= {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "merge_report.json",
+    } <= {p.name for p in out.iterdir()}
     report = json.loads((out / "merge_report.json").read_text())
     assert report["ok"] and report["max_abs_diff"] < 1e-4
     assert not list(tmp_path.glob(".merged.*"))
@@ -149,12 +187,14 @@ import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()
 AutoTokenizer.from_pretrained({str(out)!r})
-batch = torch.load({str(tmp_path / 'batch.pt')!r})
+batch = torch.load({str(tmp_path / "batch.pt")!r})
 with torch.no_grad():
-    torch.save(model(**batch).logits[batch['attention_mask'].bool()], {str(tmp_path / 'logits.pt')!r})
+    torch.save(model(**batch).logits[batch['attention_mask'].bool()], {str(tmp_path / "logits.pt")!r})
 print('imported:', [m for m in ('peft', 'lora_tune', 'trl') if m in sys.modules])
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert "imported: []" in result.stdout
     reloaded = torch.load(tmp_path / "logits.pt")
@@ -212,7 +252,9 @@ def test_merge_input_errors(tmp_path, capsys):
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tmp_path, capsys):
     out = tmp_path / "run"
-    path = write_recipe(tmp_path / "r.yaml", tiny, out, lora={"target_modules": ["q_proj", "v_proj"]})
+    path = write_recipe(
+        tmp_path / "r.yaml", tiny, out, lora={"target_modules": ["q_proj", "v_proj"]}
+    )
     assert run_cli("train", path, "--dry-run") == 0
     text = capsys.readouterr().out
     # q_proj 64->64 and v_proj 64->32 (2 kv heads) at r=8, in 2 layers: 2 * (8*(64+64) + 8*(64+32))
@@ -221,7 +263,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tmp_path, capsys):
 
 
 def test_unknown_target_module_lists_the_real_ones(tiny, tmp_path, capsys):
-    path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", lora={"target_modules": ["q_proj", "query"]})
+    path = write_recipe(
+        tmp_path / "r.yaml", tiny, tmp_path / "run", lora={"target_modules": ["q_proj", "query"]}
+    )
     assert run_cli("train", path) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"error: lora.target_modules: query not found in {tiny / 'tiny-llama'}.",
@@ -234,8 +278,14 @@ def test_unknown_target_module_lists_the_real_ones(tiny, tmp_path, capsys):
 def _train_in_subprocess(*args: str) -> subprocess.Popen:
     # On the CPU (gloo), also where a GPU exists: the launch path is what is tested here.
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.Popen([sys.executable, "-m", "lora_tune", "train", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lora_tune", "train", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 def _losses_and_adapter(out):
@@ -251,8 +301,17 @@ def test_two_processes_train_like_one(tiny, tmp_path):
     results = {}
     for processes in (1, 2):
         out = tmp_path / f"run{processes}"
-        path = write_recipe(tmp_path / f"r{processes}.yaml", tiny, out, training={
-            "max_steps": 8, "per_device_train_batch_size": 8 // processes, "logging_steps": 1, "save_steps": 4})
+        path = write_recipe(
+            tmp_path / f"r{processes}.yaml",
+            tiny,
+            out,
+            training={
+                "max_steps": 8,
+                "per_device_train_batch_size": 8 // processes,
+                "logging_steps": 1,
+                "save_steps": 4,
+            },
+        )
         run = _train_in_subprocess(path, "--num-processes", processes)
         stdout, stderr = run.communicate()
         assert run.returncode == 0, stderr[-3000:]
@@ -264,17 +323,34 @@ def test_two_processes_train_like_one(tiny, tmp_path):
     assert len(one_losses) == 8 and two_losses == pytest.approx(one_losses, abs=1e-4)
     for name, tensor in one_adapter.items():
         assert torch.allclose(two_adapter[name], tensor, atol=1e-4), name
-    assert sorted(p.name for p in (tmp_path / "run2").iterdir()) == sorted(p.name for p in (tmp_path / "run1").iterdir())
+    assert sorted(p.name for p in (tmp_path / "run2").iterdir()) == sorted(
+        p.name for p in (tmp_path / "run1").iterdir()
+    )
 
 
 @pytest.mark.slow
 def test_two_machines_rendezvous_on_loopback(tiny, tmp_path):
     port = free_port()
     out = tmp_path / "run"
-    path = write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 4, "per_device_train_batch_size": 4})
-    machines = [_train_in_subprocess(path, "--num-processes", 2, "--num-machines", 2, "--machine-rank", rank,
-                                     "--main-process-ip", "127.0.0.1", "--main-process-port", port)
-                for rank in (0, 1)]
+    path = write_recipe(
+        tmp_path / "r.yaml", tiny, out, training={"max_steps": 4, "per_device_train_batch_size": 4}
+    )
+    machines = [
+        _train_in_subprocess(
+            path,
+            "--num-processes",
+            2,
+            "--num-machines",
+            2,
+            "--machine-rank",
+            rank,
+            "--main-process-ip",
+            "127.0.0.1",
+            "--main-process-port",
+            port,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [machine.communicate(timeout=300) for machine in machines]
     for machine, (_, stderr) in zip(machines, outputs, strict=False):
         assert machine.returncode == 0, stderr[-3000:]
@@ -293,26 +369,47 @@ def test_slurm_script_on_two_simulated_nodes(tiny, tmp_path):
     (bin_dir / "srun").write_text(
         "#!/usr/bin/env bash\nshift  # --ntasks-per-node=1\npids=()\n"
         'for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i "$@" & pids+=($!); done\n'
-        'rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done; exit $rc\n')
+        'rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done; exit $rc\n'
+    )
     for tool in ("scontrol", "srun"):
         (bin_dir / tool).chmod(0o755)
     port = free_port()
     out = tmp_path / "run"
-    path = write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 4, "per_device_train_batch_size": 4})
-    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[1-2]", "GPUS_PER_NODE": "1", "MAIN_PORT": str(port),
-           "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "slurm_multi_node.sh"), str(path)], capture_output=True,
-                            text=True, cwd=ROOT, env=env, timeout=300)
+    path = write_recipe(
+        tmp_path / "r.yaml", tiny, out, training={"max_steps": 4, "per_device_train_batch_size": 4}
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "GPUS_PER_NODE": "1",
+        "MAIN_PORT": str(port),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "slurm_multi_node.sh"), str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert (metrics["world_size"], metrics["steps"], metrics["distributed_type"]) == (2, 4, "MULTI_CPU")
+    assert (metrics["world_size"], metrics["steps"], metrics["distributed_type"]) == (
+        2,
+        4,
+        "MULTI_CPU",
+    )
     assert result.stdout.count("Final train loss") == 1
 
 
 def test_train_resumes_from_the_latest_checkpoint(tiny, tmp_path, capsys):
     out = tmp_path / "run"
-    path = write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 20, "save_steps": 10})
+    path = write_recipe(
+        tmp_path / "r.yaml", tiny, out, training={"max_steps": 20, "save_steps": 10}
+    )
     assert run_cli("train", path) == 0
     first = json.loads((out / "metrics.json").read_text())
     capsys.readouterr()
@@ -322,10 +419,22 @@ def test_train_resumes_from_the_latest_checkpoint(tiny, tmp_path, capsys):
     assert second["steps"] == 30 and second["epochs"] == pytest.approx(0.6)
     # Tokens of this invocation only: 10 steps, half of the first run's 20.
     assert second["train_tokens"] == pytest.approx(first["train_tokens"] / 2, rel=0.1)
-    assert run_cli("train", path, "--set", "training.max_steps=30", "--resume", "never", "--set",
-                   "training.save_strategy='no'") == 0
+    assert (
+        run_cli(
+            "train",
+            path,
+            "--set",
+            "training.max_steps=30",
+            "--resume",
+            "never",
+            "--set",
+            "training.save_strategy='no'",
+        )
+        == 0
+    )
     assert json.loads((out / "metrics.json").read_text())["train_tokens"] == pytest.approx(
-        first["train_tokens"] * 1.5, rel=0.1)
+        first["train_tokens"] * 1.5, rel=0.1
+    )
 
 
 @pytest.mark.parametrize("name", ["text", "pc", "chat", "alpaca"])
@@ -333,11 +442,16 @@ def test_each_format_trains_evaluates_and_merges(tiny, tmp_path, name):
     from transformers import AutoTokenizer
 
     out = tmp_path / "run"
-    data_section = {"train": str(tiny / "data" / f"{name}_train.jsonl"), "eval": str(tiny / "data" / f"{name}_eval.jsonl"),
-                    "max_length": 96}
+    data_section = {
+        "train": str(tiny / "data" / f"{name}_train.jsonl"),
+        "eval": str(tiny / "data" / f"{name}_eval.jsonl"),
+        "max_length": 96,
+    }
     if name == "chat":
         data_section["chat_template"] = CHAT_TEMPLATE
-    path = write_recipe(tmp_path / "r.yaml", tiny, out, data=data_section, training={"max_steps": 40})
+    path = write_recipe(
+        tmp_path / "r.yaml", tiny, out, data=data_section, training={"max_steps": 40}
+    )
     assert run_cli("train", path) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data"]["train"]["samples"] == 400 and metrics["data"]["train"]["skipped"] == {}
@@ -347,21 +461,31 @@ def test_each_format_trains_evaluates_and_merges(tiny, tmp_path, name):
     assert report["merged_vs_adapter"]["ok"]
     merged = tmp_path / "merged"
     merge.run(out, merged)
-    if name == "chat":  # the template used in training travels with the adapter and the merged model
+    if (
+        name == "chat"
+    ):  # the template used in training travels with the adapter and the merged model
         assert AutoTokenizer.from_pretrained(out / "adapter").chat_template == CHAT_TEMPLATE
         assert AutoTokenizer.from_pretrained(merged).chat_template == CHAT_TEMPLATE
 
 
 def test_packed_training(tiny, tmp_path, capsys):
     out = tmp_path / "run"
-    path = write_recipe(tmp_path / "r.yaml", tiny, out, data={"packing": True}, training={"num_train_epochs": 1})
+    path = write_recipe(
+        tmp_path / "r.yaml", tiny, out, data={"packing": True}, training={"num_train_epochs": 1}
+    )
     assert run_cli("train", path) == 0
     text = capsys.readouterr().out
     # 400 samples of 15 tokens on average fill about 90 rows of 64 tokens: 12 steps of batch 8.
     assert "400 (5,332 trained tokens), packed" in text
     metrics = json.loads((out / "metrics.json").read_text())
     assert 10 <= metrics["steps"] <= 13
-    path = write_recipe(tmp_path / "opt.yaml", tiny, out, model={"id": str(tiny / "tiny-opt")}, data={"packing": True})
+    path = write_recipe(
+        tmp_path / "opt.yaml",
+        tiny,
+        out,
+        model={"id": str(tiny / "tiny-opt")},
+        data={"packing": True},
+    )
     assert run_cli("train", path, "--dry-run") == 2
     assert "cannot keep samples in one row apart" in capsys.readouterr().err
 
@@ -374,25 +498,47 @@ def test_padding_free_batches_train_exactly_like_padded_ones(tiny, tmp_path, cap
     runs = {}
     for padding_free in (True, False):
         out = tmp_path / f"run-{padding_free}"
-        path = write_recipe(tmp_path / "r.yaml", tiny, out, data={"train": str(tiny / "data" / "pc_train.jsonl"),
-                                                                  "eval": None, "padding_free": padding_free},
-                            training={"max_steps": 8, "logging_steps": 1})
+        path = write_recipe(
+            tmp_path / "r.yaml",
+            tiny,
+            out,
+            data={
+                "train": str(tiny / "data" / "pc_train.jsonl"),
+                "eval": None,
+                "padding_free": padding_free,
+            },
+            training={"max_steps": 8, "logging_steps": 1},
+        )
         assert run_cli("train", path) == 0
-        runs[padding_free] = (json.loads((out / "metrics.json").read_text()),
-                              load_file(out / "adapter" / "adapter_model.safetensors"))
-    assert re.search(r"400 \([\d,]+ trained tokens\), padding-free batches", capsys.readouterr().out)
+        runs[padding_free] = (
+            json.loads((out / "metrics.json").read_text()),
+            load_file(out / "adapter" / "adapter_model.safetensors"),
+        )
+    assert re.search(
+        r"400 \([\d,]+ trained tokens\), padding-free batches", capsys.readouterr().out
+    )
     (free, free_adapter), (padded, padded_adapter) = runs[True], runs[False]
     losses = [[e["loss"] for e in m["log_history"] if "loss" in e] for m in (free, padded)]
     assert len(losses[0]) == 8 and losses[0] == pytest.approx(losses[1], abs=1e-4)
     assert losses[0][-1] < losses[0][0] - 0.1
     for name, tensor in padded_adapter.items():
         assert torch.allclose(free_adapter[name], tensor, atol=1e-4), name
-    for attention, default in (("sdpa", False), ("flash_attention_2", True)):  # the plan loads no weights
-        path = write_recipe(tmp_path / "a.yaml", tiny, tmp_path / "a", model={"attn_implementation": attention})
+    for attention, default in (
+        ("sdpa", False),
+        ("flash_attention_2", True),
+    ):  # the plan loads no weights
+        path = write_recipe(
+            tmp_path / "a.yaml", tiny, tmp_path / "a", model={"attn_implementation": attention}
+        )
         assert run_cli("train", path, "--dry-run") == 0
         assert ("padding-free batches" in capsys.readouterr().out) is default, attention
-    path = write_recipe(tmp_path / "opt.yaml", tiny, tmp_path / "opt", model={"id": str(tiny / "tiny-opt")},
-                        data={"padding_free": True})
+    path = write_recipe(
+        tmp_path / "opt.yaml",
+        tiny,
+        tmp_path / "opt",
+        model={"id": str(tiny / "tiny-opt")},
+        data={"padding_free": True},
+    )
     assert run_cli("train", path, "--dry-run") == 2
     assert "data.padding_free: " in capsys.readouterr().err
 
@@ -402,8 +548,12 @@ def test_data_preview(tiny, tmp_path, capsys):
     from lora_tune.models import load_tokenizer
     from lora_tune.recipe import ModelSection
 
-    path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run",
-                        data={"train": str(tiny / "data" / "pc_train.jsonl"), "eval": None, "max_length": 12})
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        tiny,
+        tmp_path / "run",
+        data={"train": str(tiny / "data" / "pc_train.jsonl"), "eval": None, "max_length": 12},
+    )
     assert run_cli("data", path, "-n", "2") == 0
     out = capsys.readouterr().out
     assert out.count("sample ") == 2 and "what colour is the" in out
@@ -414,7 +564,7 @@ def test_data_preview(tiny, tmp_path, capsys):
 
     tokenizer = load_tokenizer(ModelSection(id=str(tiny / "tiny-llama")))
     text = preview.render_sample(tokenizer, [0, 264, 395, 2], [-100, -100, 395, 2])
-    styles = [(text.plain[span.start:span.end], span.style) for span in text.spans]
+    styles = [(text.plain[span.start : span.end], span.style) for span in text.spans]
     assert styles[:2] == [("<s>", preview.MASKED), (tokenizer.decode([264]), preview.MASKED)]
     assert styles[2:] == [(tokenizer.decode([395]), preview.TRAINED), ("</s>", preview.TRAINED)]
 
@@ -424,14 +574,30 @@ def test_gradient_accumulation_matches_a_full_batch(tiny, tmp_path):
     adapters = {}
     for name, batch, accumulation in (("full", 8, 1), ("accumulated", 4, 2)):
         out = tmp_path / name
-        path = write_recipe(tmp_path / f"{name}.yaml", tiny, out, data={"train": str(tiny / "data" / "pc_train.jsonl")},
-                            training={"max_steps": 1, "per_device_train_batch_size": batch,
-                                      "gradient_accumulation_steps": accumulation,
-                                      "train_sampling_strategy": "sequential", "learning_rate": 1.0,
-                                      "optim": "sgd",  # SGD: unlike Adam's first step, scale-sensitive
-                                      "bf16": False, "fp16": False})  # exact arithmetic on GPUs too
+        path = write_recipe(
+            tmp_path / f"{name}.yaml",
+            tiny,
+            out,
+            data={"train": str(tiny / "data" / "pc_train.jsonl")},
+            training={
+                "max_steps": 1,
+                "per_device_train_batch_size": batch,
+                "gradient_accumulation_steps": accumulation,
+                "train_sampling_strategy": "sequential",
+                "learning_rate": 1.0,
+                "optim": "sgd",  # SGD: unlike Adam's first step, scale-sensitive
+                "bf16": False,
+                "fp16": False,
+            },
+        )  # exact arithmetic on GPUs too
         assert run_cli("train", path) == 0
         adapters[name] = load_file(out / "adapter" / "adapter_model.safetensors")
     moved = max((adapters["full"][k]).abs().max().item() for k in adapters["full"] if "lora_B" in k)
     assert moved > 1e-4  # one step really changed the adapter
-    assert max((adapters["full"][k] - adapters["accumulated"][k]).abs().max().item() for k in adapters["full"]) < 1e-6
+    assert (
+        max(
+            (adapters["full"][k] - adapters["accumulated"][k]).abs().max().item()
+            for k in adapters["full"]
+        )
+        < 1e-6
+    )

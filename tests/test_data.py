@@ -27,7 +27,9 @@ def test_pad_equals_eos_but_the_final_eos_is_trained(llama_tokenizer):
     tok = llama_tokenizer
     assert tok.pad_token_id == tok.eos_token_id == 2
     short = data.tokenize(tok, "", "the river is blue.", 64, train_on_prompt=False)
-    long = data.tokenize(tok, "", "the river is blue and it sings every night.", 64, train_on_prompt=False)
+    long = data.tokenize(
+        tok, "", "the river is blue and it sings every night.", 64, train_on_prompt=False
+    )
     body = tok("the river is blue.", add_special_tokens=False)["input_ids"]
     assert short["input_ids"] == [tok.bos_token_id, *body, tok.eos_token_id]
     assert short["labels"] == [-100, *body, tok.eos_token_id]
@@ -42,18 +44,24 @@ def test_pad_equals_eos_but_the_final_eos_is_trained(llama_tokenizer):
 
 def test_prompt_completion_trains_the_completion_only(llama_tokenizer):
     tok = llama_tokenizer
-    sample = data.tokenize(tok, "what colour is the river?", " the river is blue.", 64, train_on_prompt=False)
+    sample = data.tokenize(
+        tok, "what colour is the river?", " the river is blue.", 64, train_on_prompt=False
+    )
     prompt = tok("what colour is the river?")["input_ids"]
     completion = tok(" the river is blue.", add_special_tokens=False)["input_ids"]
     assert prompt[0] == tok.bos_token_id
     assert sample["input_ids"] == [*prompt, *completion, tok.eos_token_id]
     assert sample["labels"] == [-100] * len(prompt) + [*completion, tok.eos_token_id]
-    everything = data.tokenize(tok, "what colour is the river?", " the river is blue.", 64, train_on_prompt=True)
+    everything = data.tokenize(
+        tok, "what colour is the river?", " the river is blue.", 64, train_on_prompt=True
+    )
     assert everything["labels"] == everything["input_ids"]
 
 
 def test_truncation_keeps_the_start(llama_tokenizer):
-    sample = data.tokenize(llama_tokenizer, "", "the river is blue and it sings every night.", 8, False)
+    sample = data.tokenize(
+        llama_tokenizer, "", "the river is blue and it sings every night.", 8, False
+    )
     assert len(sample["input_ids"]) == len(sample["labels"]) == 8
     assert sample["labels"][-1] != llama_tokenizer.eos_token_id  # the cut end has no EOS to learn
 
@@ -62,9 +70,12 @@ def test_alpaca_rows_use_the_templates():
     section = DataSection(train="x.jsonl", format="alpaca")
     with_input = {"instruction": "Add", "input": "2 and 3", "output": "5"}
     assert data.to_prompt_completion(with_input, "alpaca", section) == (
-        "### Instruction:\nAdd\n\n### Input:\n2 and 3\n\n### Response:\n", "5")
-    assert data.to_prompt_completion({"instruction": "Say hi", "input": "", "output": "hi"}, "alpaca", section) == (
-        "### Instruction:\nSay hi\n\n### Response:\n", "hi")
+        "### Instruction:\nAdd\n\n### Input:\n2 and 3\n\n### Response:\n",
+        "5",
+    )
+    assert data.to_prompt_completion(
+        {"instruction": "Say hi", "input": "", "output": "hi"}, "alpaca", section
+    ) == ("### Instruction:\nSay hi\n\n### Response:\n", "hi")
     custom = DataSection(train="x.jsonl", prompt_template="Q: {instruction} ({input})\nA:")
     assert data.to_prompt_completion(with_input, "alpaca", custom)[0] == "Q: Add (2 and 3)\nA:"
 
@@ -78,9 +89,13 @@ def chat_tokenizer(llama_tokenizer):
     return tok
 
 
-CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what colour is the river?"},
-        {"role": "assistant", "content": "blue."}, {"role": "user", "content": "and the city?"},
-        {"role": "assistant", "content": "red."}]
+CHAT = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "what colour is the river?"},
+    {"role": "assistant", "content": "blue."},
+    {"role": "user", "content": "and the city?"},
+    {"role": "assistant", "content": "red."},
+]
 
 
 def test_messages_train_only_the_assistant_turns(chat_tokenizer):
@@ -88,15 +103,30 @@ def test_messages_train_only_the_assistant_turns(chat_tokenizer):
     sample = data.tokenize_chat(tok, CHAT, 256, train_on_prompt=False, where="row 0")
     # The template renders "role: content</s>\n" per turn; each assistant turn's content, its
     # </s> and newline are trained, the rest (system, user, "assistant: " prompts) is masked.
-    text = ("system: be brief</s>\nuser: what colour is the river?</s>\nassistant: blue.</s>\n"
-            "user: and the city?</s>\nassistant: red.</s>\n")
+    text = (
+        "system: be brief</s>\nuser: what colour is the river?</s>\nassistant: blue.</s>\n"
+        "user: and the city?</s>\nassistant: red.</s>\n"
+    )
     assert sample["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
-    tokens = [(tok.decode([i]), label != -100) for i, label in zip(sample["input_ids"], sample["labels"], strict=False)]
-    runs = [("".join(t for t, _ in group), trained) for trained, group in itertools.groupby(tokens, lambda x: x[1])]
+    tokens = [
+        (tok.decode([i]), label != -100)
+        for i, label in zip(sample["input_ids"], sample["labels"], strict=False)
+    ]
+    runs = [
+        ("".join(t for t, _ in group), trained)
+        for trained, group in itertools.groupby(tokens, lambda x: x[1])
+    ]
     # BPE glues the space of "assistant: " to the answer's first word: that token is trained.
-    assert runs == [("system: be brief</s>\nuser: what colour is the river?</s>\nassistant:", False),
-                    (" blue.</s>\n", True), ("user: and the city?</s>\nassistant:", False), (" red.</s>\n", True)]
-    assert all(label in (-100, token) for token, label in zip(sample["input_ids"], sample["labels"], strict=False))
+    assert runs == [
+        ("system: be brief</s>\nuser: what colour is the river?</s>\nassistant:", False),
+        (" blue.</s>\n", True),
+        ("user: and the city?</s>\nassistant:", False),
+        (" red.</s>\n", True),
+    ]
+    assert all(
+        label in (-100, token)
+        for token, label in zip(sample["input_ids"], sample["labels"], strict=False)
+    )
     assert tok.eos_token_id in sample["labels"][-3:]  # the last turn ends with a trained EOS
     everything = data.tokenize_chat(tok, CHAT, 256, train_on_prompt=True, where="row 0")
     assert everything["labels"] == everything["input_ids"]
@@ -104,8 +134,10 @@ def test_messages_train_only_the_assistant_turns(chat_tokenizer):
 
 def test_messages_get_a_final_eos_when_the_template_has_none(chat_tokenizer):
     tok = chat_tokenizer
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     sample = data.tokenize_chat(tok, CHAT[1:3], 256, train_on_prompt=False, where="row 0")
     assert sample["input_ids"][-1] == sample["labels"][-1] == tok.eos_token_id
     trained = [label for label in sample["labels"] if label != -100]
@@ -114,11 +146,15 @@ def test_messages_get_a_final_eos_when_the_template_has_none(chat_tokenizer):
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused(chat_tokenizer):
-    chat_tokenizer.chat_template = ("{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['content'] }}"
-                                    "{% endfor %}{% if add_generation_prompt %}A:{% endif %}")
+    chat_tokenizer.chat_template = (
+        "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['content'] }}"
+        "{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+    )
     with pytest.raises(UserError, match="does not render conversations turn by turn .*row 7"):
         data.tokenize_chat(chat_tokenizer, CHAT, 256, train_on_prompt=False, where="row 7")
-    everything = data.tokenize_chat(chat_tokenizer, CHAT, 256, train_on_prompt=True, where="row 7")  # the fix offered
+    everything = data.tokenize_chat(
+        chat_tokenizer, CHAT, 256, train_on_prompt=True, where="row 7"
+    )  # the fix offered
     assert everything["labels"][:-1] == everything["input_ids"][:-1]
 
 
@@ -128,61 +164,91 @@ def write_rows(path, rows):
 
 
 def test_bad_rows_are_skipped_and_counted_or_refused(tmp_path, chat_tokenizer):
-    chats = write_rows(tmp_path / "chats.jsonl", [
-        {"messages": CHAT},
-        {"messages": [{"role": "user", "content": "hello?"}]},  # no assistant turn: skipped
-        {"messages": CHAT[:3] * 30},  # longer than max_length: truncated
-    ])
+    chats = write_rows(
+        tmp_path / "chats.jsonl",
+        [
+            {"messages": CHAT},
+            {"messages": [{"role": "user", "content": "hello?"}]},  # no assistant turn: skipped
+            {"messages": CHAT[:3] * 30},  # longer than max_length: truncated
+        ],
+    )
     section = DataSection(train=str(chats), max_length=96)
     train, _, stats = data.load_datasets(section, chat_tokenizer)
     assert len(train) == 2
     assert stats["train"].skipped == {"no assistant turn": 1}
     assert (stats["train"].rows, stats["train"].samples, stats["train"].truncated) == (3, 2, 1)
-    assert sorted(len(ids) for ids in train["input_ids"]) == [len(data.tokenize_chat(chat_tokenizer, CHAT, 999, False,
-                                                                                      "")["input_ids"]), 96]
+    assert sorted(len(ids) for ids in train["input_ids"]) == [
+        len(data.tokenize_chat(chat_tokenizer, CHAT, 999, False, "")["input_ids"]),
+        96,
+    ]
 
-    texts = write_rows(tmp_path / "texts.jsonl", [{"text": "the river is blue."}, {"text": ""}, {"text": None}])
+    texts = write_rows(
+        tmp_path / "texts.jsonl", [{"text": "the river is blue."}, {"text": ""}, {"text": None}]
+    )
     train, _, stats = data.load_datasets(DataSection(train=str(texts)), chat_tokenizer)
     assert len(train) == 1 and stats["train"].skipped == {"empty": 2}
 
-    numbers = write_rows(tmp_path / "numbers.jsonl", [{"text": "fine"}, {"text": "also fine"}, {"text": 42}])
+    numbers = write_rows(
+        tmp_path / "numbers.jsonl", [{"text": "fine"}, {"text": "also fine"}, {"text": 42}]
+    )
     with pytest.raises(UserError) as info:
         data.load_datasets(DataSection(train=str(numbers)), chat_tokenizer)
-    assert info.value.headline == f"data.train ({numbers}), row 2, field 'text': expected text, got int '42'"
+    assert (
+        info.value.headline
+        == f"data.train ({numbers}), row 2, field 'text': expected text, got int '42'"
+    )
 
     broken = write_rows(tmp_path / "broken.jsonl", [{"messages": [{"role": "user"}]}])
-    with pytest.raises(UserError, match=r"row 0: each chat turn needs a 'role' and a text 'content'"):
+    with pytest.raises(
+        UserError, match=r"row 0: each chat turn needs a 'role' and a text 'content'"
+    ):
         data.load_datasets(DataSection(train=str(broken)), chat_tokenizer)
 
 
 def test_messages_need_a_chat_template(tmp_path, llama_tokenizer):
     chats = write_rows(tmp_path / "chats.jsonl", [{"messages": CHAT}])
-    with pytest.raises(UserError, match="holds chat messages and the tokenizer has no chat template"):
+    with pytest.raises(
+        UserError, match="holds chat messages and the tokenizer has no chat template"
+    ):
         data.load_datasets(DataSection(train=str(chats)), llama_tokenizer)
-    with pytest.raises(UserError, match="data.chat_template: the tokenizer of m has no chat template"):
+    with pytest.raises(
+        UserError, match="data.chat_template: the tokenizer of m has no chat template"
+    ):
         data.prepare_tokenizer(llama_tokenizer, DataSection(train="x", format="messages"), "m")
 
 
-@pytest.mark.parametrize("name, expected", [("text", "text"), ("pc", "prompt_completion"), ("chat", "messages"),
-                                            ("alpaca", "alpaca")])
+@pytest.mark.parametrize(
+    "name, expected",
+    [("text", "text"), ("pc", "prompt_completion"), ("chat", "messages"), ("alpaca", "alpaca")],
+)
 def test_formats_are_detected_from_the_columns(tiny, name, expected):
     from datasets import load_dataset
 
-    columns = load_dataset("json", data_files=str(tiny / "data" / f"{name}_eval.jsonl"), split="train").column_names
+    columns = load_dataset(
+        "json", data_files=str(tiny / "data" / f"{name}_eval.jsonl"), split="train"
+    ).column_names
     assert data.detect_format(columns, DataSection(train="x"), "data.train", "x") == expected
 
 
 def test_undetectable_format_lists_the_columns():
     with pytest.raises(UserError) as info:
-        data.detect_format(["question", "answer"], DataSection(train="q.jsonl"), "data.train", "q.jsonl")
-    assert info.value.headline == ("data.format: cannot tell the format of data.train (q.jsonl) from its columns: "
-                                   "question, answer")
+        data.detect_format(
+            ["question", "answer"], DataSection(train="q.jsonl"), "data.train", "q.jsonl"
+        )
+    assert info.value.headline == (
+        "data.format: cannot tell the format of data.train (q.jsonl) from its columns: "
+        "question, answer"
+    )
 
 
 def test_several_sources_mix_formats(tiny, chat_tokenizer):
-    section = DataSection(train=[str(tiny / "data" / "text_eval.jsonl"),
-                                 {"path": str(tiny / "data" / "chat_eval.jsonl")},
-                                 str(tiny / "data" / "alpaca_eval.jsonl")])
+    section = DataSection(
+        train=[
+            str(tiny / "data" / "text_eval.jsonl"),
+            {"path": str(tiny / "data" / "chat_eval.jsonl")},
+            str(tiny / "data" / "alpaca_eval.jsonl"),
+        ]
+    )
     train, _, stats = data.load_datasets(section, chat_tokenizer)
     assert len(train) == stats["train"].samples == 3 * 64
 
@@ -216,24 +282,37 @@ def test_packed_loss_equals_unpacked_loss(tiny, llama_tokenizer):
         section = DataSection(train=str(tiny / "data" / "pc_eval.jsonl"), train_on_prompt=True)
         samples, _, _ = data.load_datasets(section, llama_tokenizer)
         samples = samples.select(range(12))
-        padded = DataCollatorForLanguageModeling(pad_token_id=llama_tokenizer.pad_token_id)(list(samples))
+        padded = DataCollatorForLanguageModeling(pad_token_id=llama_tokenizer.pad_token_id)(
+            list(samples)
+        )
         packed_rows = pack_dataset(Dataset.from_list(list(samples)), seq_length=2048)
         assert len(packed_rows) == 1
-        packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(list(packed_rows))
+        packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+            list(packed_rows)
+        )
         # As in SFTTrainer's training step: no KV cache (with one, transformers ignores the packing).
         with torch.no_grad():
             unpacked_loss = model(**padded, use_cache=False).loss
-            packed_loss = model(input_ids=packed["input_ids"], labels=packed["labels"],
-                                position_ids=packed["position_ids"], use_cache=False).loss
+            packed_loss = model(
+                input_ids=packed["input_ids"],
+                labels=packed["labels"],
+                position_ids=packed["position_ids"],
+                use_cache=False,
+            ).loss
             # Without position ids the samples attend to each other and the loss changes.
-            leaky_loss = model(input_ids=packed["input_ids"], labels=packed["labels"], use_cache=False).loss
+            leaky_loss = model(
+                input_ids=packed["input_ids"], labels=packed["labels"], use_cache=False
+            ).loss
         assert abs(leaky_loss.item() - unpacked_loss.item()) > 1e-3, kind
         if kind == "llama":
             check_packing(meta_model(model.config), "tiny-llama")
             assert packed_loss.item() == pytest.approx(unpacked_loss.item(), abs=1e-5)
         else:
             assert abs(packed_loss.item() - unpacked_loss.item()) > 1e-3
-            with pytest.raises(UserError, match=r"data.packing: tiny-opt \(opt\) cannot keep samples in one row apart"):
+            with pytest.raises(
+                UserError,
+                match=r"data.packing: tiny-opt \(opt\) cannot keep samples in one row apart",
+            ):
                 check_packing(meta_model(model.config), "tiny-opt")
 
 
@@ -268,8 +347,10 @@ def test_missing_column_lists_the_columns(tiny, llama_tokenizer):
     section = DataSection(train=str(path), format="text", text_field="quote")
     with pytest.raises(UserError) as info:
         data.load_datasets(section, llama_tokenizer)
-    assert info.value.render() == (f"data.text_field: column 'quote' not found in data.train ({path}); "
-                                   "its columns: text\n  - set data.text_field to one of its columns")
+    assert info.value.render() == (
+        f"data.text_field: column 'quote' not found in data.train ({path}); "
+        "its columns: text\n  - set data.text_field to one of its columns"
+    )
 
 
 def test_missing_file_and_empty_data(tmp_path, llama_tokenizer):
@@ -279,7 +360,9 @@ def test_missing_file_and_empty_data(tmp_path, llama_tokenizer):
     long_prompt = tmp_path / "long.jsonl"
     long_prompt.write_text(json.dumps({"prompt": "the river " * 50, "completion": "blue"}) + "\n")
     section = DataSection(train=str(long_prompt), format="prompt_completion", max_length=16)
-    with pytest.raises(UserError, match=r"data.train: no usable rows .* \(1 rows; skipped: 1 nothing left to train"):
+    with pytest.raises(
+        UserError, match=r"data.train: no usable rows .* \(1 rows; skipped: 1 nothing left to train"
+    ):
         data.load_datasets(section, llama_tokenizer)
 
 

@@ -28,7 +28,8 @@ STRICT_TEMPLATE = (
     "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
     "{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}")
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
 CHINESE = "河流是蓝色的 🌊🙂"
 
 
@@ -49,11 +50,14 @@ def texts(n: int, word: str = "river") -> list[dict]:
 
 def load_error(spec, tokenizer, **section) -> UserError:
     with pytest.raises(UserError) as info:
-        data.load_datasets(DataSection(train=spec if isinstance(spec, list) else str(spec), **section), tokenizer)
+        data.load_datasets(
+            DataSection(train=spec if isinstance(spec, list) else str(spec), **section), tokenizer
+        )
     return info.value
 
 
 # --- folders ------------------------------------------------------------------------------------
+
 
 def test_a_folder_of_several_file_types_is_read_whole(tmp_path, tokenizer):
     from datasets import Dataset
@@ -66,7 +70,9 @@ def test_a_folder_of_several_file_types_is_read_whole(tmp_path, tokenizer):
     (folder / "README.md").write_text("# notes, not data\n")
     train, _, stats = data.load_datasets(DataSection(train=str(folder)), tokenizer)
     assert (stats["train"].rows, len(train)) == (870, 870)
-    words = {tokenizer.decode(ids, skip_special_tokens=True).split()[1] for ids in train["input_ids"]}
+    words = {
+        tokenizer.decode(ids, skip_special_tokens=True).split()[1] for ids in train["input_ids"]
+    }
     assert words == {"river", "city", "ocean", "forest"}
 
 
@@ -74,12 +80,15 @@ def test_a_folder_follows_the_split_file_names(tmp_path, tokenizer):
     folder = tmp_path / "splits"
     write_rows(folder / "train.jsonl", texts(3))
     write_rows(folder / "test.jsonl", texts(2))
-    train, evaluation, _ = data.load_datasets(DataSection(train=str(folder), eval=str(folder), eval_split="test"),
-                                              tokenizer)
+    train, evaluation, _ = data.load_datasets(
+        DataSection(train=str(folder), eval=str(folder), eval_split="test"), tokenizer
+    )
     assert (len(train), len(evaluation)) == (3, 2)
     error = load_error(folder, tokenizer, split="validation")
-    assert error.render() == (f"data.train: the folder {folder} has no 'validation' split; its file names make "
-                              "the splits train, test\n  - set data.split (or the source's split) to one of them")
+    assert error.render() == (
+        f"data.train: the folder {folder} has no 'validation' split; its file names make "
+        "the splits train, test\n  - set data.split (or the source's split) to one of them"
+    )
 
 
 @pytest.mark.parametrize("case", ["other columns", "an extra column", "another type"])
@@ -90,7 +99,9 @@ def test_files_of_a_folder_with_different_columns_are_named(case, tmp_path, toke
         write_rows(folder / "b.jsonl", [{"prompt": "what colour?", "completion": "blue"}])
         columns = ["a.jsonl: columns text", "b.jsonl: columns prompt, completion"]
     elif case == "an extra column":  # datasets would fill the gap with None and skip those rows
-        write_rows(folder / "a.jsonl", [{"prompt": "what colour?", "completion": "blue", "text": "x"}])
+        write_rows(
+            folder / "a.jsonl", [{"prompt": "what colour?", "completion": "blue", "text": "x"}]
+        )
         write_rows(folder / "b.jsonl", [{"prompt": "what colour?"}] * 4)
         columns = ["a.jsonl: columns prompt, completion, text", "b.jsonl: columns prompt"]
     else:
@@ -100,8 +111,11 @@ def test_files_of_a_folder_with_different_columns_are_named(case, tmp_path, toke
     error = load_error(folder, tokenizer)
     assert error.headline == f"data.train: the files of {folder} have different columns"
     assert error.problems == [f"{folder}/{line}" for line in columns] + [
-        ("give every file the same columns, or list the files as separate sources of data.train "
-         "(each is formatted by its own columns)")]
+        (
+            "give every file the same columns, or list the files as separate sources of data.train "
+            "(each is formatted by its own columns)"
+        )
+    ]
 
 
 def test_a_folder_with_files_it_cannot_read_names_them(tmp_path, tokenizer):
@@ -110,34 +124,63 @@ def test_a_folder_with_files_it_cannot_read_names_them(tmp_path, tokenizer):
     (folder / "b.tsv").write_text("text\tsource\nx\ty\n")
     (folder / "notes.md").write_text("how the data was made\n")
     error = load_error(folder, tokenizer)
-    assert error.headline == (f"data.train: the folder {folder} holds files of types lora-tune cannot read "
-                              f"(.md, .tsv): {folder}/b.tsv, {folder}/notes.md")
-    assert error.problems[0].startswith("move them out of the folder, or list the files to use in data.train")
+    assert error.headline == (
+        f"data.train: the folder {folder} holds files of types lora-tune cannot read "
+        f"(.md, .tsv): {folder}/b.tsv, {folder}/notes.md"
+    )
+    assert error.problems[0].startswith(
+        "move them out of the folder, or list the files to use in data.train"
+    )
 
 
-def test_sources_of_one_format_with_other_columns_name_the_file_and_its_columns(tmp_path, tokenizer):
+def test_sources_of_one_format_with_other_columns_name_the_file_and_its_columns(
+    tmp_path, tokenizer
+):
     first = write_rows(tmp_path / "a.jsonl", [{"prompt": "what colour?", "completion": "blue"}])
     second = write_rows(tmp_path / "b.jsonl", [{"question": "what colour?", "answer": "blue"}])
     error = load_error([str(first), str(second)], tokenizer, format="prompt_completion")
-    assert error.headline == (f"data.prompt_field: column 'prompt' not found in data.train ({second}); "
-                              "its columns: question, answer")
+    assert error.headline == (
+        f"data.prompt_field: column 'prompt' not found in data.train ({second}); "
+        "its columns: question, answer"
+    )
 
 
 # --- files that do not parse ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, content, expected", [
-    ("rows.jsonl", '{"text": "a"}\n{"text": "b"}\n\n{"text": "c\n{"text": "d"}\n',
-     "rows.jsonl:4: not valid JSON, column 10: Unterminated string starting at"),
-    ("rows.jsonl", '{"text": "a"}\n["b"]\n', "rows.jsonl:2: expected a JSON object (one row), got list [\"b\"]"),
-    ("rows.json", '[\n  {"text": "a"},\n  {"text" "b"}\n]\n', "rows.json:3: not valid JSON, column 11: Expecting ':' delimiter"),
-    ("rows.json", "[]\n", "rows.json: the file holds no rows: []"),
-    ("rows.csv", "text,source\nthe river,web\nthe city, red,web\n", "rows.csv:3: 3 fields, but the header has 2"),
-    ("rows.jsonl", "", "rows.jsonl: the file is empty"),
-    ("rows.csv", " \n\n  \n", "rows.csv: the file is empty"),
-    ("rows.txt", "", "rows.txt: the file is empty"),
-    ("rows.parquet", "", "rows.parquet: the file is empty"),
-])
-def test_a_file_that_does_not_parse_is_named_with_its_line(name, content, expected, tmp_path, tokenizer):
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        (
+            "rows.jsonl",
+            '{"text": "a"}\n{"text": "b"}\n\n{"text": "c\n{"text": "d"}\n',
+            "rows.jsonl:4: not valid JSON, column 10: Unterminated string starting at",
+        ),
+        (
+            "rows.jsonl",
+            '{"text": "a"}\n["b"]\n',
+            'rows.jsonl:2: expected a JSON object (one row), got list ["b"]',
+        ),
+        (
+            "rows.json",
+            '[\n  {"text": "a"},\n  {"text" "b"}\n]\n',
+            "rows.json:3: not valid JSON, column 11: Expecting ':' delimiter",
+        ),
+        ("rows.json", "[]\n", "rows.json: the file holds no rows: []"),
+        (
+            "rows.csv",
+            "text,source\nthe river,web\nthe city, red,web\n",
+            "rows.csv:3: 3 fields, but the header has 2",
+        ),
+        ("rows.jsonl", "", "rows.jsonl: the file is empty"),
+        ("rows.csv", " \n\n  \n", "rows.csv: the file is empty"),
+        ("rows.txt", "", "rows.txt: the file is empty"),
+        ("rows.parquet", "", "rows.parquet: the file is empty"),
+    ],
+)
+def test_a_file_that_does_not_parse_is_named_with_its_line(
+    name, content, expected, tmp_path, tokenizer
+):
     path = tmp_path / name
     path.write_text(content)
     error = load_error(path, tokenizer)
@@ -149,15 +192,19 @@ def test_a_bad_file_in_a_folder_is_named(tmp_path, tokenizer):
     folder = tmp_path / "d"
     write_rows(folder / "a.jsonl", texts(3))
     (folder / "b.jsonl").write_text('{"text": "fine"}\n{"text": "broken"\n')
-    assert load_error(folder, tokenizer).headline == (f"data.train: cannot load '{folder}': {folder}/b.jsonl:2: "
-                                                      "not valid JSON, column 18: Expecting ',' delimiter")
+    assert load_error(folder, tokenizer).headline == (
+        f"data.train: cannot load '{folder}': {folder}/b.jsonl:2: "
+        "not valid JSON, column 18: Expecting ',' delimiter"
+    )
     (folder / "b.jsonl").write_text("")
     (folder / "c.csv").write_text("")
-    assert load_error(folder, tokenizer).headline == (f"data.train: cannot load '{folder}': {folder}/b.jsonl: "
-                                                      "the file is empty")
+    assert load_error(folder, tokenizer).headline == (
+        f"data.train: cannot load '{folder}': {folder}/b.jsonl: the file is empty"
+    )
 
 
 # --- chat templates that refuse a row --------------------------------------------------------------
+
 
 @pytest.fixture()
 def strict_tokenizer(tokenizer):
@@ -170,18 +217,32 @@ def chat(*roles: str) -> dict:
     return {"messages": [{"role": role, "content": f"{role} says hi"} for role in roles]}
 
 
-@pytest.mark.parametrize("roles, message", [
-    (("user", "user", "assistant"), "Conversation roles must alternate user/assistant/user/assistant/..."),
-    (("user", "assistant", "tool", "assistant"), "Unknown role: tool"),
-])
+@pytest.mark.parametrize(
+    "roles, message",
+    [
+        (
+            ("user", "user", "assistant"),
+            "Conversation roles must alternate user/assistant/user/assistant/...",
+        ),
+        (("user", "assistant", "tool", "assistant"), "Unknown role: tool"),
+    ],
+)
 @pytest.mark.parametrize("train_on_prompt", [False, True])
-def test_a_template_that_refuses_a_row_names_the_row(roles, message, train_on_prompt, tmp_path, strict_tokenizer):
+def test_a_template_that_refuses_a_row_names_the_row(
+    roles, message, train_on_prompt, tmp_path, strict_tokenizer
+):
     path = write_rows(tmp_path / "chats.jsonl", [chat("user", "assistant"), chat(*roles)])
     error = load_error(path, strict_tokenizer, train_on_prompt=train_on_prompt)
-    assert error.headline == (f"data.train ({path}), row 1: the chat template refused this conversation "
-                              f"(roles: {', '.join(roles)}): {message}")
-    assert error.problems == [("fix the row as the template's message says, or set data.chat_template to a "
-                               "template that accepts such conversations")]
+    assert error.headline == (
+        f"data.train ({path}), row 1: the chat template refused this conversation "
+        f"(roles: {', '.join(roles)}): {message}"
+    )
+    assert error.problems == [
+        (
+            "fix the row as the template's message says, or set data.chat_template to a "
+            "template that accepts such conversations"
+        )
+    ]
 
 
 def test_a_template_that_is_not_jinja_is_named(tmp_path, tokenizer):
@@ -189,15 +250,24 @@ def test_a_template_that_is_not_jinja_is_named(tmp_path, tokenizer):
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}"
     path = write_rows(tmp_path / "chats.jsonl", [chat("user", "assistant")])
     error = load_error(path, tok)
-    assert error.headline.startswith("data.chat_template: the chat template is not valid Jinja (its line 1): ")
+    assert error.headline.startswith(
+        "data.chat_template: the chat template is not valid Jinja (its line 1): "
+    )
     assert "endfor" in error.headline
 
 
 # --- length statistics --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("lengths, median, p95", [
-    ([7], 7, 7), ([1, 100], 50.5, 95.05), ([1, 2, 100], 2, 90.2), ([3, 1, 2, 2], 2, 2.85),
-])
+
+@pytest.mark.parametrize(
+    "lengths, median, p95",
+    [
+        ([7], 7, 7),
+        ([1, 100], 50.5, 95.05),
+        ([1, 2, 100], 2, 90.2),
+        ([3, 1, 2, 2], 2, 2.85),
+    ],
+)
 def test_p95_is_never_below_the_median(lengths, median, p95):
     summary = data.DataStats(lengths=lengths).summary()["length"]
     assert (summary["median"], summary["p95"]) == (median, p95)
@@ -210,28 +280,41 @@ def test_p95_is_never_below_the_median(lengths, median, p95):
 
 # --- the preview ----------------------------------------------------------------------------------
 
+
 def test_preview_decodes_whole_characters(tokenizer):
     prompt = tokenizer(f"the river {CHINESE[:2]}", add_special_tokens=True)["input_ids"]
     ids = tokenizer(f"the river {CHINESE} is blue.")["input_ids"]
-    assert tokenizer.decode(ids[len(prompt) - 1:len(prompt) + 1]).count("\ufffd") >= 1  # a character split in two
-    labels = [-100] * (len(prompt) - 1) + ids[len(prompt) - 1:]  # the mask ends inside 流
+    assert (
+        tokenizer.decode(ids[len(prompt) - 1 : len(prompt) + 1]).count("\ufffd") >= 1
+    )  # a character split in two
+    labels = [-100] * (len(prompt) - 1) + ids[len(prompt) - 1 :]  # the mask ends inside 流
     pieces = preview.pieces(tokenizer, ids, labels)
     assert "".join(text for text, _ in pieces) == f"<s>the river {CHINESE} is blue."
     assert not any("\ufffd" in text for text, _ in pieces)
-    assert ("河", False) in pieces and ("流", True) in pieces  # a partly trained character counts as trained
+    assert ("河", False) in pieces and (
+        "流",
+        True,
+    ) in pieces  # a partly trained character counts as trained
     plain = preview.render_sample(tokenizer, ids, labels, mark=True).plain
     assert plain == "<s>the river 河[[流是蓝色的 🌊🙂 is blue.]]"
     styled = preview.render_sample(tokenizer, ids, labels)
     assert styled.plain == f"<s>the river {CHINESE} is blue."
-    assert {styled.plain[s.start:s.end]: s.style for s in styled.spans}["🌊"] == preview.TRAINED
+    assert {styled.plain[s.start : s.end]: s.style for s in styled.spans}["🌊"] == preview.TRAINED
 
 
 @pytest.fixture()
 def chinese_recipe(tiny, tmp_path):
-    rows = [{"prompt": f"问题 {i}: what colour is the river?", "completion": f" {CHINESE} blue."} for i in range(5)]
+    rows = [
+        {"prompt": f"问题 {i}: what colour is the river?", "completion": f" {CHINESE} blue."}
+        for i in range(5)
+    ]
     path = write_rows(tmp_path / "zh.jsonl", rows)
-    return write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run",
-                        data={"train": str(path), "eval": None, "max_length": 128})
+    return write_recipe(
+        tmp_path / "r.yaml",
+        tiny,
+        tmp_path / "run",
+        data={"train": str(path), "eval": None, "max_length": 128},
+    )
 
 
 def test_data_command_in_a_pipe_marks_trained_text(chinese_recipe, tmp_path, capsys):
@@ -243,9 +326,16 @@ def test_data_command_in_a_pipe_marks_trained_text(chinese_recipe, tmp_path, cap
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("options, marked", [({"force_terminal": True, "color_system": "truecolor"}, False),
-                                             ({"force_terminal": True, "no_color": True}, True)])
-def test_data_command_on_a_terminal_marks_only_without_colours(options, marked, chinese_recipe, monkeypatch):
+@pytest.mark.parametrize(
+    "options, marked",
+    [
+        ({"force_terminal": True, "color_system": "truecolor"}, False),
+        ({"force_terminal": True, "no_color": True}, True),
+    ],
+)
+def test_data_command_on_a_terminal_marks_only_without_colours(
+    options, marked, chinese_recipe, monkeypatch
+):
     screen = io.StringIO()
     monkeypatch.setattr(preview, "console", Console(file=screen, width=200, **options))
     preview.run(recipes.load(chinese_recipe), n=1)
@@ -256,10 +346,12 @@ def test_data_command_on_a_terminal_marks_only_without_colours(options, marked, 
 
 # --- bad inputs through the command line: exit code 2, the file and line, a fix, nothing written ---
 
+
 def _file(name: str, content: str):
     def make(case: Path) -> str:
         (case / name).write_text(content)
         return str(case / name)
+
     return make
 
 
@@ -270,29 +362,59 @@ def _folder(**files: str):
         for name, content in files.items():
             (folder / name.replace("_", ".")).write_text(content)
         return str(folder)
+
     return make
 
 
-CHATS = "".join(json.dumps(chat(*roles)) + "\n" for roles in [("user", "assistant"), ("assistant", "user")])
+CHATS = "".join(
+    json.dumps(chat(*roles)) + "\n" for roles in [("user", "assistant"), ("assistant", "user")]
+)
 BAD_DATA = {
-    "malformed json line": (_file("d.jsonl", '{"text": "a"}\n{"text": "b\n'), {},
-                            "d.jsonl:2: not valid JSON, column 10: Unterminated string starting at"),
-    "csv with an extra field": (_file("d.csv", "text\nthe river\nthe city, red\n"), {},
-                                "d.csv:3: 2 fields, but the header has 1"),
+    "malformed json line": (
+        _file("d.jsonl", '{"text": "a"}\n{"text": "b\n'),
+        {},
+        "d.jsonl:2: not valid JSON, column 10: Unterminated string starting at",
+    ),
+    "csv with an extra field": (
+        _file("d.csv", "text\nthe river\nthe city, red\n"),
+        {},
+        "d.csv:3: 2 fields, but the header has 1",
+    ),
     "empty file": (_file("d.jsonl", ""), {}, "d.jsonl: the file is empty"),
     "whitespace file": (_file("d.jsonl", "\n  \n"), {}, "d.jsonl: the file is empty"),
-    "empty file in a folder": (_folder(a_jsonl='{"text": "a"}\n', b_jsonl=""), {}, "folder/b.jsonl: the file is empty"),
-    "folder columns differ": (_folder(a_jsonl='{"text": "a"}\n', b_csv="quote\nb\n"), {},
-                              "folder/b.csv: columns quote give every file the same columns"),
-    "folder with unreadable files": (_folder(a_jsonl='{"text": "a"}\n', b_tsv="text\nb\n"), {},
-                                     "holds files of types lora-tune cannot read (.tsv): "),
-    "folder without the split": (_folder(train_jsonl='{"text": "a"}\n'), {"split": "validation"},
-                                 "has no 'validation' split; its file names make the splits train"),
-    "template refuses a row": (_file("chats.jsonl", CHATS), {"chat_template": STRICT_TEMPLATE},
-                               ("chats.jsonl), row 1: the chat template refused this conversation (roles: "
-                                "assistant, user): Conversation roles must alternate user/assistant/user/assistant/...")),
-    "template is not jinja": (_file("chats.jsonl", CHATS), {"chat_template": "{% if x %}"},
-                              "data.chat_template: the chat template is not valid Jinja"),
+    "empty file in a folder": (
+        _folder(a_jsonl='{"text": "a"}\n', b_jsonl=""),
+        {},
+        "folder/b.jsonl: the file is empty",
+    ),
+    "folder columns differ": (
+        _folder(a_jsonl='{"text": "a"}\n', b_csv="quote\nb\n"),
+        {},
+        "folder/b.csv: columns quote give every file the same columns",
+    ),
+    "folder with unreadable files": (
+        _folder(a_jsonl='{"text": "a"}\n', b_tsv="text\nb\n"),
+        {},
+        "holds files of types lora-tune cannot read (.tsv): ",
+    ),
+    "folder without the split": (
+        _folder(train_jsonl='{"text": "a"}\n'),
+        {"split": "validation"},
+        "has no 'validation' split; its file names make the splits train",
+    ),
+    "template refuses a row": (
+        _file("chats.jsonl", CHATS),
+        {"chat_template": STRICT_TEMPLATE},
+        (
+            "chats.jsonl), row 1: the chat template refused this conversation (roles: "
+            "assistant, user): Conversation roles must alternate user/assistant/user/assistant/..."
+        ),
+    ),
+    "template is not jinja": (
+        _file("chats.jsonl", CHATS),
+        {"chat_template": "{% if x %}"},
+        "data.chat_template: the chat template is not valid Jinja",
+    ),
 }
 
 
@@ -306,8 +428,12 @@ def test_bad_data(name, command, tiny, tmp_path, capsys):
     make, section, expected = BAD_DATA[name]
     case = tmp_path / "case"
     case.mkdir()
-    path = write_recipe(case / "recipe.yaml", tiny, case / "run",
-                        data={"train": make(case), "eval": None, **section})
+    path = write_recipe(
+        case / "recipe.yaml",
+        tiny,
+        case / "run",
+        data={"train": make(case), "eval": None, **section},
+    )
     before = files_under(case)
     assert run_cli(command, path) == 2
     err = capsys.readouterr().err

@@ -28,8 +28,13 @@ class FixedLogits(torch.nn.Module):
 
 
 def batch(ids: list[list[int]], labels: list[list[int]]) -> list[dict]:
-    return [{"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), len(ids[0]), dtype=torch.long),
-             "labels": torch.tensor(labels)}]
+    return [
+        {
+            "input_ids": torch.tensor(ids),
+            "attention_mask": torch.ones(len(ids), len(ids[0]), dtype=torch.long),
+            "labels": torch.tensor(labels),
+        }
+    ]
 
 
 def test_loss_perplexity_and_accuracy_by_hand():
@@ -39,7 +44,9 @@ def test_loss_perplexity_and_accuracy_by_hand():
     assert metrics["perplexity"] == pytest.approx(4.0)
     # Logits [ln 3, 0, 0, 0]: p(token 0) = 3/6, p(any other) = 1/6, argmax is token 0. Labels 0
     # and 1 are scored (the first position is never predicted; -100 is skipped).
-    metrics, _ = evaluate.measure(FixedLogits([math.log(3), 0, 0, 0]), batch([[2, 0, 1, 3]], [[2, 0, 1, -100]]))
+    metrics, _ = evaluate.measure(
+        FixedLogits([math.log(3), 0, 0, 0]), batch([[2, 0, 1, 3]], [[2, 0, 1, -100]])
+    )
     assert metrics["tokens"] == 2
     assert metrics["loss"] == pytest.approx((math.log(2) + math.log(6)) / 2)
     assert metrics["token_accuracy"] == 0.5
@@ -47,7 +54,9 @@ def test_loss_perplexity_and_accuracy_by_hand():
 
 def test_answer_metrics_by_hand():
     assert generate.normalize("The  Cat, sat!") == "cat sat"
-    assert generate.token_f1("the red cat", "a cat that is red") == pytest.approx(2 * (2 / 2) * (2 / 4) / (1 + 0.5))
+    assert generate.token_f1("the red cat", "a cat that is red") == pytest.approx(
+        2 * (2 / 2) * (2 / 4) / (1 + 0.5)
+    )
     assert generate.token_f1("", "") == 1.0 and generate.token_f1("dog", "cat") == 0.0
     scores = generate.score(["Blue.", " blue", "red"], ["blue", "blue", "green"], [2, 1, 1])
     assert scores["exact_match"] == pytest.approx(1 / 3)  # only " blue" == "blue" after stripping
@@ -76,16 +85,33 @@ def test_prompts_and_references_come_from_the_labels(tiny):
 def pc_run(tiny, tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("pc")
     out = base / "run"
-    recipe = write_recipe(base / "r.yaml", tiny, out, data={
-        "train": str(tiny / "data" / "pc_train.jsonl"), "eval": str(tiny / "data" / "pc_eval.jsonl")},
-        training={"num_train_epochs": 4, "logging_steps": 10, "eval_strategy": "steps", "eval_steps": 50})
+    recipe = write_recipe(
+        base / "r.yaml",
+        tiny,
+        out,
+        data={
+            "train": str(tiny / "data" / "pc_train.jsonl"),
+            "eval": str(tiny / "data" / "pc_eval.jsonl"),
+        },
+        training={
+            "num_train_epochs": 4,
+            "logging_steps": 10,
+            "eval_strategy": "steps",
+            "eval_steps": 50,
+        },
+    )
     assert run_cli("train", recipe) == 0
     return out
 
 
 def test_compare_report_with_generation_samples_history_and_plot(pc_run, tmp_path, capsys):
     report_file, plot = tmp_path / "report.json", tmp_path / "loss.png"
-    assert run_cli("eval", pc_run, "--compare", "--samples", "2", "--json", report_file, "--plot", plot) == 0
+    assert (
+        run_cli(
+            "eval", pc_run, "--compare", "--samples", "2", "--json", report_file, "--plot", plot
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     for header in ("exact", "token F1", "Δ loss vs base", "2 samples", "prompt", "reference"):
         assert header in out
@@ -107,8 +133,11 @@ def test_compare_report_with_generation_samples_history_and_plot(pc_run, tmp_pat
 
 
 def test_several_targets_side_by_side(pc_run, tiny, capsys):
-    report = evaluate.run([str(pc_run), str(tiny / "tiny-llama")], data_spec=str(tiny / "data" / "pc_eval.jsonl"),
-                          generation=False)
+    report = evaluate.run(
+        [str(pc_run), str(tiny / "tiny-llama")],
+        data_spec=str(tiny / "data" / "pc_eval.jsonl"),
+        generation=False,
+    )
     assert list(report["results"]) == [f"{pc_run} merged", f"{tiny / 'tiny-llama'} model"]
     assert "exact_match" not in report["results"][f"{pc_run} merged"]
     with pytest.raises(UserError, match="--compare takes one run or adapter"):
@@ -123,7 +152,7 @@ def write_colour_task(folder: Path, name: str, rows: list[dict]) -> None:
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {folder / f'{name}.jsonl'}
+    test: {folder / f"{name}.jsonl"}
 output_type: multiple_choice
 test_split: test
 doc_to_text: "what colour is the {{{{place}}}}?"
@@ -138,10 +167,18 @@ metadata:
 
 def test_lm_eval_harness_bridge_on_a_local_task(pc_run, tmp_path):
     """A custom task over a local JSON file: the harness runs offline through the bridge."""
-    rows = [{"place": p, "choices": [f" the {p} is {c}." for c in ("blue", "grey", "green")], "answer": i}
-            for i, p in enumerate(["river", "mountain", "garden"])]
+    rows = [
+        {
+            "place": p,
+            "choices": [f" the {p} is {c}." for c in ("blue", "grey", "green")],
+            "answer": i,
+        }
+        for i, p in enumerate(["river", "mountain", "garden"])
+    ]
     write_colour_task(tmp_path, "tiny_colours", rows)
-    report = evaluate.run(str(pc_run), compare=True, tasks=["tiny_colours"], tasks_path=tmp_path, generation=False)
+    report = evaluate.run(
+        str(pc_run), compare=True, tasks=["tiny_colours"], tasks_path=tmp_path, generation=False
+    )
     merged, base = report["results"]["merged"], report["results"]["base"]
     assert merged["tiny_colours/acc"] == 1.0  # river is blue, mountain grey, garden green: learnt
     assert "tiny_colours/acc" in base and "tiny_colours/acc" not in report["results"]["adapter"]
@@ -168,10 +205,33 @@ def test_eval_bad_input(pc_run, tiny, tmp_path, capsys):
 
 def test_max_new_tokens_and_stop_shape_the_generations(pc_run, tiny, tmp_path):
     data = tiny / "data" / "pc_eval.jsonl"
-    full, short, stopped = tmp_path / "full.json", tmp_path / "short.json", tmp_path / "stopped.json"
+    full, short, stopped = (
+        tmp_path / "full.json",
+        tmp_path / "short.json",
+        tmp_path / "stopped.json",
+    )
     assert run_cli("eval", pc_run, "--data", data, "--max-samples", "8", "--json", full) == 0
-    assert run_cli("eval", pc_run, "--data", data, "--max-samples", "8", "--max-new-tokens", "2", "--json", short) == 0
-    assert run_cli("eval", pc_run, "--data", data, "--max-samples", "8", "--stop", " is", "--json", stopped) == 0
+    assert (
+        run_cli(
+            "eval",
+            pc_run,
+            "--data",
+            data,
+            "--max-samples",
+            "8",
+            "--max-new-tokens",
+            "2",
+            "--json",
+            short,
+        )
+        == 0
+    )
+    assert (
+        run_cli(
+            "eval", pc_run, "--data", data, "--max-samples", "8", "--stop", " is", "--json", stopped
+        )
+        == 0
+    )
     full, short, stopped = (json.loads(path.read_text()) for path in (full, short, stopped))
     # Answers such as " the meadow is blue." are learnt, and need more than 2 tokens.
     assert full["results"]["merged"]["exact_match"] > 0.5
@@ -181,19 +241,42 @@ def test_max_new_tokens_and_stop_shape_the_generations(pc_run, tiny, tmp_path):
     # --stop cuts each answer before " is": what is left is the start of the full answer.
     assert stopped["results"]["merged"]["exact_match"] == 0
     assert len(stopped["generations"]["merged"]) == len(full["generations"]["merged"]) == 8
-    for cut, whole in zip(stopped["generations"]["merged"], full["generations"]["merged"], strict=False):
+    for cut, whole in zip(
+        stopped["generations"]["merged"], full["generations"]["merged"], strict=False
+    ):
         assert " is" not in cut and " is" in whole and whole.startswith(cut), (cut, whole)
 
 
 def test_limit_takes_the_first_examples_of_each_task(pc_run, tmp_path):
     """Only the first row's answer is the learnt one: with --limit 1 accuracy is 1, on all 3 it is 1/3."""
-    rows = [{"place": p, "choices": [f" the {p} is {c}." for c in ("blue", "grey", "green")], "answer": 0}
-            for p in ["river", "mountain", "garden"]]
+    rows = [
+        {
+            "place": p,
+            "choices": [f" the {p} is {c}." for c in ("blue", "grey", "green")],
+            "answer": 0,
+        }
+        for p in ["river", "mountain", "garden"]
+    ]
     write_colour_task(tmp_path, "tiny_first_right", rows)
     scores = {}
     for limit in ([], ["--limit", "1"]):
         report = tmp_path / f"report{len(limit)}.json"
-        assert run_cli("eval", pc_run, "--tasks", "tiny_first_right", "--tasks-path", tmp_path, "--no-generate",
-                       *limit, "--json", report) == 0
-        scores[bool(limit)] = json.loads(report.read_text())["results"]["merged"]["tiny_first_right/acc"]
+        assert (
+            run_cli(
+                "eval",
+                pc_run,
+                "--tasks",
+                "tiny_first_right",
+                "--tasks-path",
+                tmp_path,
+                "--no-generate",
+                *limit,
+                "--json",
+                report,
+            )
+            == 0
+        )
+        scores[bool(limit)] = json.loads(report.read_text())["results"]["merged"][
+            "tiny_first_right/acc"
+        ]
     assert scores == {False: pytest.approx(1 / 3), True: 1.0}

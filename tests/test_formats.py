@@ -40,38 +40,69 @@ def test_every_format_is_described_in_the_readme():
 def test_the_recipe_accepts_exactly_auto_and_the_formats():
     assert typing.get_args(DataSection.model_fields["format"].annotation) == ("auto", *FORMATS)
     assert list(FORMATS)[:4] == ["text", "prompt_completion", "messages", "alpaca"]
-    recipe = {"model": {"id": "m"}, "data": {"train": "x.jsonl", "format": "sharegpt"},
-              "training": {"output_dir": "out"}}
+    recipe = {
+        "model": {"id": "m"},
+        "data": {"train": "x.jsonl", "format": "sharegpt"},
+        "training": {"output_dir": "out"},
+    }
     with pytest.raises(UserError) as info:
         validate(recipe)
     *names, last = [repr(name) for name in ("auto", *FORMATS)]
-    assert info.value.problems == [f"data.format: Input should be {', '.join(names)} or {last}; got 'sharegpt'."]
+    assert info.value.problems == [
+        f"data.format: Input should be {', '.join(names)} or {last}; got 'sharegpt'."
+    ]
 
 
-@pytest.mark.parametrize("columns, settings, expected", [
-    (["messages", "prompt", "completion", "text"], {}, "messages"),  # the most specific columns win
-    (["prompt", "completion", "instruction", "output", "text"], {}, "prompt_completion"),
-    (["instruction", "output", "text"], {}, "alpaca"),
-    (["text"], {}, "text"),
-    (["q", "a"], {"messages_field": "a", "prompt_field": "q"}, "prompt_completion"),  # set fields name a format
-    (["chat"], {"messages_field": "chat", "text_field": "chat"}, "messages"),
-])
+@pytest.mark.parametrize(
+    "columns, settings, expected",
+    [
+        (
+            ["messages", "prompt", "completion", "text"],
+            {},
+            "messages",
+        ),  # the most specific columns win
+        (["prompt", "completion", "instruction", "output", "text"], {}, "prompt_completion"),
+        (["instruction", "output", "text"], {}, "alpaca"),
+        (["text"], {}, "text"),
+        (
+            ["q", "a"],
+            {"messages_field": "a", "prompt_field": "q"},
+            "prompt_completion",
+        ),  # set fields name a format
+        (["chat"], {"messages_field": "chat", "text_field": "chat"}, "messages"),
+    ],
+)
 def test_detection_order(columns, settings, expected):
-    assert data.detect_format(columns, DataSection(train="x", **settings), "data.train", "x") == expected
+    assert (
+        data.detect_format(columns, DataSection(train="x", **settings), "data.train", "x")
+        == expected
+    )
 
 
 def test_the_detection_error_names_every_format_and_setting():
     with pytest.raises(UserError) as info:
         data.detect_format(["body", "title"], DataSection(train="q.jsonl"), "data.train", "q.jsonl")
-    assert info.value.problems == [(f"set data.format ({', '.join(FORMATS)}) and the field names (data.text_field, "
-                                    "data.prompt_field, data.completion_field, data.messages_field)")]
-    assert info.value.problems[0].startswith("set data.format (text, prompt_completion, messages, alpaca")
+    assert info.value.problems == [
+        (
+            f"set data.format ({', '.join(FORMATS)}) and the field names (data.text_field, "
+            "data.prompt_field, data.completion_field, data.messages_field)"
+        )
+    ]
+    assert info.value.problems[0].startswith(
+        "set data.format (text, prompt_completion, messages, alpaca"
+    )
 
 
 # A format added by one table entry: questions and answers, the answer trained.
-QA = Format("qa", "only the answer is trained.",
-            lambda row, section, where: (f"Q: {cell(row, 'question', where)}\nA:", " " + cell(row, "answer", where)),
-            columns=("question", "answer"))
+QA = Format(
+    "qa",
+    "only the answer is trained.",
+    lambda row, section, where: (
+        f"Q: {cell(row, 'question', where)}\nA:",
+        " " + cell(row, "answer", where),
+    ),
+    columns=("question", "answer"),
+)
 
 
 @pytest.fixture()
@@ -95,18 +126,29 @@ def test_a_format_added_to_the_table_is_detected_and_tokenized(qa_rows, tiny):
     assert stats["train"].samples == 4
     with pytest.raises(UserError) as info:
         data.check_columns(["question"], "qa", section, "data.train", "q.jsonl")
-    assert info.value.headline == "data.format: column 'answer' not found in data.train (q.jsonl); its columns: question"
-    assert info.value.problems == ["qa data needs question and answer columns; choose another data.format"]
+    assert (
+        info.value.headline
+        == "data.format: column 'answer' not found in data.train (q.jsonl); its columns: question"
+    )
+    assert info.value.problems == [
+        "qa data needs question and answer columns; choose another data.format"
+    ]
 
 
 def test_the_data_command_shows_a_format_added_to_the_table(qa_rows, tiny, tmp_path, capsys):
-    recipe = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", data={"train": str(qa_rows), "eval": None})
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny, tmp_path / "run", data={"train": str(qa_rows), "eval": None}
+    )
     assert run_cli("data", recipe, "-n", "1") == 0
     assert "<s>Q: what colour is river 0?\nA:[[ blue</s>]]" in capsys.readouterr().out
     assert not (tmp_path / "run").exists()
 
 
-RECIPE = {"model": {"id": "m"}, "data": {"train": "x.jsonl"}, "training": {"output_dir": "out", "beta": 0.5}}
+RECIPE = {
+    "model": {"id": "m"},
+    "data": {"train": "x.jsonl"},
+    "training": {"output_dir": "out", "beta": 0.5},
+}
 
 
 def test_training_is_checked_against_the_config_class_of_the_method_table(monkeypatch):
@@ -133,13 +175,27 @@ def adapter(folder: Path, **config) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("config, streamed, served", [
-    ({"use_dora": True, "modules_to_save": ["lm_head"]}, None, "DoRA, modules_to_save"),
-    ({"layer_replication": [[0, 1]], "trainable_token_indices": [5]}, "the layer_replication option",
-     "added tokens (trainable_token_indices)"),
-    ({"bias": "all", "alora_invocation_tokens": [1]}, "the alora_invocation_tokens option", "LoRA biases"),
-    ({"peft_type": "ADALORA", "lora_bias": True}, "ADALORA adapters", "ADALORA adapters, LoRA biases"),
-])
+@pytest.mark.parametrize(
+    "config, streamed, served",
+    [
+        ({"use_dora": True, "modules_to_save": ["lm_head"]}, None, "DoRA, modules_to_save"),
+        (
+            {"layer_replication": [[0, 1]], "trainable_token_indices": [5]},
+            "the layer_replication option",
+            "added tokens (trainable_token_indices)",
+        ),
+        (
+            {"bias": "all", "alora_invocation_tokens": [1]},
+            "the alora_invocation_tokens option",
+            "LoRA biases",
+        ),
+        (
+            {"peft_type": "ADALORA", "lora_bias": True},
+            "ADALORA adapters",
+            "ADALORA adapters, LoRA biases",
+        ),
+    ],
+)
 def test_lora_features_decide_what_stream_merge_and_vllm_take(config, streamed, served, tmp_path):
     from lora_tune.recipe import ModelSection as Base
 
@@ -153,16 +209,26 @@ def test_lora_features_decide_what_stream_merge_and_vllm_take(config, streamed, 
         assert str(refused.value) == streamed
     with pytest.raises(UserError) as info:
         serve_vllm.vllm_command(Base(id="m"), {"a": folder}, "0.0.0.0", 8000, "m")
-    assert info.value.headline == f"--engine vllm: a ({folder}) uses {served}, which vLLM does not serve as LoRA"
+    assert (
+        info.value.headline
+        == f"--engine vllm: a ({folder}) uses {served}, which vLLM does not serve as LoRA"
+    )
 
 
 def test_a_feature_added_to_the_table_is_refused_by_stream_merge_and_vllm(tmp_path, monkeypatch):
     from lora_tune.recipe import ModelSection as Base
 
-    monkeypatch.setattr(lora_methods, "FEATURES", (*lora_methods.FEATURES, Feature("spin", "spun adapters", False, False)))
+    monkeypatch.setattr(
+        lora_methods,
+        "FEATURES",
+        (*lora_methods.FEATURES, Feature("spin", "spun adapters", False, False)),
+    )
     spun = adapter(tmp_path / "spun", spin=True)
     with pytest.raises(stream_merge.CannotStream, match="^the spin option$"):
         stream_merge.plan(spun, tmp_path)
     with pytest.raises(UserError) as info:
         serve_vllm.vllm_command(Base(id="m"), {"s": spun}, "0.0.0.0", 8000, "m")
-    assert info.value.headline == f"--engine vllm: s ({spun}) uses spun adapters, which vLLM does not serve as LoRA"
+    assert (
+        info.value.headline
+        == f"--engine vllm: s ({spun}) uses spun adapters, which vLLM does not serve as LoRA"
+    )

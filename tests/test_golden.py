@@ -22,15 +22,30 @@ GOLDEN = [5.994482, 5.997127, 5.986172, 5.972918, 5.958673]
 TOLERANCE = 1e-3
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="pinned on the CPU in float32; a GPU trains in bf16")
-
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="pinned on the CPU in float32; a GPU trains in bf16"
+)
 def test_demo_recipe_first_five_losses(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "demo").symlink_to(tiny)  # what `python -m lora_tune.tiny demo` builds: the same builder
+    (tmp_path / "demo").symlink_to(
+        tiny
+    )  # what `python -m lora_tune.tiny demo` builds: the same builder
     out = tmp_path / "runs" / "golden"
-    assert run_cli("train", ROOT / "recipes" / "tiny-demo.yaml", "--set", "training.max_steps=5", "--set",
-                   "training.logging_steps=1", "--set", f"training.output_dir={out}", "--set",
-                   "training.save_strategy='no'") == 0
+    assert (
+        run_cli(
+            "train",
+            ROOT / "recipes" / "tiny-demo.yaml",
+            "--set",
+            "training.max_steps=5",
+            "--set",
+            "training.logging_steps=1",
+            "--set",
+            f"training.output_dir={out}",
+            "--set",
+            "training.save_strategy='no'",
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     losses = [entry["loss"] for entry in metrics["log_history"] if "loss" in entry]
     assert metrics["dtype"] == "float32" and metrics["device"] == "cpu"

@@ -17,7 +17,9 @@ def test_auto_precision_train_eval_merge_on_gpu(tiny, tmp_path, capsys):
     assert run_cli("train", path) == 0
     bf16 = torch.cuda.is_bf16_supported()
     plan = capsys.readouterr().out
-    assert ("bf16 mixed" if bf16 else "fp16 mixed") in plan and "│ device               │ cuda" in plan
+    assert (
+        "bf16 mixed" if bf16 else "fp16 mixed"
+    ) in plan and "│ device               │ cuda" in plan
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["device"] == "cuda" and metrics["dtype"] == ("bfloat16" if bf16 else "float16")
     assert metrics["peak_gpu_bytes"] > 0
@@ -26,7 +28,9 @@ def test_auto_precision_train_eval_merge_on_gpu(tiny, tmp_path, capsys):
     assert run_cli("eval", out, "--compare", "--json", report) == 0
     results = json.loads(report.read_text())
     assert results["device"] == "cuda"
-    assert results["results"]["adapter"]["perplexity"] < 0.8 * results["results"]["base"]["perplexity"]
+    assert (
+        results["results"]["adapter"]["perplexity"] < 0.8 * results["results"]["base"]["perplexity"]
+    )
     assert results["merged_vs_adapter"]["ok"]
 
     merged = tmp_path / "merged"
@@ -34,4 +38,3 @@ def test_auto_precision_train_eval_merge_on_gpu(tiny, tmp_path, capsys):
     merge_report = json.loads((merged / "merge_report.json").read_text())
     assert merge_report["ok"] and merge_report["dtype"] == "bfloat16"
     assert 0 < merge_report["max_abs_diff"] <= merge_report["tolerance"]
-

@@ -23,8 +23,16 @@ def gpt2(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gpt2") / "tiny-gpt2"
     tokenizer = builder.build_tokenizer("opt")
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                        bos_token_id=2, eos_token_id=2, pad_token_id=1)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=2,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
     GPT2LMHeadModel(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -36,12 +44,21 @@ def make_adapter(base: Path, out: Path, **lora) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(init_lora_weights=False, **({"r": 4, "lora_alpha": 8} | lora)))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(init_lora_weights=False, **({"r": 4, "lora_alpha": 8} | lora)),
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.requires_grad and "lora_A" not in name and "lora_B" not in name and "embedding" not in name:
-                param.add_(torch.randn_like(param) * 0.1)  # modules_to_save, biases, DoRA magnitudes
+            if (
+                param.requires_grad
+                and "lora_A" not in name
+                and "lora_B" not in name
+                and "embedding" not in name
+            ):
+                param.add_(
+                    torch.randn_like(param) * 0.1
+                )  # modules_to_save, biases, DoRA magnitudes
     model.save_pretrained(out)
     return out
 
@@ -54,7 +71,9 @@ def merged_by_peft(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.merge_and_unload().state_dict().items()}
 
 
-def merged_by_streaming(base: Path, adapter: Path, out: Path, max_bytes=None) -> dict[str, torch.Tensor]:
+def merged_by_streaming(
+    base: Path, adapter: Path, out: Path, max_bytes=None
+) -> dict[str, torch.Tensor]:
     out.mkdir()
     stream_merge.merge(stream_merge.plan(adapter, base), base, out, None, max_bytes)
     tensors = {}
@@ -66,15 +85,30 @@ def merged_by_streaming(base: Path, adapter: Path, out: Path, max_bytes=None) ->
 KINDS = {
     "plain": ("tiny-llama", {"target_modules": ["q_proj", "v_proj"]}),
     "rslora": ("tiny-llama", {"target_modules": "all-linear", "use_rslora": True}),
-    "rank and alpha patterns": ("tiny-llama", {"target_modules": "all-linear", "rank_pattern": {"q_proj": 2},
-                                               "alpha_pattern": {"layers.1.mlp.down_proj": 32}}),
-    "layers_to_transform": ("tiny-llama", {"target_modules": ["q_proj"], "layers_to_transform": [1]}),
+    "rank and alpha patterns": (
+        "tiny-llama",
+        {
+            "target_modules": "all-linear",
+            "rank_pattern": {"q_proj": 2},
+            "alpha_pattern": {"layers.1.mlp.down_proj": 32},
+        },
+    ),
+    "layers_to_transform": (
+        "tiny-llama",
+        {"target_modules": ["q_proj"], "layers_to_transform": [1]},
+    ),
     "fan_in_fan_out": ("tiny-gpt2", {"target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True}),
     "bias all": ("tiny-opt", {"target_modules": ["q_proj", "fc1"], "bias": "all"}),
     "lora_bias": ("tiny-opt", {"target_modules": ["q_proj", "fc1"], "lora_bias": True}),
-    "modules_to_save": ("tiny-llama", {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}),
+    "modules_to_save": (
+        "tiny-llama",
+        {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+    ),
     "dora": ("tiny-llama", {"target_modules": "all-linear", "use_dora": True}),
-    "dora fan_in_fan_out": ("tiny-gpt2", {"target_modules": ["c_attn"], "fan_in_fan_out": True, "use_dora": True}),
+    "dora fan_in_fan_out": (
+        "tiny-gpt2",
+        {"target_modules": ["c_attn"], "fan_in_fan_out": True, "use_dora": True},
+    ),
     "embedding": ("tiny-llama", {"target_modules": ["embed_tokens", "q_proj"]}),
 }
 
@@ -86,7 +120,9 @@ def test_streaming_equals_merge_and_unload(kind, tiny, gpt2, tmp_path):
     adapter = make_adapter(base, tmp_path / "adapter", **lora)
     expected = merged_by_peft(base, adapter)
     got = merged_by_streaming(base, adapter, tmp_path / "merged")
-    tied = {k for k in expected.keys() - got.keys() if k == "lm_head.weight"}  # tied to the embeddings
+    tied = {
+        k for k in expected.keys() - got.keys() if k == "lm_head.weight"
+    }  # tied to the embeddings
     assert got.keys() == expected.keys() - tied
     changed = [k for k in got if not torch.equal(got[k], load_base(base)[k])]
     assert changed, "the adapter changed nothing: the test would prove nothing"
@@ -112,7 +148,10 @@ def test_sharded_output_and_cli_report(tiny, tmp_path, capsys):
     assert (report["method"], report["verified"], report["ok"]) == ("stream", True, True)
     assert report["max_abs_diff"] < 1e-4
     card = (out / "README.md").read_text()
-    assert f"base_model: {tiny / 'tiny-llama'}" in card and "Verification: merged and adapter-on-base logits" in card
+    assert (
+        f"base_model: {tiny / 'tiny-llama'}" in card
+        and "Verification: merged and adapter-on-base logits" in card
+    )
     AutoModelForCausalLM.from_pretrained(out)  # loads the index and every shard
 
 
@@ -123,16 +162,23 @@ def test_fallback_verification_and_no_verify(gpt2, tmp_path, capsys):
     torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
     (pickled / "adapter_model.safetensors").unlink()
     assert run_cli("merge", pickled, "-o", tmp_path / "merged", "--allow-pickle") == 0
-    assert ("Merging in memory with merge_and_unload (not streamed: the adapter has no safetensors file)"
-            in capsys.readouterr().out)
+    assert (
+        "Merging in memory with merge_and_unload (not streamed: the adapter has no safetensors file)"
+        in capsys.readouterr().out
+    )
     assert json.loads((tmp_path / "merged" / "merge_report.json").read_text())["method"] == "memory"
-    assert run_cli("merge", pickled, "-o", tmp_path / "forced", "--method", "stream", "--allow-pickle") == 2
+    assert (
+        run_cli("merge", pickled, "-o", tmp_path / "forced", "--method", "stream", "--allow-pickle")
+        == 2
+    )
     assert "--method stream: cannot stream this merge" in capsys.readouterr().err
 
     # LoRA on GPT-2's lm_head, which is tied to the embeddings: no lm_head.weight to stream into,
     # and merge_and_unload would fold the delta into the shared weight, changing the embeddings
     # too. Verification catches it and nothing is written.
-    tied = make_adapter(gpt2, tmp_path / "tied", target_modules=["c_attn", "lm_head"], fan_in_fan_out=True)
+    tied = make_adapter(
+        gpt2, tmp_path / "tied", target_modules=["c_attn", "lm_head"], fan_in_fan_out=True
+    )
     assert run_cli("merge", tied, "-o", tmp_path / "tied-merged") == 2
     captured = capsys.readouterr()
     assert "not streamed: no tensor lm_head.weight in the base checkpoint" in captured.out
@@ -141,7 +187,9 @@ def test_fallback_verification_and_no_verify(gpt2, tmp_path, capsys):
 
     assert run_cli("merge", plain, "-o", tmp_path / "unverified", "--no-verify") == 0
     assert "Verification skipped (--no-verify)." in capsys.readouterr().out
-    assert json.loads((tmp_path / "unverified" / "merge_report.json").read_text())["verified"] is False
+    assert (
+        json.loads((tmp_path / "unverified" / "merge_report.json").read_text())["verified"] is False
+    )
 
 
 def test_nan_in_a_merged_weight_names_the_tensor(tiny, tmp_path, capsys):
@@ -152,8 +200,10 @@ def test_nan_in_a_merged_weight_names_the_tensor(tiny, tmp_path, capsys):
     weights["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"][0, 0] = float("inf")
     save_file(weights, adapter / "adapter_model.safetensors")
     assert run_cli("merge", adapter, "-o", tmp_path / "merged", "--no-verify") == 2
-    assert ("merge refused: the merged tensor model.layers.1.self_attn.q_proj.weight has NaN or infinite values"
-            in capsys.readouterr().err)
+    assert (
+        "merge refused: the merged tensor model.layers.1.self_attn.q_proj.weight has NaN or infinite values"
+        in capsys.readouterr().err
+    )
     assert not (tmp_path / "merged").exists()
 
 
@@ -166,7 +216,10 @@ def test_several_adapters(tiny, tmp_path, capsys):
     second = make_adapter(base, tmp_path / "b", target_modules=["q_proj", "v_proj"], r=8)
     out = tmp_path / "merged"
     assert run_cli("merge", first, second, "--weights", "0.7", "0.3", "-o", out) == 0
-    assert "Merging in memory with merge_and_unload (several adapters are combined)" in capsys.readouterr().out
+    assert (
+        "Merging in memory with merge_and_unload (several adapters are combined)"
+        in capsys.readouterr().out
+    )
     report = json.loads((out / "merge_report.json").read_text())
     assert report["ok"] and report["weights"] == [0.7, 0.3] and report["combination"] == "cat"
     # cat combines exactly: the merged q_proj is W + 0.7 * delta_a + 0.3 * delta_b.
@@ -179,11 +232,19 @@ def test_several_adapters(tiny, tmp_path, capsys):
     assert (merged - (w + 0.7 * delta["a"] + 0.3 * delta["b"])).abs().max().item() < 1e-6
 
     combined = tmp_path / "combined"
-    assert run_cli("merge", first, second, "--weights", "0.7,0.3", "-o", combined, "--adapter-only") == 0
-    assert (combined / "adapter_config.json").is_file() and (combined / "adapter_model.safetensors").is_file()
+    assert (
+        run_cli("merge", first, second, "--weights", "0.7,0.3", "-o", combined, "--adapter-only")
+        == 0
+    )
+    assert (combined / "adapter_config.json").is_file() and (
+        combined / "adapter_model.safetensors"
+    ).is_file()
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(combined))
-    assert torch.allclose(reloaded.merge_and_unload().state_dict()["model.layers.0.self_attn.q_proj.weight"], merged,
-                          atol=1e-6)
+    assert torch.allclose(
+        reloaded.merge_and_unload().state_dict()["model.layers.0.self_attn.q_proj.weight"],
+        merged,
+        atol=1e-6,
+    )
 
     other = make_adapter(tiny / "tiny-opt", tmp_path / "c", target_modules=["q_proj"])
     assert run_cli("merge", first, other, "-o", tmp_path / "mixed") == 2
@@ -192,14 +253,22 @@ def test_several_adapters(tiny, tmp_path, capsys):
 
 def test_probe_inputs_come_from_the_runs_eval_data(tiny, tmp_path):
     out = tmp_path / "run"
-    assert run_cli("train", write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 5})) == 0
+    assert (
+        run_cli("train", write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 5}))
+        == 0
+    )
     from lora_tune.models import load_tokenizer
     from lora_tune.recipe import ModelSection
 
     tokenizer = load_tokenizer(ModelSection(id=str(tiny / "tiny-llama")))
     samples = merge.probe_samples(runs.run_recipe(out / "adapter"), tokenizer)
-    first_eval_text = json.loads((tiny / "data" / "text_eval.jsonl").read_text().splitlines()[0])["text"]
-    assert len(samples) == 4 and tokenizer.decode(samples[0], skip_special_tokens=True) == first_eval_text
+    first_eval_text = json.loads((tiny / "data" / "text_eval.jsonl").read_text().splitlines()[0])[
+        "text"
+    ]
+    assert (
+        len(samples) == 4
+        and tokenizer.decode(samples[0], skip_special_tokens=True) == first_eval_text
+    )
 
 
 @pytest.mark.parametrize("combination, extra", [("linear", []), ("ties", ["--density", "0.5"])])
@@ -213,18 +282,37 @@ def test_other_combinations_are_peft_s(combination, extra, tiny, tmp_path, capsy
     first = make_adapter(base, tmp_path / "a", target_modules=["q_proj", "v_proj"])
     second = make_adapter(base, tmp_path / "b", target_modules=["q_proj", "v_proj"])
     torch.manual_seed(5)  # the same seed made the same tensors: make the second adapter another one
-    weights = {k: v + torch.randn_like(v) * 0.1 for k, v in load_file(second / "adapter_model.safetensors").items()}
+    weights = {
+        k: v + torch.randn_like(v) * 0.1
+        for k, v in load_file(second / "adapter_model.safetensors").items()
+    }
     save_file(weights, second / "adapter_model.safetensors")
 
     out = tmp_path / combination
-    assert run_cli("merge", first, second, "--weights", "0.7", "0.3", "--combination", combination, *extra,
-                   "-o", out) == 0
+    assert (
+        run_cli(
+            "merge",
+            first,
+            second,
+            "--weights",
+            "0.7",
+            "0.3",
+            "--combination",
+            combination,
+            *extra,
+            "-o",
+            out,
+        )
+        == 0
+    )
     assert f"Merged model written to {out}" in capsys.readouterr().out
     report = json.loads((out / "merge_report.json").read_text())
     assert report["ok"] and report["combination"] == combination
     merged = load_file(out / "model.safetensors")
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(first), adapter_name="a")
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), str(first), adapter_name="a"
+    )
     model.load_adapter(str(second), adapter_name="b")
     density = {"density": 0.5} if extra else {}
     for name, kind in (("expected", combination), ("cat", "cat")):
@@ -243,7 +331,13 @@ def test_unknown_combination_is_refused(tiny, tmp_path, capsys):
     base = tiny / "tiny-llama"
     first = make_adapter(base, tmp_path / "a", target_modules=["q_proj"])
     second = make_adapter(base, tmp_path / "b", target_modules=["q_proj"])
-    assert run_cli("merge", first, second, "--combination", "average", "-o", tmp_path / "merged") == 2
+    assert (
+        run_cli("merge", first, second, "--combination", "average", "-o", tmp_path / "merged") == 2
+    )
     err = capsys.readouterr().err
-    assert "--combination: unknown combination 'average'" in err and "use one of " in err and "cat" in err
+    assert (
+        "--combination: unknown combination 'average'" in err
+        and "use one of " in err
+        and "cat" in err
+    )
     assert not (tmp_path / "merged").exists()

@@ -21,8 +21,10 @@ OVER_INPUTS = "a merge never replaces its own inputs, even with --force"
 
 def snapshot(root: Path) -> dict[str, tuple[int, bytes | None]]:
     """Every path under root with its mode and (for files) its bytes."""
-    return {str(p.relative_to(root)): (p.lstat().st_mode, p.read_bytes() if p.is_file() else None)
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (p.lstat().st_mode, p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def refused(capsys, code: int, *fragments: str) -> str:
@@ -40,24 +42,34 @@ def workspace(tiny, tmp_path_factory) -> Path:
     """A folder holding its own base model (a copy of tiny-llama) and a short run trained on it."""
     root = tmp_path_factory.mktemp("guards")
     shutil.copytree(tiny / "tiny-llama", root / "models" / "base")
-    recipe = write_recipe(root / "recipe.yaml", tiny, root / "runs" / "run",
-                          model={"id": str(root / "models" / "base")}, training={"max_steps": 3})
+    recipe = write_recipe(
+        root / "recipe.yaml",
+        tiny,
+        root / "runs" / "run",
+        model={"id": str(root / "models" / "base")},
+        training={"max_steps": 3},
+    )
     assert run_cli("train", recipe) == 0
     return root
 
 
 @pytest.mark.parametrize("force", [False, True])
-@pytest.mark.parametrize("output, label", [
-    ("runs/run", "is the run directory"),
-    ("runs/run/adapter", "is the adapter"),
-    ("runs/run/adapter/../../run", "is the run directory"),
-    ("models/base", "is the base model"),
-    ("runs", "contains the run directory"),
-    ("models", "contains the base model"),
-    (".", "contains the run directory"),
-    ("link-to-run", "is the run directory"),
-])
-def test_the_output_is_never_an_input_or_a_folder_holding_one(output, label, force, workspace, capsys):
+@pytest.mark.parametrize(
+    "output, label",
+    [
+        ("runs/run", "is the run directory"),
+        ("runs/run/adapter", "is the adapter"),
+        ("runs/run/adapter/../../run", "is the run directory"),
+        ("models/base", "is the base model"),
+        ("runs", "contains the run directory"),
+        ("models", "contains the base model"),
+        (".", "contains the run directory"),
+        ("link-to-run", "is the run directory"),
+    ],
+)
+def test_the_output_is_never_an_input_or_a_folder_holding_one(
+    output, label, force, workspace, capsys
+):
     link = workspace / "link-to-run"
     if not link.exists():
         link.symlink_to(workspace / "runs" / "run")
@@ -65,7 +77,9 @@ def test_the_output_is_never_an_input_or_a_folder_holding_one(output, label, for
     flags = ["--force"] if force else []
     for source in (workspace / "runs" / "run", workspace / "runs" / "run" / "adapter"):
         code = run_cli("merge", source, "-o", workspace / output, *flags)
-        refused(capsys, code, f"--output {workspace / output} {label} ", OVER_INPUTS, "-o merged/run")
+        refused(
+            capsys, code, f"--output {workspace / output} {label} ", OVER_INPUTS, "-o merged/run"
+        )
     assert snapshot(workspace) == before
 
 
@@ -73,8 +87,13 @@ def test_a_bare_adapter_is_never_its_own_output(workspace, tmp_path, capsys):
     adapter = Path(shutil.copytree(workspace / "runs" / "run" / "adapter", tmp_path / "my-adapter"))
     before = snapshot(tmp_path)
     for output in (adapter, tmp_path):
-        refused(capsys, run_cli("merge", adapter, "-o", output, "--force"), f"--output {output} ", OVER_INPUTS,
-                "-o merged/my-adapter")
+        refused(
+            capsys,
+            run_cli("merge", adapter, "-o", output, "--force"),
+            f"--output {output} ",
+            OVER_INPUTS,
+            "-o merged/my-adapter",
+        )
     assert snapshot(tmp_path) == before
 
 
@@ -91,12 +110,19 @@ def test_an_adapter_of_another_architecture_names_both(kind, workspace, tiny, tm
         source = Path(shutil.copytree(workspace / "runs" / "run", tmp_path / "run"))
         adapter = source / "adapter"
     else:
-        source = adapter = Path(shutil.copytree(workspace / "runs" / "run" / "adapter", tmp_path / "adapter"))
+        source = adapter = Path(
+            shutil.copytree(workspace / "runs" / "run" / "adapter", tmp_path / "adapter")
+        )
     point_at(adapter, tiny / "tiny-opt")
     before = snapshot(tmp_path)
-    expected = ((f"this adapter was trained on llama (LlamaForCausalLM, {workspace / 'models' / 'base'}), "
-                 f"the base is opt (OPTForCausalLM, {tiny / 'tiny-opt'}): 14 of the 14 layers it changes are not in "
-                 "the base"), f"set base_model_name_or_path in {adapter / 'adapter_config.json'}")
+    expected = (
+        (
+            f"this adapter was trained on llama (LlamaForCausalLM, {workspace / 'models' / 'base'}), "
+            f"the base is opt (OPTForCausalLM, {tiny / 'tiny-opt'}): 14 of the 14 layers it changes are not in "
+            "the base"
+        ),
+        f"set base_model_name_or_path in {adapter / 'adapter_config.json'}",
+    )
     for method in ("auto", "memory"):
         code = run_cli("merge", source, "-o", tmp_path / "new" / "merged", "--method", method)
         err = refused(capsys, code, *expected)
@@ -114,17 +140,26 @@ def test_a_failed_merge_removes_the_parents_it_created(workspace, tmp_path, caps
     save_file(weights, adapter / "adapter_model.safetensors")
     (tmp_path / "existing").mkdir()
     before = snapshot(tmp_path)
-    code = run_cli("merge", adapter, "-o", tmp_path / "existing" / "new" / "deeper" / "merged", "--no-verify")
+    code = run_cli(
+        "merge", adapter, "-o", tmp_path / "existing" / "new" / "deeper" / "merged", "--no-verify"
+    )
     refused(capsys, code, "merge refused: the merged tensor", "has NaN or infinite values")
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+@pytest.mark.parametrize(
+    "umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)]
+)
 @pytest.mark.parametrize("method", ["stream", "memory"])
 def test_merged_files_get_the_users_modes(method, umask, file_mode, dir_mode, workspace, tmp_path):
     previous = os.umask(umask)
     try:
-        assert run_cli("merge", workspace / "runs" / "run", "-o", tmp_path / "merged", "--method", method) == 0
+        assert (
+            run_cli(
+                "merge", workspace / "runs" / "run", "-o", tmp_path / "merged", "--method", method
+            )
+            == 0
+        )
     finally:
         os.umask(previous)
     paths = [tmp_path / "merged", *(tmp_path / "merged").rglob("*")]
@@ -139,24 +174,38 @@ def remote_code_model(tiny, tmp_path) -> tuple[Path, Path]:
     model = Path(shutil.copytree(tiny / "tiny-llama", tmp_path / "custom"))
     marker = tmp_path / "the-repository-code-ran"
     config = json.loads((model / "config.json").read_text())
-    config |= {"model_type": "custom-llama", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig",
-                                                          "AutoModelForCausalLM": "modeling_custom.CustomModel"}}
+    config |= {
+        "model_type": "custom-llama",
+        "auto_map": {
+            "AutoConfig": "configuration_custom.CustomConfig",
+            "AutoModelForCausalLM": "modeling_custom.CustomModel",
+        },
+    }
     (model / "config.json").write_text(json.dumps(config))
     (model / "configuration_custom.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
-        "from transformers import LlamaConfig\n\n\nclass CustomConfig(LlamaConfig):\n    model_type = 'custom-llama'\n")
+        "from transformers import LlamaConfig\n\n\nclass CustomConfig(LlamaConfig):\n    model_type = 'custom-llama'\n"
+    )
     (model / "modeling_custom.py").write_text(
         "from transformers import LlamaForCausalLM\n\nfrom .configuration_custom import CustomConfig\n\n\n"
-        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n"
+    )
     return model, marker
 
 
-def test_remote_code_is_refused_with_the_setting_that_allows_it(remote_code_model, tiny, tmp_path, capsys):
+def test_remote_code_is_refused_with_the_setting_that_allows_it(
+    remote_code_model, tiny, tmp_path, capsys
+):
     model, marker = remote_code_model
     before = snapshot(tmp_path)
-    refused(capsys, run_cli("modules", model), f"model.id: {model} needs its own Python code to load",
-            "set model.trust_remote_code: true", "--trust-remote-code",
-            "it runs the repository's own Python code on this machine")
+    refused(
+        capsys,
+        run_cli("modules", model),
+        f"model.id: {model} needs its own Python code to load",
+        "set model.trust_remote_code: true",
+        "--trust-remote-code",
+        "it runs the repository's own Python code on this machine",
+    )
     recipe = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", model={"id": str(model)})
     before = snapshot(tmp_path)
     for flags in ([], ["--dry-run"]):
@@ -166,18 +215,32 @@ def test_remote_code_is_refused_with_the_setting_that_allows_it(remote_code_mode
 
 def test_a_dry_run_never_runs_remote_code(remote_code_model, tiny, tmp_path, capsys):
     model, marker = remote_code_model
-    recipe = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run",
-                          model={"id": str(model), "trust_remote_code": True})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny,
+        tmp_path / "run",
+        model={"id": str(model), "trust_remote_code": True},
+    )
     before = snapshot(tmp_path)
-    refused(capsys, run_cli("train", recipe, "--dry-run"),
-            f"model.id: {model} needs its own Python code (auto_map in config.json), and --dry-run runs no "
-            "repository code, so its layers and tokenizer were not checked")
+    refused(
+        capsys,
+        run_cli("train", recipe, "--dry-run"),
+        f"model.id: {model} needs its own Python code (auto_map in config.json), and --dry-run runs no "
+        "repository code, so its layers and tokenizer were not checked",
+    )
     assert snapshot(tmp_path) == before and not marker.exists()
     # The same model with the code allowed and run (in a child process, whose module cache is its own):
     # the marker shows the code would have run.
     env = os.environ | {"HF_MODULES_CACHE": str(tmp_path / "modules")}
-    done = subprocess.run([sys.executable, "-m", "lora_tune", "modules", str(model), "--trust-remote-code"],
-                          cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "lora_tune", "modules", str(model), "--trust-remote-code"],
+        cwd=ROOT,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "custom-llama" in done.stdout and marker.exists()
 
@@ -190,12 +253,18 @@ def test_a_folder_that_is_no_model_is_named_so(contents, tiny, tmp_path, capsys)
         (folder / name).write_text("not a model\n")
     before = snapshot(tmp_path)
     expected = f"error: {folder}: not a run, adapter or model directory (no config.json, adapter_config.json"
-    for command in (["eval", folder, "--data", tiny / "data" / "text_eval.jsonl"], ["modules", folder],
-                    ["serve", folder]):
+    for command in (
+        ["eval", folder, "--data", tiny / "data" / "text_eval.jsonl"],
+        ["modules", folder],
+        ["serve", folder],
+    ):
         err = refused(capsys, run_cli(*command), expected)
         assert "model_type" not in err
-    refused(capsys, run_cli("merge", folder, "-o", tmp_path / "merged"),
-            f"error: {folder}: not a run directory or PEFT adapter (no adapter_config.json)")
+    refused(
+        capsys,
+        run_cli("merge", folder, "-o", tmp_path / "merged"),
+        f"error: {folder}: not a run directory or PEFT adapter (no adapter_config.json)",
+    )
     assert snapshot(tmp_path) == before
 
 
@@ -221,14 +290,29 @@ def command(label, *args):
 
 command("help", "--help")
 command("modules", "modules", {str(workspace / "models" / "base")!r})
-command("dry-run", "train", {str(recipe)!r}, "--dry-run", "--set", "training.output_dir={tmp_path / 'run'}")
+command("dry-run", "train", {str(recipe)!r}, "--dry-run", "--set", "training.output_dir={tmp_path / "run"}")
 command("merge", "merge", {str(workspace / "runs" / "run")!r}, "-o", {str(tmp_path / "merged")!r})
 print("QLoRA from here", file=sys.stderr, flush=True)
-command("qlora", "train", {str(recipe)!r}, "--dry-run", "--set", "training.output_dir={tmp_path / 'qlora'}",
+command("qlora", "train", {str(recipe)!r}, "--dry-run", "--set", "training.output_dir={tmp_path / "qlora"}",
         "--set", "model.quantization.bits=4")
 """
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=False, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
-    imported = dict(line.split() for line in done.stdout.splitlines() if line.endswith((" True", " False")))
-    assert imported == {"help": "False", "modules": "False", "dry-run": "False", "merge": "False", "qlora": "True"}
+    imported = dict(
+        line.split() for line in done.stdout.splitlines() if line.endswith((" True", " False"))
+    )
+    assert imported == {
+        "help": "False",
+        "modules": "False",
+        "dry-run": "False",
+        "merge": "False",
+        "qlora": "True",
+    }
     assert "gemm_4bit" not in done.stderr.split("QLoRA from here")[0]

@@ -13,7 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.network
 def test_shipped_opt_350m_recipe_plans_against_the_hub(tmp_path, capsys):
     recipe = ROOT / "recipes" / "opt-350m-english-quotes.yaml"
-    assert run_cli("train", recipe, "--dry-run", "--set", f"training.output_dir={tmp_path / 'run'}") == 0
+    assert (
+        run_cli("train", recipe, "--dry-run", "--set", f"training.output_dir={tmp_path / 'run'}")
+        == 0
+    )
     out = capsys.readouterr().out
     assert "1,572,864 of 332,769,280" in out  # r=16 on q_proj and v_proj of facebook/opt-350m
     assert "from Abirate/english_quotes" in out

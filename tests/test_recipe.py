@@ -17,10 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_answers_without_importing_torch():
-    code = ("import sys; from lora_tune.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print('heavy:', sorted(m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    code = (
+        "import sys; from lora_tune.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('heavy:', sorted(m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert "train" in out and "merge" in out and "eval" in out
     assert "heavy: []" in out
 
@@ -65,19 +69,42 @@ trainig: {{}}
     assert not out.exists()
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("model.dtype=float64", "model.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'; got 'float64'."),
-    ("data.eval_fraction=1.5", "data.eval_fraction: Input should be less than 1; got 1.5."),
-    ("data.max_length=0", "data.max_length: Input should be greater than or equal to 8; got 0."),
-    ("lora.lora_alpha=-16", "lora.lora_alpha: must be positive, got -16. A common choice is 2 * r."),
-    ("lora.target_modules=5", "lora.target_modules: expected "),  # the union's order varies by Python
-    ("training.per_device_train_batch_size=big", "training.per_device_train_batch_size: expected an integer, "
-                                                 "got 'big'."),
-    ("training.lr_scheduler_type=cosinee", "training.lr_scheduler_type: cosinee is not a valid SchedulerType"),
-    ("training.save_strategy=no", "training.save_strategy: expected SaveStrategy | str, got False. YAML reads a "
-                                  "bare no/yes/off/on as false/true: quote it, e.g. \"no\"."),
-    ("training.bf16=true", None),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (
+            "model.dtype=float64",
+            "model.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'; got 'float64'.",
+        ),
+        ("data.eval_fraction=1.5", "data.eval_fraction: Input should be less than 1; got 1.5."),
+        (
+            "data.max_length=0",
+            "data.max_length: Input should be greater than or equal to 8; got 0.",
+        ),
+        (
+            "lora.lora_alpha=-16",
+            "lora.lora_alpha: must be positive, got -16. A common choice is 2 * r.",
+        ),
+        (
+            "lora.target_modules=5",
+            "lora.target_modules: expected ",
+        ),  # the union's order varies by Python
+        (
+            "training.per_device_train_batch_size=big",
+            "training.per_device_train_batch_size: expected an integer, got 'big'.",
+        ),
+        (
+            "training.lr_scheduler_type=cosinee",
+            "training.lr_scheduler_type: cosinee is not a valid SchedulerType",
+        ),
+        (
+            "training.save_strategy=no",
+            "training.save_strategy: expected SaveStrategy | str, got False. YAML reads a "
+            'bare no/yes/off/on as false/true: quote it, e.g. "no".',
+        ),
+        ("training.bf16=true", None),
+    ],
+)
 def test_single_mistakes(tmp_path, tiny, override, expected):
     path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run")
     if expected is None:  # a valid override: loads
@@ -92,8 +119,11 @@ def test_eval_and_eval_fraction_conflict(tmp_path, tiny):
     path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", data={"eval_fraction": 0.1})
     with pytest.raises(UserError) as info:
         recipes.load(path)
-    assert info.value.problems == ["data: set either data.eval or data.eval_fraction, not both; got "
-                                   + repr(yaml.safe_load(path.read_text())["data"]) + "."]
+    assert info.value.problems == [
+        "data: set either data.eval or data.eval_fraction, not both; got "
+        + repr(yaml.safe_load(path.read_text())["data"])
+        + "."
+    ]
 
 
 def test_yaml_syntax_error_names_line_and_column(tmp_path, capsys):
@@ -101,7 +131,10 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path, capsys):
     path.write_text("model:\n\tid: x\n")
     assert run_cli("train", path) == 2
     err = capsys.readouterr().err
-    assert f"error: {path}:2:1: the recipe is not valid YAML: found character '\\t' that cannot start any token" in err
+    assert (
+        f"error: {path}:2:1: the recipe is not valid YAML: found character '\\t' that cannot start any token"
+        in err
+    )
     assert "never tabs" in err
 
 
@@ -115,13 +148,21 @@ def test_missing_recipe_and_sections(tmp_path):
     assert info.value.problems == [
         "model: required section missing. Add the model to tune, e.g. model: {id: facebook/opt-350m}.",
         "data: required section missing. Add the training data, e.g. data: {train: data/train.jsonl}.",
-        "training: required section missing. Add where the run is written, e.g. training: {output_dir: runs/my-run}."]
+        "training: required section missing. Add where the run is written, e.g. training: {output_dir: runs/my-run}.",
+    ]
 
 
 def test_set_overrides_parse_yaml_values(tmp_path, tiny):
     path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run")
-    loaded = recipes.load(path, ["training.learning_rate=1e-4", "lora.target_modules=[q_proj, v_proj]",
-                                 "training.num_train_epochs=2", "data.train_on_prompt=true"])
+    loaded = recipes.load(
+        path,
+        [
+            "training.learning_rate=1e-4",
+            "lora.target_modules=[q_proj, v_proj]",
+            "training.num_train_epochs=2",
+            "data.train_on_prompt=true",
+        ],
+    )
     assert loaded.training["learning_rate"] == pytest.approx(1e-4)
     assert loaded.lora["target_modules"] == ["q_proj", "v_proj"]
     assert loaded.training["num_train_epochs"] == 2
@@ -140,11 +181,15 @@ def test_yaml_string_numbers_are_coerced(tmp_path, tiny):
 
 
 def test_tokens_are_refused_so_they_are_never_saved(tmp_path, tiny):
-    path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", training={"hub_token": "hf_secret"})
+    path = write_recipe(
+        tmp_path / "r.yaml", tiny, tmp_path / "run", training={"hub_token": "hf_secret"}
+    )
     with pytest.raises(UserError) as info:
         recipes.load(path)
-    assert info.value.problems == ["training.hub_token: not set here; never put a token in a recipe, where it "
-                                   "would be saved with the run; set the HF_TOKEN environment variable instead."]
+    assert info.value.problems == [
+        "training.hub_token: not set here; never put a token in a recipe, where it "
+        "would be saved with the run; set the HF_TOKEN environment variable instead."
+    ]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
@@ -158,8 +203,14 @@ def test_opt_350m_recipe_is_the_classic_example():
     loaded = recipes.load(ROOT / "recipes" / "opt-350m-english-quotes.yaml")
     assert loaded.model.id == "facebook/opt-350m"
     assert (loaded.data.train, loaded.data.text_field) == ("Abirate/english_quotes", "quote")
-    assert loaded.lora == {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.05,
-                           "bias": "none", "task_type": "CAUSAL_LM"}
+    assert loaded.lora == {
+        "r": 16,
+        "lora_alpha": 32,
+        "target_modules": ["q_proj", "v_proj"],
+        "lora_dropout": 0.05,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
     assert loaded.training["learning_rate"] == 2e-4
     assert loaded.training["num_train_epochs"] == 3
     assert loaded.training["per_device_train_batch_size"] == 4
@@ -184,10 +235,15 @@ def test_accelerate_config_check_rejects_unknown_keys(tmp_path):
         load_config_from_file(str(bad))
 
 
-@pytest.mark.parametrize("schema, section", [(recipes.ModelSection, "model"), (recipes.DataSection, "data")])
+@pytest.mark.parametrize(
+    "schema, section", [(recipes.ModelSection, "model"), (recipes.DataSection, "data")]
+)
 def test_readme_reference_matches_the_schema(schema, section):
     """The README's key tables repeat the schema's descriptions word for word, and miss none."""
     readme = (ROOT / "README.md").read_text()
     table = readme.split(f"### {section}\n", 1)[1].split("\n\n", 1)[0].strip()
-    rows = {line.split("|")[1].strip(" `"): line.split("|")[3].strip() for line in table.splitlines()[2:]}
+    rows = {
+        line.split("|")[1].strip(" `"): line.split("|")[3].strip()
+        for line in table.splitlines()[2:]
+    }
     assert rows == {name: field.description for name, field in schema.model_fields.items()}

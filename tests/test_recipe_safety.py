@@ -37,6 +37,7 @@ def replace(old: str, new: str):
     def edit(text):
         assert old in text
         return text.replace(old, new, 1)
+
     return edit
 
 
@@ -52,81 +53,183 @@ LONG = "x" * 100_000
 
 # name -> (edit of the recipe text, or (edit, extra CLI arguments)), expected fragment of the message
 BAD_INPUTS = {
-    "key written twice": (under("training", "  learning_rate: 0.1"), "training.learning_rate: written twice (lines"),
-    "section written twice": (append("training:\n  learning_rate: 0.1\n"), "training: written twice (lines"),
+    "key written twice": (
+        under("training", "  learning_rate: 0.1"),
+        "training.learning_rate: written twice (lines",
+    ),
+    "section written twice": (
+        append("training:\n  learning_rate: 0.1\n"),
+        "training: written twice (lines",
+    ),
     "key written three times": (under("lora", "  r: 4\n  r: 16"), "lora.r: written 3 times (lines"),
-    "key written twice in a list": (replace("  train: ", "  train:\n  - {path: a.jsonl, path: b.jsonl}\n  x: "),
-                                    "data.train[0].path: written twice"),
-    "alias bomb under output_dir": (replace("  output_dir: ", f"  output_dir: {bomb(6)}\n  x: "),
-                                    "training.output_dir[5] holds more than 100,000 values once its aliases"),
-    "alias bomb under data.train": (replace("  train: ", f"  train: {bomb(7)}\n  x: "),
-                                    "data.train[5] holds more than 100,000 values"),
-    "alias inside its anchor": (under("lora", "  target_modules: &t [q_proj, *t]"),
-                                "lora.target_modules[1] holds an alias to itself"),
-    "nesting too deep": (under("training", "  x: " + "[" * 10_000 + "]" * 10_000), "nested more than 50 levels deep"),
+    "key written twice in a list": (
+        replace("  train: ", "  train:\n  - {path: a.jsonl, path: b.jsonl}\n  x: "),
+        "data.train[0].path: written twice",
+    ),
+    "alias bomb under output_dir": (
+        replace("  output_dir: ", f"  output_dir: {bomb(6)}\n  x: "),
+        "training.output_dir[5] holds more than 100,000 values once its aliases",
+    ),
+    "alias bomb under data.train": (
+        replace("  train: ", f"  train: {bomb(7)}\n  x: "),
+        "data.train[5] holds more than 100,000 values",
+    ),
+    "alias inside its anchor": (
+        under("lora", "  target_modules: &t [q_proj, *t]"),
+        "lora.target_modules[1] holds an alias to itself",
+    ),
+    "nesting too deep": (
+        under("training", "  x: " + "[" * 10_000 + "]" * 10_000),
+        "nested more than 50 levels deep",
+    ),
     "file too large": (append("# " + "x" * 1_100_000 + "\n"), "bytes; a recipe is a few kilobytes"),
-    "not text": (lambda text: text.replace("model:", "model: \udcff"), "not UTF-8 text: invalid start byte at byte"),
-    "integer too long": (under("training", "  warmup_steps: " + "9" * 5000), "(5,000 characters) (quote it to keep it"),
-    "impossible date": (under("data", "  revision: 2024-13-45"), "cannot read '2024-13-45' (quote it"),
-    "batch of zero": (setting("training.per_device_train_batch_size", "0"),
-                      "training.per_device_train_batch_size: Input should be greater than 0; got 0."),
-    "negative batch": (setting("training.per_device_train_batch_size", "-8"),
-                       "training.per_device_train_batch_size: Input should be greater than 0; got -8."),
-    "eval batch of zero": (setting("training.per_device_eval_batch_size", "0"),
-                           "training.per_device_eval_batch_size: Input should be greater than 0; got 0."),
-    "accumulation of zero": (setting("training.gradient_accumulation_steps", "0"),
-                             "training.gradient_accumulation_steps: Input should be greater than 0; got 0."),
-    "eval accumulation of zero": (setting("training.eval_accumulation_steps", "0"),
-                                  "training.eval_accumulation_steps: Input should be greater than 0; got 0."),
-    "zero epochs": (setting("training.num_train_epochs", "0"),
-                    "training.num_train_epochs: Input should be greater than 0; got 0."),
-    "zero max_steps": (setting("training.max_steps", "0"),
-                       "got 0. Optimizer steps to train; -1 (the default) trains num_train_epochs instead."),
-    "negative max_steps": (setting("training.max_steps", "-5"), "training.max_steps: Input should be greater than 0"),
-    "zero save_steps": (setting("training.save_steps", "0"), "training.save_steps: Input should be greater than 0"),
-    "negative logging_steps": (setting("training.logging_steps", "-3"),
-                               "training.logging_steps: Input should be greater than 0; got -3."),
-    "zero eval_steps": (setting("training.eval_steps", "0"), "training.eval_steps: Input should be greater than 0"),
-    "negative workers": (setting("training.dataloader_num_workers", "-1"),
-                         "training.dataloader_num_workers: Input should be greater than or equal to 0; got -1."),
-    "infinite save_steps": (setting("training.save_steps", ".inf"),
-                            "training.save_steps: expected a finite number, got inf. YAML reads .inf, .nan and"),
-    "save_steps beyond a float": (setting("training.save_steps", "1e400"),
-                                  "training.save_steps: expected a finite number, got '1e400'."),
-    "infinite logging_steps": (setting("training.logging_steps", "-.inf"),
-                               "training.logging_steps: expected a finite number, got -inf."),
-    "infinite eval_steps": ((lambda text: text, ["--set", "training.eval_strategy=steps",
-                                                 "--set", "training.eval_steps=.inf"]),
-                            "training.eval_steps: expected a finite number, got inf."),
-    "infinite epochs": ((lambda text: text, ["--set", "training.max_steps=-1",
-                                             "--set", "training.num_train_epochs=.inf"]),
-                        "training.num_train_epochs: expected a finite number, got inf."),
-    "nan learning rate": (setting("training.learning_rate", ".nan"),
-                          "training.learning_rate: expected a finite number, got nan."),
-    "infinite learning rate": (setting("training.learning_rate", ".inf"),
-                               "training.learning_rate: expected a finite number, got inf."),
-    "nan inside a mapping": (setting("training.lr_scheduler_kwargs", "{min_lr: .nan}"),
-                             "training.lr_scheduler_kwargs: expected a finite number, got {'min_lr': nan}."),
-    "nan dropout": (setting("lora.lora_dropout", ".nan"), "lora.lora_dropout: expected a finite number, got nan."),
-    "infinite alpha": (setting("lora.lora_alpha", ".inf"), "lora.lora_alpha: expected an integer, got inf."),
-    "infinite LoRA+ ratio": (setting("lora.loraplus_lr_ratio", ".inf"),
-                             "lora.loraplus_lr_ratio: expected a positive number, got inf."),
-    "nan LoRA+ embedding rate": (setting("lora.loraplus_lr_embedding", ".nan"),
-                                 "lora.loraplus_lr_embedding: expected a positive number, got nan."),
-    "infinite max_length": (setting("data.max_length", ".inf"), "data.max_length: Input should be a finite number"),
-    "nan eval_fraction": ((lambda text: text, ["--set", "data.eval=null", "--set", "data.eval_fraction=.nan"]),
-                          "data.eval_fraction: Input should be a finite number; got nan."),
-    "key written twice in --set": (setting("lora.target_modules", "{q_proj: 1, q_proj: 2}"),
-                                   "lora.target_modules.q_proj: written twice (lines 1:2 and 1:13); keep one."),
-    "alias bomb in --set": (setting("data.train", bomb(7)), "data.train[5] holds more than 100,000 values"),
-    "long text value": (setting("training.learning_rate", LONG),
-                        f"training.learning_rate: expected a number, got {'x' * 80!r}... (100,000 characters)."),
+    "not text": (
+        lambda text: text.replace("model:", "model: \udcff"),
+        "not UTF-8 text: invalid start byte at byte",
+    ),
+    "integer too long": (
+        under("training", "  warmup_steps: " + "9" * 5000),
+        "(5,000 characters) (quote it to keep it",
+    ),
+    "impossible date": (
+        under("data", "  revision: 2024-13-45"),
+        "cannot read '2024-13-45' (quote it",
+    ),
+    "batch of zero": (
+        setting("training.per_device_train_batch_size", "0"),
+        "training.per_device_train_batch_size: Input should be greater than 0; got 0.",
+    ),
+    "negative batch": (
+        setting("training.per_device_train_batch_size", "-8"),
+        "training.per_device_train_batch_size: Input should be greater than 0; got -8.",
+    ),
+    "eval batch of zero": (
+        setting("training.per_device_eval_batch_size", "0"),
+        "training.per_device_eval_batch_size: Input should be greater than 0; got 0.",
+    ),
+    "accumulation of zero": (
+        setting("training.gradient_accumulation_steps", "0"),
+        "training.gradient_accumulation_steps: Input should be greater than 0; got 0.",
+    ),
+    "eval accumulation of zero": (
+        setting("training.eval_accumulation_steps", "0"),
+        "training.eval_accumulation_steps: Input should be greater than 0; got 0.",
+    ),
+    "zero epochs": (
+        setting("training.num_train_epochs", "0"),
+        "training.num_train_epochs: Input should be greater than 0; got 0.",
+    ),
+    "zero max_steps": (
+        setting("training.max_steps", "0"),
+        "got 0. Optimizer steps to train; -1 (the default) trains num_train_epochs instead.",
+    ),
+    "negative max_steps": (
+        setting("training.max_steps", "-5"),
+        "training.max_steps: Input should be greater than 0",
+    ),
+    "zero save_steps": (
+        setting("training.save_steps", "0"),
+        "training.save_steps: Input should be greater than 0",
+    ),
+    "negative logging_steps": (
+        setting("training.logging_steps", "-3"),
+        "training.logging_steps: Input should be greater than 0; got -3.",
+    ),
+    "zero eval_steps": (
+        setting("training.eval_steps", "0"),
+        "training.eval_steps: Input should be greater than 0",
+    ),
+    "negative workers": (
+        setting("training.dataloader_num_workers", "-1"),
+        "training.dataloader_num_workers: Input should be greater than or equal to 0; got -1.",
+    ),
+    "infinite save_steps": (
+        setting("training.save_steps", ".inf"),
+        "training.save_steps: expected a finite number, got inf. YAML reads .inf, .nan and",
+    ),
+    "save_steps beyond a float": (
+        setting("training.save_steps", "1e400"),
+        "training.save_steps: expected a finite number, got '1e400'.",
+    ),
+    "infinite logging_steps": (
+        setting("training.logging_steps", "-.inf"),
+        "training.logging_steps: expected a finite number, got -inf.",
+    ),
+    "infinite eval_steps": (
+        (
+            lambda text: text,
+            ["--set", "training.eval_strategy=steps", "--set", "training.eval_steps=.inf"],
+        ),
+        "training.eval_steps: expected a finite number, got inf.",
+    ),
+    "infinite epochs": (
+        (
+            lambda text: text,
+            ["--set", "training.max_steps=-1", "--set", "training.num_train_epochs=.inf"],
+        ),
+        "training.num_train_epochs: expected a finite number, got inf.",
+    ),
+    "nan learning rate": (
+        setting("training.learning_rate", ".nan"),
+        "training.learning_rate: expected a finite number, got nan.",
+    ),
+    "infinite learning rate": (
+        setting("training.learning_rate", ".inf"),
+        "training.learning_rate: expected a finite number, got inf.",
+    ),
+    "nan inside a mapping": (
+        setting("training.lr_scheduler_kwargs", "{min_lr: .nan}"),
+        "training.lr_scheduler_kwargs: expected a finite number, got {'min_lr': nan}.",
+    ),
+    "nan dropout": (
+        setting("lora.lora_dropout", ".nan"),
+        "lora.lora_dropout: expected a finite number, got nan.",
+    ),
+    "infinite alpha": (
+        setting("lora.lora_alpha", ".inf"),
+        "lora.lora_alpha: expected an integer, got inf.",
+    ),
+    "infinite LoRA+ ratio": (
+        setting("lora.loraplus_lr_ratio", ".inf"),
+        "lora.loraplus_lr_ratio: expected a positive number, got inf.",
+    ),
+    "nan LoRA+ embedding rate": (
+        setting("lora.loraplus_lr_embedding", ".nan"),
+        "lora.loraplus_lr_embedding: expected a positive number, got nan.",
+    ),
+    "infinite max_length": (
+        setting("data.max_length", ".inf"),
+        "data.max_length: Input should be a finite number",
+    ),
+    "nan eval_fraction": (
+        (lambda text: text, ["--set", "data.eval=null", "--set", "data.eval_fraction=.nan"]),
+        "data.eval_fraction: Input should be a finite number; got nan.",
+    ),
+    "key written twice in --set": (
+        setting("lora.target_modules", "{q_proj: 1, q_proj: 2}"),
+        "lora.target_modules.q_proj: written twice (lines 1:2 and 1:13); keep one.",
+    ),
+    "alias bomb in --set": (
+        setting("data.train", bomb(7)),
+        "data.train[5] holds more than 100,000 values",
+    ),
+    "long text value": (
+        setting("training.learning_rate", LONG),
+        f"training.learning_rate: expected a number, got {'x' * 80!r}... (100,000 characters).",
+    ),
     "long model value": (setting("model.dtype", LONG), "; got 'xxxxxxxx"),
-    "long list value": (setting("training.num_train_epochs", "[" + ", ".join(["1"] * 10_000) + "]"),
-                        "got [1, 1, 1, 1, 1, 1, 1, 1, ... (10,000 in all)]."),
-    "long key": (under("training", f"  {'k' * 1000}: 1"), f"training.{'k' * 80}... (1,000 characters): unknown key."),
-    "long value quoted by TRL": (setting("training.lr_scheduler_type", "cosine" + LONG),
-                                 "training.lr_scheduler_type: cosinexxxx"),
+    "long list value": (
+        setting("training.num_train_epochs", "[" + ", ".join(["1"] * 10_000) + "]"),
+        "got [1, 1, 1, 1, 1, 1, 1, 1, ... (10,000 in all)].",
+    ),
+    "long key": (
+        under("training", f"  {'k' * 1000}: 1"),
+        f"training.{'k' * 80}... (1,000 characters): unknown key.",
+    ),
+    "long value quoted by TRL": (
+        setting("training.lr_scheduler_type", "cosine" + LONG),
+        "training.lr_scheduler_type: cosinexxxx",
+    ),
 }
 
 
@@ -143,7 +246,9 @@ def test_bad_input(name, tiny, tmp_path, capsys):
     assert run_cli("train", path, "--dry-run", *extra) == 2
     assert time.perf_counter() - started < 30
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and expected in err.replace("\n", " ").replace("  - ", ""), err[:3000]
+    assert err.startswith("error: ") and expected in err.replace("\n", " ").replace("  - ", ""), (
+        err[:3000]
+    )
     assert "Traceback" not in err
     assert "\n  - " in err  # the fix, or the problems with theirs
     assert len(err) < 3000  # no value is echoed whole
@@ -156,7 +261,9 @@ def test_duplicates_name_every_key_with_both_lines(tmp_path, tiny):
     text = path.read_text().replace("\ntraining:\n", "\ntraining:\n  learning_rate: 0.1\n")
     path.write_text(text + "lora:\n  r: 4\n")
     lines = text.splitlines()
-    first_lr, second_lr = [i + 1 for i, line in enumerate(lines) if line.startswith("  learning_rate:")]
+    first_lr, second_lr = [
+        i + 1 for i, line in enumerate(lines) if line.startswith("  learning_rate:")
+    ]
     with pytest.raises(UserError) as info:
         recipes.load(path)
     assert info.value.headline == f"{path}: 2 problems in the recipe:"
@@ -182,9 +289,14 @@ training:
   output_dir: {tmp_path / "run"}
   run_name: *precise
 """)
-    loaded = recipes.load(path, ["training.max_steps=-1", "training.logging_steps=0.5", "lora.layers_to_transform=[0]"])
-    assert [(s.path, s.split) for s in loaded.data.train + loaded.data.eval] == [(str(rows), "train"),
-                                                                                  (str(rows), "test")]
+    loaded = recipes.load(
+        path,
+        ["training.max_steps=-1", "training.logging_steps=0.5", "lora.layers_to_transform=[0]"],
+    )
+    assert [(s.path, s.split) for s in loaded.data.train + loaded.data.eval] == [
+        (str(rows), "train"),
+        (str(rows), "test"),
+    ]
     assert loaded.model.dtype == loaded.training["run_name"] == "float32"
     assert loaded.lora["target_modules"] == ["q_proj", "v_proj"]
     assert loaded.training["max_steps"] == -1 and loaded.training["logging_steps"] == 0.5
@@ -215,10 +327,15 @@ except UserError as exc:
     message = exc.render()
 print(json.dumps([message, time.perf_counter() - started, kib('VmHWM:') - rss]))
 """
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         message, seconds, grown_kib = json.loads(done.stdout.splitlines()[-1])
-        assert f"{section}.{key}[5] holds more than 100,000 values once its aliases (*name) are expanded" in message
+        assert (
+            f"{section}.{key}[5] holds more than 100,000 values once its aliases (*name) are expanded"
+            in message
+        )
         assert len(message) < 500
         assert seconds < 0.5
         assert grown_kib < 50 * 1024
@@ -227,6 +344,8 @@ print(json.dumps([message, time.perf_counter() - started, kib('VmHWM:') - rss]))
 def test_long_values_are_cut_in_every_message():
     assert recipes._shown("abc") == "'abc'"
     assert recipes._shown("y" * 81) == f"{'y' * 80!r}... (81 characters)"
-    assert recipes._shown({"a": [1] * 9, "b": {"c": {"d": {"e": {"f": 1}}}}}) == \
-        "{'a': [1, 1, 1, 1, 1, 1, 1, 1, ... (9 in all)], 'b': {'c': {'d': {...}}}}"
-    assert recipes._shown(10 ** 200) == f"{'1' + '0' * 79}... (201 characters)"
+    assert (
+        recipes._shown({"a": [1] * 9, "b": {"c": {"d": {"e": {"f": 1}}}}})
+        == "{'a': [1, 1, 1, 1, 1, 1, 1, 1, ... (9 in all)], 'b': {'c': {'d': {...}}}}"
+    )
+    assert recipes._shown(10**200) == f"{'1' + '0' * 79}... (201 characters)"

@@ -29,13 +29,24 @@ def files_under(path: Path) -> set[Path]:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny, tmp_path):
-    training = {"max_steps": 300, "save_steps": 10, "logging_steps": 50, "lr_scheduler_type": "cosine"}
+    training = {
+        "max_steps": 300,
+        "save_steps": 10,
+        "logging_steps": 50,
+        "lr_scheduler_type": "cosine",
+    }
     killed = tmp_path / "killed"
     path = write_recipe(tmp_path / "killed.yaml", tiny, killed, training=training)
     command = [sys.executable, "-m", "lora_tune.cli", "train", str(path)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path
+    )
     deadline = time.monotonic() + 120
-    while runs.latest_checkpoint(killed) is None and process.poll() is None and time.monotonic() < deadline:
+    while (
+        runs.latest_checkpoint(killed) is None
+        and process.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -54,7 +65,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny, tmp_path):
     assert "checkpoint-295" not in result.stdout and resumed_from.name == "checkpoint-300"
 
     reference = tmp_path / "reference"
-    assert run_cli("train", write_recipe(tmp_path / "reference.yaml", tiny, reference, training=training)) == 0
+    assert (
+        run_cli(
+            "train", write_recipe(tmp_path / "reference.yaml", tiny, reference, training=training)
+        )
+        == 0
+    )
     got = load_file(killed / "adapter" / "adapter_model.safetensors")
     want = load_file(reference / "adapter" / "adapter_model.safetensors")
     assert got.keys() == want.keys()
@@ -67,14 +83,23 @@ def test_explicit_resume_path_must_be_a_complete_checkpoint(tiny, tmp_path, caps
     partial = tmp_path / "checkpoint-5"
     partial.mkdir()
     assert run_cli("train", path, "--resume", partial) == 2
-    assert f"error: --resume: {partial} is not a complete lora-tune checkpoint" in capsys.readouterr().err
+    assert (
+        f"error: --resume: {partial} is not a complete lora-tune checkpoint"
+        in capsys.readouterr().err
+    )
     assert not (tmp_path / "run").exists()
 
 
-def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys):
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
+    tiny, tmp_path, capsys
+):
     out = tmp_path / "run"
-    path = write_recipe(tmp_path / "r.yaml", tiny, out, training={
-        "learning_rate": 1e30, "max_steps": 30, "save_steps": 1, "logging_steps": 1})
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        tiny,
+        out,
+        training={"learning_rate": 1e30, "max_steps": 30, "save_steps": 1, "logging_steps": 1},
+    )
     assert run_cli("train", path) == 2
     err = capsys.readouterr().err
     assert "error: training stopped at step " in err
@@ -89,10 +114,16 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tin
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("fault, symptom", [
-    ("empty", "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight is empty [0]"),
-    ("rank", "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight has rank 7, adapter_config.json says 8"),
-])
+@pytest.mark.parametrize(
+    "fault, symptom",
+    [
+        ("empty", "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight is empty [0]"),
+        (
+            "rank",
+            "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight has rank 7, adapter_config.json says 8",
+        ),
+    ],
+)
 def test_an_unusable_adapter_is_never_written(fault, symptom, tiny, tmp_path, capsys, monkeypatch):
     """What DeepSpeed ZeRO-3 does without gathering (empty tensors), or a rank that disagrees with
     the config, stops the save: no adapter/ appears and the one from an earlier run is kept."""
@@ -102,16 +133,24 @@ def test_an_unusable_adapter_is_never_written(fault, symptom, tiny, tmp_path, ca
 
     def broken(*args, **kwargs):
         state = real(*args, **kwargs)
-        return {k: (v.new_empty(0) if fault == "empty" else v[:-1]) if "lora_A" in k else v for k, v in state.items()}
+        return {
+            k: (v.new_empty(0) if fault == "empty" else v[:-1]) if "lora_A" in k else v
+            for k, v in state.items()
+        }
 
     out = tmp_path / "run"
     path = write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 4})
     assert run_cli("train", path) == 0
     earlier = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     monkeypatch.setattr(peft.peft_model, "get_peft_model_state_dict", broken)
-    assert run_cli("train", path, "--set", "training.max_steps=6") == 2  # the same run, trained longer
+    assert (
+        run_cli("train", path, "--set", "training.max_steps=6") == 2
+    )  # the same run, trained longer
     err = " ".join(capsys.readouterr().err.split())
-    assert f"error: the adapter was not saved: 14 of its tensors are unusable, e.g. {symptom}; it would load" in err
+    assert (
+        f"error: the adapter was not saved: 14 of its tensors are unusable, e.g. {symptom}; it would load"
+        in err
+    )
     assert "zero3_save_16bit_model: true" in err
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == earlier
     assert not (out / "adapter.partial").exists()
@@ -119,9 +158,11 @@ def test_an_unusable_adapter_is_never_written(fault, symptom, tiny, tmp_path, ca
 
 # --- a corpus of bad recipes -------------------------------------------------------------------
 
+
 def _set(section, key, value):
     def mutate(recipe, case):
         recipe.setdefault(section, {})[key] = value(case) if callable(value) else value
+
     return mutate
 
 
@@ -131,6 +172,7 @@ def _drop(section, key=None):
             del recipe[section]
         else:
             del recipe[section][key]
+
     return mutate
 
 
@@ -138,6 +180,7 @@ def _file(name, text):
     def make(case):
         (case / name).write_text(text)
         return str(case / name)
+
     return make
 
 
@@ -146,52 +189,149 @@ BAD_RECIPES = {
     "tab indent": ("model:\n\tid: x\n", "found character '\\t' that cannot start any token"),
     "not a mapping": ("- model\n- lora\n", "a recipe is a mapping with sections"),
     "empty file": ("", "model: required section missing."),
-    "misspelt section": (_set("trainig", "output_dir", "x"), "trainig: unknown section. Did you mean 'training'?"),
-    "misspelt model key": (_set("model", "dtyp", "float32"), "model.dtyp: unknown key. Did you mean 'dtype'?"),
-    "misspelt lora key": (_set("lora", "lora_alpa", 16), "lora.lora_alpa: unknown key. Did you mean 'lora_alpha'?"),
-    "misspelt data key": (_set("data", "text_feild", "text"), "data.text_feild: unknown key. Did you mean 'text_field'?"),
-    "misspelt training key": (_set("training", "learnig_rate", 1e-4),
-                              "training.learnig_rate: unknown key. Did you mean 'learning_rate'?"),
+    "misspelt section": (
+        _set("trainig", "output_dir", "x"),
+        "trainig: unknown section. Did you mean 'training'?",
+    ),
+    "misspelt model key": (
+        _set("model", "dtyp", "float32"),
+        "model.dtyp: unknown key. Did you mean 'dtype'?",
+    ),
+    "misspelt lora key": (
+        _set("lora", "lora_alpa", 16),
+        "lora.lora_alpa: unknown key. Did you mean 'lora_alpha'?",
+    ),
+    "misspelt data key": (
+        _set("data", "text_feild", "text"),
+        "data.text_feild: unknown key. Did you mean 'text_field'?",
+    ),
+    "misspelt training key": (
+        _set("training", "learnig_rate", 1e-4),
+        "training.learnig_rate: unknown key. Did you mean 'learning_rate'?",
+    ),
     "rank as text": (_set("lora", "r", "eight"), "lora.r: expected an integer, got 'eight'."),
-    "epochs as text": (_set("training", "num_train_epochs", "three"), "training.num_train_epochs: expected a number"),
+    "epochs as text": (
+        _set("training", "num_train_epochs", "three"),
+        "training.num_train_epochs: expected a number",
+    ),
     "zero rank": (_set("lora", "r", 0), "lora.r: the rank must be a positive integer, got 0."),
-    "negative rank": (_set("lora", "r", -4), "lora.r: the rank must be a positive integer, got -4."),
-    "negative alpha": (_set("lora", "lora_alpha", -16), "lora.lora_alpha: must be positive, got -16."),
-    "dropout of one": (_set("lora", "lora_dropout", 1.0), "lora.lora_dropout: must be in [0, 1), got 1.0."),
-    "negative dropout": (_set("lora", "lora_dropout", -0.1), "lora.lora_dropout: must be in [0, 1), got -0.1."),
-    "absent target modules": (_set("lora", "target_modules", ["query", "value"]),
-                              "lora.target_modules: query, value not found in"),
-    "regex matching nothing": (_set("lora", "target_modules", ".*attention.*"),
-                               "lora.target_modules: the pattern '.*attention.*' matches no layer of"),
-    "missing model directory": (_set("model", "id", lambda case: str(case / "no-such-model")), "model.id: no model directory at"),
-    "bad dtype": (_set("model", "dtype", "float64"), "model.dtype: Input should be 'auto', 'float32'"),
-    "missing data file": (_set("data", "train", lambda case: str(case / "nope.jsonl")), "data.train: file not found:"),
-    "unsupported data file": (_set("data", "train", _file("rows.xlsx", "x")), "data.train: cannot read '.xlsx' files"),
-    "absent text field": (_set("data", "text_field", "quote"), "data.text_field: column 'quote' not found in data.train"),
+    "negative rank": (
+        _set("lora", "r", -4),
+        "lora.r: the rank must be a positive integer, got -4.",
+    ),
+    "negative alpha": (
+        _set("lora", "lora_alpha", -16),
+        "lora.lora_alpha: must be positive, got -16.",
+    ),
+    "dropout of one": (
+        _set("lora", "lora_dropout", 1.0),
+        "lora.lora_dropout: must be in [0, 1), got 1.0.",
+    ),
+    "negative dropout": (
+        _set("lora", "lora_dropout", -0.1),
+        "lora.lora_dropout: must be in [0, 1), got -0.1.",
+    ),
+    "absent target modules": (
+        _set("lora", "target_modules", ["query", "value"]),
+        "lora.target_modules: query, value not found in",
+    ),
+    "regex matching nothing": (
+        _set("lora", "target_modules", ".*attention.*"),
+        "lora.target_modules: the pattern '.*attention.*' matches no layer of",
+    ),
+    "missing model directory": (
+        _set("model", "id", lambda case: str(case / "no-such-model")),
+        "model.id: no model directory at",
+    ),
+    "bad dtype": (
+        _set("model", "dtype", "float64"),
+        "model.dtype: Input should be 'auto', 'float32'",
+    ),
+    "missing data file": (
+        _set("data", "train", lambda case: str(case / "nope.jsonl")),
+        "data.train: file not found:",
+    ),
+    "unsupported data file": (
+        _set("data", "train", _file("rows.xlsx", "x")),
+        "data.train: cannot read '.xlsx' files",
+    ),
+    "absent text field": (
+        _set("data", "text_field", "quote"),
+        "data.text_field: column 'quote' not found in data.train",
+    ),
     "empty data file": (_set("data", "train", _file("empty.jsonl", "")), "data.train: cannot load"),
-    "only empty rows": (_set("data", "train", _file("blank.jsonl", '{"text": ""}\n{"text": "  "}\n')),
-                        "data.train: no usable rows in"),
-    "unknown format": (_set("data", "format", "sharegpt"), "data.format: Input should be 'auto', 'text'"),
-    "messages without template": (_set("data", "format", "messages"), "data.chat_template: the tokenizer of"),
-    "eval and eval_fraction": (_set("data", "eval_fraction", 0.1), "set either data.eval or data.eval_fraction"),
-    "eval_fraction above one": (_set("data", "eval_fraction", 1.5), "data.eval_fraction: Input should be less than 1"),
-    "max_length too small": (_set("data", "max_length", 4), "data.max_length: Input should be greater than or equal to 8"),
-    "bf16 and fp16": (lambda r, c: r["training"].update(bf16=True, fp16=True),
-                      "At most one of fp16 and bf16 can be True"),
-    "max_length in training": (_set("training", "max_length", 128), "training.max_length: not set here; set data.max_length"),
-    "packing in training": (_set("training", "packing", True), "training.packing: not set here; set data.packing"),
-    "token in recipe": (_set("training", "hub_token", "hf_abc"), "training.hub_token: not set here; never put a token"),
-    "bare no": (_set("training", "save_strategy", False), "YAML reads a bare no/yes/off/on as false/true"),
-    "bad scheduler": (_set("training", "lr_scheduler_type", "cosin"), "training.lr_scheduler_type: cosin is not a valid"),
-    "missing output_dir": (_drop("training", "output_dir"), "training.output_dir: required key missing."),
+    "only empty rows": (
+        _set("data", "train", _file("blank.jsonl", '{"text": ""}\n{"text": "  "}\n')),
+        "data.train: no usable rows in",
+    ),
+    "unknown format": (
+        _set("data", "format", "sharegpt"),
+        "data.format: Input should be 'auto', 'text'",
+    ),
+    "messages without template": (
+        _set("data", "format", "messages"),
+        "data.chat_template: the tokenizer of",
+    ),
+    "eval and eval_fraction": (
+        _set("data", "eval_fraction", 0.1),
+        "set either data.eval or data.eval_fraction",
+    ),
+    "eval_fraction above one": (
+        _set("data", "eval_fraction", 1.5),
+        "data.eval_fraction: Input should be less than 1",
+    ),
+    "max_length too small": (
+        _set("data", "max_length", 4),
+        "data.max_length: Input should be greater than or equal to 8",
+    ),
+    "bf16 and fp16": (
+        lambda r, c: r["training"].update(bf16=True, fp16=True),
+        "At most one of fp16 and bf16 can be True",
+    ),
+    "max_length in training": (
+        _set("training", "max_length", 128),
+        "training.max_length: not set here; set data.max_length",
+    ),
+    "packing in training": (
+        _set("training", "packing", True),
+        "training.packing: not set here; set data.packing",
+    ),
+    "token in recipe": (
+        _set("training", "hub_token", "hf_abc"),
+        "training.hub_token: not set here; never put a token",
+    ),
+    "bare no": (
+        _set("training", "save_strategy", False),
+        "YAML reads a bare no/yes/off/on as false/true",
+    ),
+    "bad scheduler": (
+        _set("training", "lr_scheduler_type", "cosin"),
+        "training.lr_scheduler_type: cosin is not a valid",
+    ),
+    "missing output_dir": (
+        _drop("training", "output_dir"),
+        "training.output_dir: required key missing.",
+    ),
     "missing model section": (_drop("model"), "model: required section missing."),
-    "output_dir is a file": (_set("training", "output_dir", _file("taken", "x")), "training.output_dir: "),
-    "output_dir under a file": (_set("training", "output_dir", lambda case: _file("blocker", "x")(case) + "/run"),
-                                "training.output_dir: cannot write"),
-    "eval strategy without eval data": (lambda r, c: (r["data"].pop("eval"), r["training"].update(eval_strategy="steps")),
-                                        "training.eval_strategy: steps evaluation needs eval data"),
-    "packing on OPT": (lambda r, c: (r["model"].update(id=r["model"]["id"].replace("llama", "opt")),
-                                     r["data"].update(packing=True)), "data.packing: "),
+    "output_dir is a file": (
+        _set("training", "output_dir", _file("taken", "x")),
+        "training.output_dir: ",
+    ),
+    "output_dir under a file": (
+        _set("training", "output_dir", lambda case: _file("blocker", "x")(case) + "/run"),
+        "training.output_dir: cannot write",
+    ),
+    "eval strategy without eval data": (
+        lambda r, c: (r["data"].pop("eval"), r["training"].update(eval_strategy="steps")),
+        "training.eval_strategy: steps evaluation needs eval data",
+    ),
+    "packing on OPT": (
+        lambda r, c: (
+            r["model"].update(id=r["model"]["id"].replace("llama", "opt")),
+            r["data"].update(packing=True),
+        ),
+        "data.packing: ",
+    ),
 }
 
 
@@ -215,11 +355,11 @@ FIXES = {
     "dropout of one": "Typical values: 0 to 0.1.",
     "negative dropout": "Typical values: 0 to 0.1.",
     "absent target modules": "its linear layers: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj "
-                             "- or use target_modules: all-linear",
+    "- or use target_modules: all-linear",
     "regex matching nothing": "its linear layers: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj "
-                              "- or use target_modules: all-linear",
+    "- or use target_modules: all-linear",
     "missing model directory": "give a local directory written by save_pretrained, or a hub id such as "
-                               "facebook/opt-350m",
+    "facebook/opt-350m",
     "bad dtype": "Input should be 'auto', 'float32', 'bfloat16' or 'float16'; got 'float64'.",
     "missing data file": "give an existing .jsonl/.json/.csv/.parquet/.txt file or folder, or a hub dataset name",
     "unsupported data file": "use one of .jsonl, .json, .csv, .parquet, .txt",
@@ -265,8 +405,16 @@ def test_bad_recipe(name, tiny, tmp_path, capsys):
     assert err.startswith("error: ") and expected in err.replace("\n", " ").replace("  - ", ""), err
     assert "Traceback" not in err
     # Every message says how to fix it: a suggestion line, a did-you-mean, or what is expected.
-    assert "\n  - " in err or "Did you mean" in err or "expected" in err or "Input should" in err or "set " in err
-    if FIXES[name] is not None:  # this case's own advice, not any message that happens to say "set "
+    assert (
+        "\n  - " in err
+        or "Did you mean" in err
+        or "expected" in err
+        or "Input should" in err
+        or "set " in err
+    )
+    if (
+        FIXES[name] is not None
+    ):  # this case's own advice, not any message that happens to say "set "
         assert " ".join(FIXES[name].split()) in " ".join(err.split()), err
     assert files_under(case) == before  # nothing created
 
@@ -294,11 +442,14 @@ def test_the_corpus_is_large():
 
 # --- faults after training ---------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def trained(tiny, tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("trained")
     out = base / "run"
-    assert run_cli("train", write_recipe(base / "r.yaml", tiny, out, training={"max_steps": 20})) == 0
+    assert (
+        run_cli("train", write_recipe(base / "r.yaml", tiny, out, training={"max_steps": 20})) == 0
+    )
     return out
 
 
@@ -311,7 +462,10 @@ def test_corrupt_adapter_file(trained, tiny, tmp_path, capsys):
     adapter = copy_adapter(trained, tmp_path / "adapter")
     weights = adapter / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    for command in (["merge", adapter, "-o", tmp_path / "merged"], ["eval", adapter, "--data", tiny / "data" / "text_eval.jsonl"]):
+    for command in (
+        ["merge", adapter, "-o", tmp_path / "merged"],
+        ["eval", adapter, "--data", tiny / "data" / "text_eval.jsonl"],
+    ):
         assert run_cli(*command) == 2
         err = capsys.readouterr().err
         assert f"error: {adapter}: cannot read the adapter" in err and "Traceback" not in err
@@ -322,14 +476,19 @@ def test_adapter_for_another_base(trained, tiny, tmp_path, capsys):
     config = json.loads((tiny / "tiny-llama" / "config.json").read_text())
     config.update(hidden_size=32, intermediate_size=64)
     (tmp_path / "config.json").write_text(json.dumps(config))
-    other = builder.build_model("llama", tmp_path / "narrow-llama", config_file=tmp_path / "config.json")
+    other = builder.build_model(
+        "llama", tmp_path / "narrow-llama", config_file=tmp_path / "config.json"
+    )
     adapter = copy_adapter(trained, tmp_path / "adapter")
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     adapter_config["base_model_name_or_path"] = str(other)
     (adapter / "adapter_config.json").write_text(json.dumps(adapter_config))
     assert run_cli("merge", adapter, "-o", tmp_path / "merged") == 2
     err = capsys.readouterr().err
-    assert f"error: {adapter}: the adapter does not fit its base {other}: " in err and "size mismatch" in err
+    assert (
+        f"error: {adapter}: the adapter does not fit its base {other}: " in err
+        and "size mismatch" in err
+    )
 
 
 def test_corrupt_base_model_file(trained, tiny, tmp_path, capsys):
@@ -367,6 +526,7 @@ def test_merge_crash_with_force_keeps_the_previous_output(trained, tmp_path, mon
 
 # --- security ----------------------------------------------------------------------------------
 
+
 def test_pickle_weights_are_refused_unless_allowed(tiny, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -376,7 +536,9 @@ def test_pickle_weights_are_refused_unless_allowed(tiny, tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(tiny / "tiny-llama")
     torch.save(model.state_dict(), pickled / "pytorch_model.bin")
     out = tmp_path / "run"
-    path = write_recipe(tmp_path / "r.yaml", tiny, out, model={"id": str(pickled)}, training={"max_steps": 2})
+    path = write_recipe(
+        tmp_path / "r.yaml", tiny, out, model={"id": str(pickled)}, training={"max_steps": 2}
+    )
     assert run_cli("train", path) == 2
     assert f"error: model.id: {pickled} has no .safetensors weights" in capsys.readouterr().err
     assert not out.exists()
@@ -386,7 +548,9 @@ def test_pickle_weights_are_refused_unless_allowed(tiny, tmp_path, capsys):
 
 
 def test_remote_code_is_announced(tiny, tmp_path, capsys):
-    path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", model={"trust_remote_code": True})
+    path = write_recipe(
+        tmp_path / "r.yaml", tiny, tmp_path / "run", model={"trust_remote_code": True}
+    )
     assert run_cli("train", path, "--dry-run") == 0
     assert "ALLOWED: the model repository's own Python code runs" in capsys.readouterr().out
     path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run")
@@ -397,13 +561,18 @@ def test_remote_code_is_announced(tiny, tmp_path, capsys):
 def test_train_writes_only_inside_the_reported_output_dir(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
-    path = write_recipe(tmp_path / "r.yaml", tiny, Path("runs/../elsewhere/run"), training={"max_steps": 5})
+    path = write_recipe(
+        tmp_path / "r.yaml", tiny, Path("runs/../elsewhere/run"), training={"max_steps": 5}
+    )
     before = files_under(tmp_path)
     assert run_cli("train", path) == 0
     reported = (tmp_path / "elsewhere" / "run").resolve()
     assert f"Adapter: {reported / 'adapter'}" in capsys.readouterr().out
-    assert all(reported in p.resolve().parents for p in files_under(tmp_path) - before if p != reported
-               and p != reported.parent)
+    assert all(
+        reported in p.resolve().parents
+        for p in files_under(tmp_path) - before
+        if p != reported and p != reported.parent
+    )
 
 
 def test_pickle_adapters_are_refused_unless_allowed(trained, tmp_path, capsys):

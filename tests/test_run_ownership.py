@@ -20,7 +20,11 @@ from lora_tune.errors import UserError
 
 def snapshot(path: Path) -> dict[str, tuple[int, int]]:
     """Every file under `path` with its size and modification time."""
-    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in path.rglob("*")
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -28,7 +32,9 @@ def finished(tiny, tmp_path_factory):
     """A finished 8-step run (checkpoint at step 4 and 8) and its recipe."""
     base = tmp_path_factory.mktemp("owned")
     out = base / "run"
-    path = write_recipe(base / "r.yaml", tiny, out, training={"max_steps": 8, "save_steps": 4, "logging_steps": 4})
+    path = write_recipe(
+        base / "r.yaml", tiny, out, training={"max_steps": 8, "save_steps": 4, "logging_steps": 4}
+    )
     assert run_cli("train", path) == 0
     return path, out
 
@@ -55,7 +61,10 @@ def test_a_changed_recipe_is_refused_before_anything_is_written(finished, capsys
     assert run_cli("train", path, "--set", "lora.r=4", "--set", "training.learning_rate=1e-4") == 2
     captured = capsys.readouterr()
     err = " ".join(captured.err.split())
-    assert f"error: training.output_dir: {out} holds a run of another recipe; 2 key(s) differ from its recipe.yaml:" in err
+    assert (
+        f"error: training.output_dir: {out} holds a run of another recipe; 2 key(s) differ from its recipe.yaml:"
+        in err
+    )
     assert "- lora.r: 8 -> 4" in err and "- training.learning_rate: 0.003 -> 0.0001" in err
     assert "choose another training.output_dir" in err and "--resume never" in err
     assert "Traceback" not in captured.err + captured.out
@@ -78,8 +87,10 @@ def test_a_longer_run_continues_from_the_last_checkpoint(finished, capsys):
 def test_a_shorter_run_than_the_one_trained_is_refused(finished, capsys):
     path, out = finished
     before = snapshot(out)
-    for setting, change in (("training.max_steps=6", "training.max_steps: 8 -> 6"),
-                            ("training.max_steps=-1", "training.max_steps: 8 -> -1")):
+    for setting, change in (
+        ("training.max_steps=6", "training.max_steps: 8 -> 6"),
+        ("training.max_steps=-1", "training.max_steps: 8 -> -1"),
+    ):
         assert run_cli("train", path, "--set", setting) == 2
         err = " ".join(capsys.readouterr().err.split())
         assert f"- {change} (the run has trained 8 steps: nothing more to train)" in err
@@ -88,14 +99,21 @@ def test_a_shorter_run_than_the_one_trained_is_refused(finished, capsys):
     assert run_cli("train", path, "--set", "training.max_steps=10") == 0
     capsys.readouterr()
     assert run_cli("train", path) == 2
-    assert "- training.max_steps: 10 -> 8 (the run has trained 10 steps" in " ".join(capsys.readouterr().err.split())
+    assert "- training.max_steps: 10 -> 8 (the run has trained 10 steps" in " ".join(
+        capsys.readouterr().err.split()
+    )
 
 
 def test_the_run_directory_may_be_spelled_another_way(finished, capsys):
     path, out = finished
     before = snapshot(out)
     capsys.readouterr()
-    assert run_cli("train", path, "--set", f"training.output_dir={out.parent}/../{out.parent.name}/run/") == 0
+    assert (
+        run_cli(
+            "train", path, "--set", f"training.output_dir={out.parent}/../{out.parent.name}/run/"
+        )
+        == 0
+    )
     assert "is complete: 8 steps" in capsys.readouterr().out
     assert snapshot(out) == before
 
@@ -104,7 +122,9 @@ def test_an_unfinished_run_resumes_with_a_new_cadence_and_saves_it(tiny, tmp_pat
     out = tmp_path / "run"
     path = write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 8, "save_steps": 4})
     assert run_cli("train", path, "--set", "training.max_steps=4") == 0  # the first half of the run
-    (out / "adapter").rename(tmp_path / "adapter-of-the-first-half")  # as if stopped after checkpoint-4
+    (out / "adapter").rename(
+        tmp_path / "adapter-of-the-first-half"
+    )  # as if stopped after checkpoint-4
     capsys.readouterr()
     assert run_cli("train", path, "--set", "training.logging_steps=2") == 0
     assert f"Resuming from {out / 'checkpoint-4'}" in capsys.readouterr().out
@@ -138,7 +158,10 @@ def test_a_failed_move_aside_puts_everything_back(finished, capsys, monkeypatch)
     monkeypatch.setattr(Path, "rename", rename)
     assert run_cli("train", path, "--resume", "never") == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert f"error: --resume never: cannot move the earlier run in {out} to {out.parent}/run.earlier-" in err
+    assert (
+        f"error: --resume never: cannot move the earlier run in {out} to {out.parent}/run.earlier-"
+        in err
+    )
     assert "Invalid cross-device link" in err and "move or delete the earlier run yourself" in err
     monkeypatch.undo()
     after = snapshot(out)
@@ -151,7 +174,12 @@ def test_resume_never_moves_the_earlier_run_aside(finished, capsys):
     path, out = finished
     earlier = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     capsys.readouterr()
-    assert run_cli("train", path, "--set", "lora.r=4", "--set", "training.max_steps=4", "--resume", "never") == 0
+    assert (
+        run_cli(
+            "train", path, "--set", "lora.r=4", "--set", "training.max_steps=4", "--resume", "never"
+        )
+        == 0
+    )
     said = " ".join(capsys.readouterr().out.split())
     aside = [p for p in out.parent.iterdir() if p.name.startswith("run.earlier-")]
     assert len(aside) == 1 and f"Starting over: the earlier run moved to {aside[0]}" in said
@@ -175,7 +203,10 @@ def test_a_folder_that_is_not_a_run_is_never_written_into(tiny, tmp_path, capsys
     for extra in ([], ["--resume", "never"]):
         assert run_cli("train", path, *extra) == 2
         err = " ".join(capsys.readouterr().err.split())
-        assert f"error: training.output_dir: {out} holds files but no lora-tune run (recipe.yaml is missing)" in err
+        assert (
+            f"error: training.output_dir: {out} holds files but no lora-tune run (recipe.yaml is missing)"
+            in err
+        )
         assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("mine")] == ["mine"]
 
@@ -189,8 +220,13 @@ def test_an_unreadable_saved_recipe_is_a_clear_error(finished, capsys):
 
 
 def train_process(path: Path, cwd: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lora_tune.cli", "train", str(path), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lora_tune.cli", "train", str(path), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+    )
 
 
 def wait_for(condition, process: subprocess.Popen, seconds: float = 120) -> None:
@@ -201,9 +237,13 @@ def wait_for(condition, process: subprocess.Popen, seconds: float = 120) -> None
 
 
 @pytest.mark.slow
-def test_a_second_train_on_the_same_directory_is_refused_with_the_first_ones_pid(tiny, tmp_path, capsys):
+def test_a_second_train_on_the_same_directory_is_refused_with_the_first_ones_pid(
+    tiny, tmp_path, capsys
+):
     out = tmp_path / "run"
-    path = write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 100000, "save_steps": 5})
+    path = write_recipe(
+        tmp_path / "r.yaml", tiny, out, training={"max_steps": 100000, "save_steps": 5}
+    )
     first = train_process(path, tmp_path)
     try:
         wait_for(lambda: runs.latest_checkpoint(out) is not None, first)
@@ -213,7 +253,10 @@ def test_a_second_train_on_the_same_directory_is_refused_with_the_first_ones_pid
         assert run_cli("train", path) == 2
         refused_in = time.monotonic() - started
         err = " ".join(capsys.readouterr().err.split())
-        assert f"error: training.output_dir: {out} is in use by another `lora-tune train` (PID {first.pid} on " in err
+        assert (
+            f"error: training.output_dir: {out} is in use by another `lora-tune train` (PID {first.pid} on "
+            in err
+        )
         assert "choose another training.output_dir" in err
         assert refused_in < 5, "the second run planned (tokenized data) before it was refused"
         assert run_cli("train", path, "--resume", "never") == 2  # starting over is refused too
@@ -235,7 +278,9 @@ def test_a_second_train_on_the_same_directory_is_refused_with_the_first_ones_pid
 @pytest.mark.slow
 def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(tiny, tmp_path):
     out = tmp_path / "run"
-    path = write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 100000, "save_steps": 5})
+    path = write_recipe(
+        tmp_path / "r.yaml", tiny, out, training={"max_steps": 100000, "save_steps": 5}
+    )
     process = train_process(path, tmp_path)
     wait_for(lambda: runs.latest_checkpoint(out) is not None, process)
     process.send_signal(signal.SIGINT)
@@ -245,25 +290,33 @@ def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(tiny, tmp_pa
     err = " ".join(err.split())
     last = runs.latest_checkpoint(out)
     assert "Interrupted at step " in err
-    assert f"The last complete checkpoint is {last} (step {runs.checkpoint_step(last)}): rerun `lora-tune " \
-           "train` with the same recipe (and without --resume never) to resume from it." in err
+    assert (
+        f"The last complete checkpoint is {last} (step {runs.checkpoint_step(last)}): rerun `lora-tune "
+        "train` with the same recipe (and without --resume never) to resume from it." in err
+    )
     assert not (out / "adapter").exists() and ownership.holder(out) is None
 
 
 def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path):
     from lora_tune.train import interrupted
 
-    assert interrupted(tmp_path / "run", 3) == ("Interrupted at step 3, before the first checkpoint was saved: "
-                                                "nothing to resume. Rerun the same command to start again.")
+    assert interrupted(tmp_path / "run", 3) == (
+        "Interrupted at step 3, before the first checkpoint was saved: "
+        "nothing to resume. Rerun the same command to start again."
+    )
 
 
 def test_the_lock_is_held_for_the_block_and_released_after(tmp_path):
     out = tmp_path / "run"
     assert ownership.holder(out) is None
     with ownership.lock(out):
-        code = "import sys; from pathlib import Path; from lora_tune import ownership; " \
-               "print(ownership.holder(Path(sys.argv[1])))"
-        probe = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True)
+        code = (
+            "import sys; from pathlib import Path; from lora_tune import ownership; "
+            "print(ownership.holder(Path(sys.argv[1])))"
+        )
+        probe = subprocess.run(
+            [sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True
+        )
         assert probe.stdout.strip() == f"PID {os.getpid()} on {os.uname().nodename}"
         busy = f"is in use by another `lora-tune train` \\(PID {os.getpid()} on "
         with pytest.raises(UserError, match=busy), ownership.lock(out):
@@ -315,11 +368,34 @@ def test_only_the_main_process_decides_and_every_process_follows(tmp_path, outco
 
     script = tmp_path / "agree.py"
     script.write_text(AGREE)
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                             "--main_process_port", str(free_port()), str(script), outcome, str(tmp_path)],
-                            capture_output=True, text=True, timeout=120, check=False)
-    assert [p.name for p in tmp_path.glob("decided-on-*")] == ["decided-on-0"], result.stderr[-2000:]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            str(script),
+            outcome,
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert [p.name for p in tmp_path.glob("decided-on-*")] == ["decided-on-0"], result.stderr[
+        -2000:
+    ]
     answers = [json.loads((tmp_path / f"answer-{rank}.json").read_text()) for rank in (0, 1)]
     if outcome == "resume":
         assert answers == [{"state": "resume"}] * 2
@@ -330,16 +406,30 @@ def test_only_the_main_process_decides_and_every_process_follows(tmp_path, outco
 @pytest.mark.slow
 def test_two_processes_leave_a_finished_run_alone_and_start_over_together(tiny, tmp_path):
     out = tmp_path / "run"
-    path = write_recipe(tmp_path / "r.yaml", tiny, out, training={
-        "max_steps": 4, "per_device_train_batch_size": 4, "save_steps": 2})
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        tiny,
+        out,
+        training={"max_steps": 4, "per_device_train_batch_size": 4, "save_steps": 2},
+    )
     command = [sys.executable, "-m", "lora_tune.cli", "train", str(path), "--num-processes", "2"]
-    first = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
+    first = subprocess.run(
+        command, capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False
+    )
     assert first.returncode == 0, first.stderr[-3000:]
-    again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
+    again = subprocess.run(
+        command, capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False
+    )
     assert again.returncode == 0 and again.stdout.count(f"{out} is complete: 4 steps") == 1
     assert "lora-tune plan" not in again.stdout  # decided before any process was launched
-    over = subprocess.run([*command, "--resume", "never", "--set", "lora.r=4"], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=300, check=False)
+    over = subprocess.run(
+        [*command, "--resume", "never", "--set", "lora.r=4"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        check=False,
+    )
     assert over.returncode == 0, over.stderr[-3000:]
     assert over.stdout.count("Starting over: the earlier run moved to") == 1
     assert len(list(tmp_path.glob("run.earlier-*"))) == 1

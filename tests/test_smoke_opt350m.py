@@ -23,15 +23,34 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_opt_350m_train_eval_merge(tmp_path, capsys):
     model_id = os.environ.get("LORA_TUNE_SMOKE_MODEL")
     if not model_id:
-        model_id = str(tiny.build_model("opt", tmp_path / "opt-350m", ROOT / "tests/assets/opt-350m-config.json",
-                                        dtype="float16"))
+        model_id = str(
+            tiny.build_model(
+                "opt",
+                tmp_path / "opt-350m",
+                ROOT / "tests/assets/opt-350m-config.json",
+                dtype="float16",
+            )
+        )
         config = json.loads((tmp_path / "opt-350m" / "config.json").read_text())
-        assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (1024, 24, 50272)
+        assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (
+            1024,
+            24,
+            50272,
+        )
     rng = random.Random(0)
-    quotes = tiny.write_jsonl(tmp_path / "quotes.jsonl", [{"quote": tiny.sentence(rng)} for _ in range(40)])
+    quotes = tiny.write_jsonl(
+        tmp_path / "quotes.jsonl", [{"quote": tiny.sentence(rng)} for _ in range(40)]
+    )
     run = tmp_path / "run"
-    overrides = [f"model.id={model_id}", f"data.train={quotes}", "data.eval_fraction=0.1", "data.max_length=32",
-                 f"training.output_dir={run}", "training.max_steps=2", "training.per_device_train_batch_size=2"]
+    overrides = [
+        f"model.id={model_id}",
+        f"data.train={quotes}",
+        "data.eval_fraction=0.1",
+        "data.max_length=32",
+        f"training.output_dir={run}",
+        "training.max_steps=2",
+        "training.per_device_train_batch_size=2",
+    ]
     args = [x for item in overrides for x in ("--set", item)]
 
     assert run_cli("train", ROOT / "recipes/opt-350m-english-quotes.yaml", *args) == 0

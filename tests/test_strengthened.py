@@ -32,9 +32,18 @@ def test_bf16_true_on_cpu_trains_under_bf16_autocast(tiny, tmp_path, capsys):
     runs = {}
     for bf16 in (True, False):
         out = tmp_path / f"bf16-{bf16}"
-        path = write_recipe(tmp_path / f"{bf16}.yaml", tiny, out,
-                            training={"max_steps": 2, "logging_steps": 1, "bf16": bf16, "fp16": False,
-                                      "save_strategy": "no"})
+        path = write_recipe(
+            tmp_path / f"{bf16}.yaml",
+            tiny,
+            out,
+            training={
+                "max_steps": 2,
+                "logging_steps": 1,
+                "bf16": bf16,
+                "fp16": False,
+                "save_strategy": "no",
+            },
+        )
         assert run_cli("train", path) == 0
         plan = capsys.readouterr().out
         assert ("bf16 mixed" in plan) is bf16 and ("│ fp32" in plan) is not bf16
@@ -62,8 +71,13 @@ def test_debug_shows_the_traceback_of_a_user_error(tiny, tmp_path, capsys):
 
 def test_debug_from_the_command_line_prints_a_traceback(tiny, tmp_path):
     path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", lora={"r": 0})
-    result = subprocess.run([sys.executable, "-m", "lora_tune", "--debug", "train", str(path)], check=False, capture_output=True,
-                            text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_tune", "--debug", "train", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr and "UserError" in result.stderr
     assert "lora.r: the rank must be a positive integer, got 0." in result.stderr
@@ -78,36 +92,74 @@ def test_accelerate_config_sets_the_launch(tiny, tmp_path):
     config_file = tmp_path / "ddp2.yaml"
     config_file.write_text(yaml.safe_dump(config))
     out = tmp_path / "run"
-    path = write_recipe(tmp_path / "r.yaml", tiny, out, training={"max_steps": 2, "per_device_train_batch_size": 4,
-                                                                  "save_strategy": "no"})
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        tiny,
+        out,
+        training={"max_steps": 2, "per_device_train_batch_size": 4, "save_strategy": "no"},
+    )
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-m", "lora_tune", "train", str(path), "--accelerate-config",
-                             str(config_file)], check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lora_tune",
+            "train",
+            str(path),
+            "--accelerate-config",
+            str(config_file),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert (metrics["world_size"], metrics["distributed_type"], metrics["steps"]) == (2, "MULTI_CPU", 2)
+    assert (metrics["world_size"], metrics["distributed_type"], metrics["steps"]) == (
+        2,
+        "MULTI_CPU",
+        2,
+    )
     assert "2 process(es)" in result.stdout and result.stdout.count("Final train loss") == 1
 
 
 def _folder_with_splits(folder: Path) -> Path:
     folder.mkdir()
     for split, count in (("train", 6), ("test", 3)):
-        rows = "".join(json.dumps({"text": f"the {split} row number {i} is here."}) + "\n" for i in range(count))
+        rows = "".join(
+            json.dumps({"text": f"the {split} row number {i} is here."}) + "\n"
+            for i in range(count)
+        )
         (folder / f"{split}.jsonl").write_text(rows)
     return folder
 
 
 def test_each_local_source_reads_its_own_split(tiny, tmp_path, capsys):
     folder = _folder_with_splits(tmp_path / "splits")
-    sources = [{"path": str(folder), "split": "test"}, {"path": str(folder), "split": "train[:2]"}, str(folder)]
-    path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", data={"train": sources, "eval": None})
+    sources = [
+        {"path": str(folder), "split": "test"},
+        {"path": str(folder), "split": "train[:2]"},
+        str(folder),
+    ]
+    path = write_recipe(
+        tmp_path / "r.yaml", tiny, tmp_path / "run", data={"train": sources, "eval": None}
+    )
     assert run_cli("train", path, "--dry-run") == 0
     # 3 test rows + the first 2 train rows + all 6 train rows (data.split, the default 'train').
     assert "│ train samples        │ 11 (" in capsys.readouterr().out
-    path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", data={"train": sources, "eval": None,
-                                                                          "split": "test"})
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        tiny,
+        tmp_path / "run",
+        data={"train": sources, "eval": None, "split": "test"},
+    )
     assert run_cli("train", path, "--dry-run") == 0
-    assert "│ train samples        │ 8 (" in capsys.readouterr().out  # the bare source now reads test (3)
+    assert (
+        "│ train samples        │ 8 (" in capsys.readouterr().out
+    )  # the bare source now reads test (3)
     assert not (tmp_path / "run").exists()
 
 
@@ -121,11 +173,21 @@ def test_each_hub_source_passes_its_own_subset_and_split(tiny, tmp_path, capsys,
         return datasets.Dataset.from_list([{"text": f"{name} says the sky is blue."}] * 4)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    sources = [{"path": "org/first", "subset": "small", "split": "validation", "revision": "v1"}, "org/second"]
-    path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run",
-                        data={"train": sources, "eval": None, "subset": "default", "split": "train"})
+    sources = [
+        {"path": "org/first", "subset": "small", "split": "validation", "revision": "v1"},
+        "org/second",
+    ]
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        tiny,
+        tmp_path / "run",
+        data={"train": sources, "eval": None, "subset": "default", "split": "train"},
+    )
     assert run_cli("data", path, "-n", "0") == 0
-    assert calls == [("org/first", "small", "validation", "v1"), ("org/second", "default", "train", None)]
+    assert calls == [
+        ("org/first", "small", "validation", "v1"),
+        ("org/second", "default", "train", None),
+    ]
     assert "│ train │ 8 " in capsys.readouterr().out
 
 
@@ -136,8 +198,11 @@ def base_server(tiny):
 
 
 def _complete(url: str, **body) -> str:
-    request = urllib.request.Request(f"{url}/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())["choices"][0]["text"]
 
@@ -145,7 +210,12 @@ def _complete(url: str, **body) -> str:
 def test_sampling_with_a_seed_repeats_and_another_seed_differs(base_server):
     """A random-weight model samples nearly uniformly over its vocabulary: 16 tokens drawn with
     two seeds differ, and the same seed gives the same text, also after other requests."""
-    body = {"model": "base", "prompt": "what colour is the meadow?", "max_tokens": 16, "temperature": 1.0}
+    body = {
+        "model": "base",
+        "prompt": "what colour is the meadow?",
+        "max_tokens": 16,
+        "temperature": 1.0,
+    }
     first = _complete(base_server, **body, seed=7)
     other = _complete(base_server, **body, seed=8)
     unseeded = _complete(base_server, **body)

@@ -16,8 +16,14 @@ def imported_modules(tree: ast.AST) -> set[str]:
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("lora_tune.")}
-        elif isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("lora_tune")):
+            found |= {
+                alias.name.split(".")[1]
+                for alias in node.names
+                if alias.name.startswith("lora_tune.")
+            }
+        elif isinstance(node, ast.ImportFrom) and (
+            node.level == 1 or (node.module or "").startswith("lora_tune")
+        ):
             found |= _targets(node)
     return found
 
@@ -33,7 +39,10 @@ def _targets(node: ast.ImportFrom) -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    return {name: imported_modules(ast.parse(path.read_text())) & MODULES.keys() for name, path in MODULES.items()}
+    return {
+        name: imported_modules(ast.parse(path.read_text())) & MODULES.keys()
+        for name, path in MODULES.items()
+    }
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -52,15 +61,22 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_the_import_graph_reads_function_local_imports():
-    tree = ast.parse("def f():\n    from . import runs\n    from .recipe import load\n    import lora_tune.data\n"
-                     "from lora_tune import models\nfrom . import __version__\nimport torch\n")
+    tree = ast.parse(
+        "def f():\n    from . import runs\n    from .recipe import load\n    import lora_tune.data\n"
+        "from lora_tune import models\nfrom . import __version__\nimport torch\n"
+    )
     assert imported_modules(tree) == {"runs", "recipe", "data", "models", "__init__"}
-    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}) == [["a", "b", "c"], ["e"]]
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}) == [
+        ["a", "b", "c"],
+        ["e"],
+    ]
 
 
 def test_no_module_of_the_package_imports_itself_back():
     found = circles(import_graph())
-    assert not found, "modules that import each other: " + "; ".join(" <-> ".join(group) for group in found)
+    assert not found, "modules that import each other: " + "; ".join(
+        " <-> ".join(group) for group in found
+    )
 
 
 def long_functions() -> list[str]:
