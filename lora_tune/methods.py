@@ -1,13 +1,16 @@
 """Training methods: each one unit, found in METHODS.
 
-A method names its TRL config class (the recipe's `training` section holds that class's fields),
-the TRL trainer class lora-tune's trainer (train.trainer_class) builds on, and the data formats
-it trains on. Adding a method (DPO, KTO, GRPO...) is adding one entry here.
+A method names its TRL config class (the recipe's `training` section holds that class's fields)
+and trainer class, where TRL keeps them (ORPO and CPO/SimPO live in trl.experimental in TRL 1.x),
+the kind of data it trains on, the data formats it accepts, the recipe keys lora-tune sets for it,
+and the values its log reports that metrics.json keeps. Adding a method is adding one entry here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+import os
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -15,22 +18,91 @@ class Method:
     name: str
     config: str  # TRL config class, e.g. SFTConfig
     trainer: str  # TRL trainer class, e.g. SFTTrainer
-    formats: tuple[str, ...] | None = None  # names in formats.FORMATS; None: every format
+    description: str
+    data: str = "sft"  # "sft": token labels; "paired": prompt/chosen/rejected; "unpaired": KTO's
+    formats: tuple[str, ...] = ()  # names in formats.FORMATS
+    module: str = "trl"  # where TRL keeps the two classes
+    reference: bool = False  # trains against a reference model (the start, held as an adapter)
+    defaults: dict = field(default_factory=dict)  # config values that make the method what it is
+    logged: tuple[str, ...] = ()  # log keys whose last value metrics.json keeps (under `method`)
+    plan: tuple[str, ...] = ()  # config fields the plan shows
+
+    def _module(self):
+        # TRL announces its experimental modules on import; the README says which ones are.
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        return importlib.import_module(self.module)  # TRL costs seconds: imported when needed
 
     def config_class(self) -> type:
-        import trl  # importing TRL costs seconds: only when a recipe is checked or trained
-
-        return getattr(trl, self.config)
+        return getattr(self._module(), self.config)
 
     def trainer_class(self) -> type:
-        import trl
-
-        return getattr(trl, self.trainer)
+        return getattr(self._module(), self.trainer)
 
     def accepts(self, fmt: str) -> bool:
-        return self.formats is None or fmt in self.formats
+        return fmt in self.formats
 
+
+SFT_FORMATS = ("text", "prompt_completion", "messages", "alpaca")
+PAIRED = "preference"
+REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
 METHODS: dict[str, Method] = {
-    method.name: method for method in (Method("sft", "SFTConfig", "SFTTrainer"),)
+    method.name: method
+    for method in (
+        Method(
+            "sft",
+            "SFTConfig",
+            "SFTTrainer",
+            "supervised fine-tuning on the completions (TRL's SFTTrainer)",
+            formats=SFT_FORMATS,
+        ),
+        Method(
+            "dpo",
+            "DPOConfig",
+            "DPOTrainer",
+            "Direct Preference Optimization on chosen/rejected pairs (TRL's DPOTrainer)",
+            data="paired",
+            formats=(PAIRED,),
+            reference=True,
+            logged=REWARDS,
+            plan=("beta", "loss_type"),
+        ),
+        Method(
+            "kto",
+            "KTOConfig",
+            "KTOTrainer",
+            "Kahneman-Tversky Optimization on completions labelled good or bad (TRL's KTOTrainer)",
+            data="unpaired",
+            formats=("unpaired", PAIRED),
+            reference=True,
+            logged=("rewards/chosen", "rewards/rejected", "rewards/margins", "kl"),
+            plan=("beta", "loss_type", "desirable_weight", "undesirable_weight"),
+        ),
+        Method(
+            "orpo",
+            "ORPOConfig",
+            "ORPOTrainer",
+            "Odds Ratio Preference Optimization, no reference model "
+            "(TRL's experimental ORPOTrainer)",
+            data="paired",
+            formats=(PAIRED,),
+            module="trl.experimental.orpo",
+            logged=(*REWARDS, "log_odds_ratio", "nll_loss"),
+            plan=("beta",),
+        ),
+        Method(
+            "simpo",
+            "CPOConfig",
+            "CPOTrainer",
+            "SimPO: length-normalized preference margin, no reference model "
+            "(TRL's experimental CPOTrainer with loss_type simpo)",
+            data="paired",
+            formats=(PAIRED,),
+            module="trl.experimental.cpo",
+            defaults={"loss_type": "simpo", "cpo_alpha": 0.0},
+            logged=REWARDS,
+            plan=("beta", "simpo_gamma"),
+        ),
+    )
 }
+DEFAULT = "sft"

@@ -1,8 +1,9 @@
 """The recipe: loading, `--set` overrides, and validation of every section.
 
 `model` and `data` are lora-tune's own pydantic schemas. `lora` and `training` are checked
-against the real `peft.LoraConfig` and `trl.SFTConfig`: their dataclass fields give the valid
-keys and the types, and the objects are then built for real so their own checks run too.
+against the real `peft.LoraConfig` and the TRL config class of the recipe's `trainer` (sft: SFTConfig,
+dpo: DPOConfig, ...): their dataclass fields give the valid keys and the types, and the objects
+are then built for real so their own checks run too.
 Every problem is collected and reported at once, each with its key path. The YAML itself is
 read strictly by yaml_reader, which also cuts long values for messages.
 """
@@ -24,21 +25,23 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from .errors import UserError, did_you_mean
 from .formats import FORMATS
 from .lora_methods import LORA_METHODS
-from .methods import METHODS
+from .methods import DEFAULT, METHODS
 from .yaml_reader import SHOWN_CHARS, Refused, parse_yaml, where, yaml_problem
 from .yaml_reader import cut as _cut  # private here: `shown` is the --set text in apply_overrides
 from .yaml_reader import shown as _shown
 
 SECTIONS = ("model", "lora", "data", "training")
+TOP_KEYS = ("trainer", *SECTIONS)  # `trainer: dpo` chooses the training method (methods.METHODS)
 REQUIRED_SECTIONS = {  # each with the smallest useful example, for the error that misses it
     "model": "Add the model to tune, e.g. model: {id: facebook/opt-350m}.",
     "data": "Add the training data, e.g. data: {train: data/train.jsonl}.",
     "training": "Add where the run is written, e.g. training: {output_dir: runs/my-run}.",
 }
-# SFTConfig keys that lora-tune sets itself from the `data` section (two places for one
-# setting would let them disagree), and secrets, which must not be saved with the run.
+# TRL config keys that lora-tune sets itself from the `data` and `model` sections (two places
+# for one setting would let them disagree), and secrets, which must not be saved with the run.
 OWNED_TRAINING_KEYS = {
     "max_length": "set data.max_length instead",
+    "model_init_kwargs": "lora-tune loads the model: set its options in the model section",
     "dataset_text_field": "set data.text_field instead",
     "completion_only_loss": "set data.train_on_prompt instead (false trains completions only)",
     "assistant_only_loss": "set data.train_on_prompt instead",
@@ -149,6 +152,11 @@ class ModelSection(BaseModel):
         None,
         description="Load the base quantized with bitsandbytes (QLoRA): {bits: 4} or {bits: 8}.",
     )
+    adapter: str | None = Field(
+        None,
+        description="Start from this adapter (a run or adapter directory) and train it on; "
+        "the lora settings are then the adapter's.",
+    )
 
 
 class Source(BaseModel):
@@ -195,6 +203,15 @@ class DataSection(BaseModel):
     )
     messages_field: str = Field(
         "messages", description="Column holding the chat turns (format: messages)."
+    )
+    chosen_field: str = Field(
+        "chosen", description="Column holding the preferred answer (format: preference)."
+    )
+    rejected_field: str = Field(
+        "rejected", description="Column holding the rejected answer (format: preference)."
+    )
+    label_field: str = Field(
+        "label", description="Column saying whether the completion is good (format: unpaired)."
     )
     chat_template: str | None = Field(
         None,
@@ -248,6 +265,7 @@ class Recipe:
     lora: dict[str, Any]
     training: dict[str, Any]
     source: str = "<recipe>"
+    trainer: str = DEFAULT  # a key of methods.METHODS
 
     @property
     def output_dir(self) -> Path:
@@ -255,7 +273,8 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain YAML-able data (recipes hold no secrets: hub_token is refused)."""
-        return {
+        method = {} if self.trainer == DEFAULT else {"trainer": self.trainer}
+        return method | {
             "model": self.model.model_dump(exclude_defaults=True),
             "lora": self.lora,
             "data": self.data.model_dump(exclude_defaults=True, exclude_none=True),
@@ -341,11 +360,12 @@ def validate(raw: dict, source: str = "<recipe>") -> Recipe:
     """Check every section; raise one UserError naming every problem, or return the Recipe."""
     problems: list[str] = []
     for key in raw:
-        if key not in SECTIONS:
+        if key not in TOP_KEYS:
             name = _cut(str(key))
             problems.append(
-                f"{name}: unknown section.{did_you_mean(name, SECTIONS)} Valid sections: {', '.join(SECTIONS)}."
+                f"{name}: unknown section.{did_you_mean(name, TOP_KEYS)} Valid sections: {', '.join(SECTIONS)}."
             )
+    trainer = _check_trainer(raw.get("trainer", DEFAULT), problems)
     for key, example in REQUIRED_SECTIONS.items():
         if key not in raw:
             problems.append(f"{key}: required section missing. {example}")
@@ -370,11 +390,40 @@ def validate(raw: dict, source: str = "<recipe>") -> Recipe:
         else None
     )
     lora = _check_lora(sections["lora"], problems)
-    training = _check_training(sections["training"], problems, "training" in raw)
+    training = _check_training(sections["training"], problems, "training" in raw, trainer)
+    if data is not None:
+        _check_data_for(trainer, data, problems)
     if problems:
         n = len(problems)
         raise UserError(f"{source}: {n} problem{'s' if n > 1 else ''} in the recipe:", problems)
-    return Recipe(model=model, data=data, lora=lora, training=training, source=source)
+    return Recipe(model, data, lora, training, source, trainer)
+
+
+def _check_trainer(value: Any, problems: list[str]) -> str:
+    if isinstance(value, str) and value in METHODS:
+        return value
+    choices = "\n".join(f"  {name}: {method.description}" for name, method in METHODS.items())
+    hint = did_you_mean(_cut(value), METHODS) if isinstance(value, str) else ""
+    problems.append(
+        f"trainer: unknown training method {_shown(value)}.{hint} Choose one of:\n{choices}"
+    )
+    return DEFAULT
+
+
+def _check_data_for(trainer: str, data: DataSection, problems: list[str]) -> None:
+    """Data settings the method cannot use: a format of another method, packing for pairs."""
+    method = METHODS[trainer]
+    if data.format != "auto" and not method.accepts(data.format):
+        users = [name for name, other in METHODS.items() if other.accepts(data.format)]
+        problems.append(
+            f"data.format: {data.format} data trains with trainer: {' or '.join(users)}; trainer "
+            f"{trainer} trains on {', '.join(method.formats)} data."
+        )
+    if method.data != "sft" and (data.packing or data.padding_free):
+        key = "packing" if data.packing else "padding_free"
+        problems.append(
+            f"data.{key}: trainer {trainer} scores whole prompt/answer sequences; remove data.{key}."
+        )
 
 
 def _pydantic_section(name: str, schema: type[BaseModel], values: dict, problems: list[str]):
@@ -574,13 +623,18 @@ def _check_lora(values: dict, problems: list[str]) -> dict:
     return coerced
 
 
-def _check_training(values: dict, problems: list[str], present: bool) -> dict:
+def _check_training(
+    values: dict, problems: list[str], present: bool, trainer: str = DEFAULT
+) -> dict:
     before = len(problems)
     for key, fix in OWNED_TRAINING_KEYS.items():
         if key in values:
             problems.append(f"training.{key}: not set here; {fix}.")
     values = {k: v for k, v in values.items() if k not in OWNED_TRAINING_KEYS}
-    coerced, ok = _check_fields("training", values, METHODS["sft"].config_class(), problems)
+    values = _fields_of_other_methods(values, trainer, problems)
+    _check_method_defaults(values, trainer, problems)
+    config_class = METHODS[trainer].config_class()
+    coerced, ok = _check_fields("training", values, config_class, problems)
     _check_bounds(coerced, problems)
     if present and not coerced.get("output_dir") and "output_dir" not in values:
         problems.append(
@@ -588,12 +642,46 @@ def _check_training(values: dict, problems: list[str], present: bool) -> dict:
         )
     if ok and len(problems) == before and present:
         try:
-            build_sft_config(coerced, max_length=512)
+            build_training_config(trainer, coerced, max_length=512)
         except (ValueError, TypeError) as exc:
             problems.append(
                 f"{_blame('training', coerced, str(exc))}: {_library_message(exc, coerced)}"
             )
     return coerced
+
+
+def _fields_of_other_methods(values: dict, trainer: str, problems: list[str]) -> dict:
+    """Report keys that only other methods' configs have (beta in an sft recipe), saying which
+    trainer has them; return the other keys."""
+    own = {f.name for f in dataclasses.fields(METHODS[trainer].config_class())}
+    kept = {}
+    for key, value in values.items():
+        owners = [
+            name
+            for name, method in METHODS.items()
+            if name != trainer
+            and key not in own
+            and key in {f.name for f in dataclasses.fields(method.config_class())}
+        ]
+        if not owners:
+            kept[key] = value
+            continue
+        config = METHODS[trainer].config
+        problems.append(
+            f"training.{key}: unknown key. {key} is a setting of trainer: {', '.join(owners)} "
+            f"(set trainer: {owners[0]} to train with it). training accepts the fields of trl.{config}."
+        )
+    return kept
+
+
+def _check_method_defaults(values: dict, trainer: str, problems: list[str]) -> None:
+    """A value that would make the method another one (loss_type: sigmoid with trainer simpo)."""
+    for key, value in METHODS[trainer].defaults.items():
+        if key == "loss_type" and key in values and values[key] != value:
+            problems.append(
+                f"training.loss_type: trainer {trainer} is loss_type {value}, got {_shown(values[key])}. "
+                "Remove training.loss_type, or choose the trainer of that loss."
+            )
 
 
 def _check_bounds(training: dict, problems: list[str]) -> None:
@@ -636,15 +724,18 @@ def build_lora_config(lora: dict, total_step: int | None = None):
     return lora_config_class(method)(**fields)
 
 
-def build_sft_config(training: dict, max_length: int | None, **extra):
-    """The trl.SFTConfig of a recipe's `training` section, hardware defaults filled in.
+def build_training_config(trainer: str, training: dict, max_length: int | None, **extra):
+    """The TRL config (SFTConfig, DPOConfig, ...) of a recipe's `training` section for its
+    trainer, hardware defaults and the method's own values filled in.
 
     TRL's own defaults (bf16 autocast, gradient checkpointing) are wrong for many machines, so
     precision and checkpointing follow the hardware unless the recipe sets them.
     """
     from .hardware import hardware_training_defaults
 
-    kwargs = hardware_training_defaults(training) | training | {"max_length": max_length} | extra
+    method = METHODS[trainer]
+    kwargs = hardware_training_defaults(training) | method.defaults | training
+    kwargs |= {"max_length": max_length} | extra
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return METHODS["sft"].config_class()(**kwargs)
+        return method.config_class()(**kwargs)

@@ -27,13 +27,12 @@ from transformers import TrainerCallback
 from . import data, models, output, ownership, runs
 from .common import batches
 from .errors import UserError
-from .recipe import Recipe, build_lora_config, build_sft_config
+from .recipe import Recipe, build_lora_config, build_training_config
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from peft import PeftConfig
-    from transformers import PreTrainedTokenizerBase
-    from trl import SFTConfig
+    from transformers import PreTrainedTokenizerBase, TrainingArguments
 
 console = output.console()
 
@@ -44,7 +43,7 @@ class TrainingPlan:
 
     recipe: Recipe
     lora_config: PeftConfig
-    sft_config: SFTConfig
+    training_config: TrainingArguments
     tokenizer: PreTrainedTokenizerBase
     train: Dataset
     eval: Dataset | None
@@ -101,22 +100,26 @@ def make_plan(recipe: Recipe) -> TrainingPlan:
     train, evaluation, data_stats = data.load_datasets(recipe.data, tokenizer)
     # Samples are truncated to max_length during tokenization; TRL refuses max_length with padding-free batches.
     max_length = None if padding_free and not recipe.data.packing else recipe.data.max_length
-    sft_config = build_sft_config(
-        recipe.training, max_length, packing=recipe.data.packing, padding_free=padding_free
+    training_config = build_training_config(
+        recipe.trainer,
+        recipe.training,
+        max_length,
+        packing=recipe.data.packing,
+        padding_free=padding_free,
     )
-    if sft_config.eval_strategy != "no" and evaluation is None:
+    if training_config.eval_strategy != "no" and evaluation is None:
         raise UserError(
-            f"training.eval_strategy: {sft_config.eval_strategy.value} evaluation needs eval data",
+            f"training.eval_strategy: {training_config.eval_strategy.value} evaluation needs eval data",
             ["set data.eval or data.eval_fraction, or remove training.eval_strategy"],
         )
-    steps = count_steps(recipe, sft_config, len(train), data_stats["train"].lengths)
+    steps = count_steps(recipe, training_config, len(train), data_stats["train"].lengths)
     lora_config = lora_config_for(recipe, steps)
     models.train_token_rows(lora_config, skeleton, new_tokens)
     trainable, total = models.count_trainable(skeleton, lora_config)
     return TrainingPlan(
         recipe,
         lora_config,
-        sft_config,
+        training_config,
         tokenizer,
         train,
         evaluation,
@@ -156,18 +159,20 @@ def choose_padding_free(recipe: Recipe, skeleton) -> bool:
     )
 
 
-def count_steps(recipe: Recipe, sft_config: SFTConfig, rows: int, lengths: list[int]) -> int:
+def count_steps(
+    recipe: Recipe, training_config: TrainingArguments, rows: int, lengths: list[int]
+) -> int:
     """Optimizer steps the run will take, over every process."""
-    if sft_config.max_steps > 0:
-        return sft_config.max_steps
+    if training_config.max_steps > 0:
+        return training_config.max_steps
     if recipe.data.packing:  # best-fit packing leaves about total tokens / max_length rows
         rows = math.ceil(sum(lengths) / recipe.data.max_length)
     per_step = (
-        sft_config.per_device_train_batch_size
-        * sft_config.gradient_accumulation_steps
+        training_config.per_device_train_batch_size
+        * training_config.gradient_accumulation_steps
         * world_size()
     )
-    return math.ceil(rows / per_step) * math.ceil(sft_config.num_train_epochs)
+    return math.ceil(rows / per_step) * math.ceil(training_config.num_train_epochs)
 
 
 def lora_config_for(recipe: Recipe, steps: int) -> PeftConfig:
@@ -193,7 +198,7 @@ def print_plan(plan: TrainingPlan) -> None:
 
 def plan_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
     """The plan's lines: what is trained, on what, how long, where."""
-    args = plan.sft_config
+    args = plan.training_config
     targets = plan.lora_config.target_modules
     batching = (
         ", packed"
@@ -395,7 +400,7 @@ def build_trainer(plan: TrainingPlan, checkpoint: Path | None):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=plan.sft_config.gradient_checkpointing
+            model, use_gradient_checkpointing=plan.training_config.gradient_checkpointing
         )
     init = str(getattr(plan.lora_config, "init_lora_weights", "")).lower()
     if init == "corda":
@@ -405,7 +410,7 @@ def build_trainer(plan: TrainingPlan, checkpoint: Path | None):
     with tensorboard_dir(out / runs.LOGS):
         trainer = trainer_class()(
             model=model,
-            args=plan.sft_config,
+            args=plan.training_config,
             train_dataset=plan.train,
             eval_dataset=plan.eval,
             processing_class=plan.tokenizer,
@@ -696,7 +701,7 @@ def collect_metrics(
         "data": plan.data_stats,
         "trainable_parameters": plan.trainable,
         "total_parameters": plan.total,
-        "device": "cpu" if plan.sft_config.use_cpu else "cuda",
+        "device": "cpu" if plan.training_config.use_cpu else "cuda",
         "dtype": dtype,
         "world_size": world_size(),
         "distributed_type": trainer.accelerator.distributed_type.value,  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED

@@ -156,7 +156,14 @@ def test_training_is_checked_against_the_config_class_of_the_method_table(monkey
         validate(RECIPE)
     assert info.value.problems[0].startswith("training.beta: unknown key.")
     assert info.value.problems[0].endswith("training accepts the fields of trl.SFTConfig.")
-    monkeypatch.setitem(METHODS, "sft", Method("sft", "DPOConfig", "DPOTrainer"))
+    assert "beta is a setting of trainer: dpo, kto, orpo, simpo" in info.value.problems[0]
+    dpo = validate(RECIPE | {"trainer": "dpo"})
+    assert (dpo.trainer, dpo.training) == ("dpo", {"output_dir": "out", "beta": 0.5})
+    assert dpo.to_dict()["trainer"] == "dpo" and "trainer" not in validate(
+        RECIPE | {"training": {"output_dir": "out"}}
+    ).to_dict()
+    # The table is what validation reads: a method pointing at another config class changes it.
+    monkeypatch.setitem(METHODS, "sft", Method("sft", "DPOConfig", "DPOTrainer", "test"))
     assert validate(RECIPE).training == {"output_dir": "out", "beta": 0.5}
 
 
