@@ -15,7 +15,7 @@ from .common import first_line
 from .errors import UserError
 from .models import DTYPES, fit_vocabulary, load_model, load_tokenizer, looks_local
 from .recipe import ModelSection
-from .runs import ADAPTER, RECIPE, adapter_config
+from .runs import ADAPTER, RECIPE, adapter_config, adapter_dir
 
 console = output.console()
 
@@ -201,3 +201,81 @@ def model_kind(model_id: str) -> str | None:
         return None
     architectures = ", ".join(config.get("architectures") or [])
     return f"{config.get('model_type', 'an unknown model type')} ({architectures + ', ' if architectures else ''}{model_id})"
+
+
+def starting_adapter(model_section, lora: dict) -> Path | None:
+    """The adapter that model.adapter names (a run or adapter directory), or None: checked to
+    exist, to have been trained on model.id, and to agree with the recipe's lora section."""
+    if not model_section.adapter:
+        return None
+    path = Path(model_section.adapter).expanduser()
+    adapter = adapter_dir(path)
+    if adapter is None:
+        raise UserError(
+            f"model.adapter: {path} is not a run or adapter directory (no adapter_config.json)",
+            ["point model.adapter at a run directory (runs/NAME) or an adapter folder"],
+        )
+    config = adapter_config(adapter)
+    base = config.get("base_model_name_or_path") or ""
+    if not same_model(base, model_section.id):
+        raise UserError(
+            f"model.adapter: {adapter} was trained on {base!r}, model.id is {model_section.id!r}",
+            [f"set model.id: {base}"],
+        )
+    conflicts = lora_conflicts(lora, config)
+    if conflicts:
+        raise UserError(
+            f"lora: the starting adapter {adapter} has its own settings, and the lora section "
+            f"contradicts them: {'; '.join(conflicts)}",
+            [
+                "remove those keys: training continues the adapter as it is",
+                "or train a new adapter: remove model.adapter",
+            ],
+        )
+    return adapter
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model ids or paths name the same model (local paths compared resolved)."""
+    if a == b:
+        return True
+    return (
+        looks_local(a)
+        and looks_local(b)
+        and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    )
+
+
+# Keys of the lora section that are lora-tune's own optimizer settings, not the adapter's shape.
+OPTIMIZER_KEYS = ("loraplus_lr_ratio", "loraplus_lr_embedding")
+
+
+def lora_conflicts(lora: dict, config: dict) -> list[str]:
+    """'lora.r: 4, the adapter has 8' for each lora key whose value differs from the adapter's."""
+    found = []
+    method = "adalora" if config.get("peft_type") == "ADALORA" else "lora"
+    for key, value in lora.items():
+        if key in OPTIMIZER_KEYS:
+            continue
+        saved = method if key == "method" else config.get(key)
+        if isinstance(value, (list, set)) and isinstance(saved, (list, set)):
+            value, saved = sorted(value), sorted(saved)
+        if value != saved:
+            found.append(f"lora.{key}: {value!r}, the adapter has {saved!r}")
+    return found
+
+
+def starting_config(adapter: Path):
+    """The PEFT config of a starting adapter, ready to train (not in inference mode)."""
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(str(adapter))
+    config.inference_mode = False
+    return config
+
+
+def load_trainable(model, adapter: Path):
+    """PeftModel of `model` with the starting adapter loaded for training."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)

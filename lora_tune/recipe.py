@@ -393,6 +393,12 @@ def validate(raw: dict, source: str = "<recipe>") -> Recipe:
     training = _check_training(sections["training"], problems, "training" in raw, trainer)
     if data is not None:
         _check_data_for(trainer, data, problems)
+    init = str(lora.get("init_lora_weights", "")).lower()
+    if trainer != DEFAULT and init in ("corda", "eva"):
+        problems.append(
+            f"lora.init_lora_weights: {init} calibrates on tokenized SFT samples; with trainer "
+            f"{trainer}, train the adapter with trainer: sft first and start from it (model.adapter)."
+        )
     if problems:
         n = len(problems)
         raise UserError(f"{source}: {n} problem{'s' if n > 1 else ''} in the recipe:", problems)

@@ -99,6 +99,27 @@ def chat(rng: random.Random) -> dict[str, list[dict[str, str]]]:
     }
 
 
+def preference(rng: random.Random) -> dict[str, str]:
+    """A question with the rule's answer (chosen) and another colour's (rejected)."""
+    place = rng.choice(PLACES)
+    wrong = rng.choice([c for c in COLOURS if c != colour(place)])
+    return {
+        "prompt": f"what colour is the {place}?",
+        "chosen": f" the {place} is {colour(place)}.",
+        "rejected": f" the {place} is {wrong}.",
+    }
+
+
+def chat_preference(rng: random.Random) -> dict[str, list[dict[str, str]]]:
+    """The same pairs in TRL's conversational form."""
+    row = preference(rng)
+    return {
+        "prompt": [{"role": "user", "content": row["prompt"]}],
+        "chosen": [{"role": "assistant", "content": row["chosen"].strip()}],
+        "rejected": [{"role": "assistant", "content": row["rejected"].strip()}],
+    }
+
+
 def instruction(rng: random.Random) -> dict[str, str]:
     place = rng.choice(PLACES)
     return {"instruction": "name the colour of the place.", "input": place, "output": colour(place)}
@@ -203,12 +224,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def write_datasets(out: Path, n_train: int = 400, n_eval: int = 64) -> dict[str, Path]:
-    """Data in each format (text, pc = prompt/completion, chat, alpaca), train and eval from different seeds."""
+    """Data in each format (text, pc = prompt/completion, chat, alpaca, pref = preference pairs,
+    chat_pref = conversational pairs), train and eval from different seeds."""
     makers = {
         "text": lambda rng: {"text": sentence(rng)},
         "pc": pair,
         "chat": chat,
         "alpaca": instruction,
+        "pref": preference,
+        "chat_pref": chat_preference,
     }
     paths = {}
     for split, n, seed in (("train", n_train, 1), ("eval", n_eval, 2)):

@@ -1,4 +1,4 @@
-"""`lora-tune train`: recipe -> checked plan -> SFTTrainer with LoRA -> run directory."""
+"""`lora-tune train`: recipe -> checked plan -> TRL trainer (SFT, DPO, ...) with LoRA -> run directory."""
 
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ import torch
 from rich.table import Table
 from transformers import TrainerCallback
 
-from . import data, models, output, ownership, runs
+from . import adapters, data, models, output, ownership, runs
 from .common import batches
 from .errors import UserError
+from .methods import METHODS, Method
 from .recipe import Recipe, build_lora_config, build_training_config
 
 if TYPE_CHECKING:
@@ -52,6 +53,11 @@ class TrainingPlan:
     steps: int
     data_stats: dict[str, dict]
     new_tokens: list[int]  # ids of data.add_tokens / add_special_tokens
+    start: Path | None = None  # the adapter that model.adapter names, trained on
+
+    @property
+    def method(self) -> Method:
+        return METHODS[self.recipe.trainer]
 
 
 def is_main_process() -> bool:
@@ -93,28 +99,23 @@ def make_plan(recipe: Recipe) -> TrainingPlan:
     """Validate the recipe against the model's config and the data; load no weights."""
     check_output_dir(recipe.output_dir)
     skeleton = check_model(recipe)
-    tokenizer = models.load_tokenizer(recipe.model)
-    new_tokens = data.prepare_tokenizer(tokenizer, recipe.data, recipe.model.id)
+    start = adapters.starting_adapter(recipe.model, recipe.lora)
+    tokenizer, new_tokens = plan_tokenizer(recipe, start)
     models.fit_vocabulary(skeleton, tokenizer)
     padding_free = choose_padding_free(recipe, skeleton)
-    train, evaluation, data_stats = data.load_datasets(recipe.data, tokenizer)
-    # Samples are truncated to max_length during tokenization; TRL refuses max_length with padding-free batches.
-    max_length = None if padding_free and not recipe.data.packing else recipe.data.max_length
-    training_config = build_training_config(
-        recipe.trainer,
-        recipe.training,
-        max_length,
-        packing=recipe.data.packing,
-        padding_free=padding_free,
-    )
+    train, evaluation, data_stats = load_data(recipe, tokenizer)
+    training_config = training_config_for(recipe, padding_free)
     if training_config.eval_strategy != "no" and evaluation is None:
         raise UserError(
             f"training.eval_strategy: {training_config.eval_strategy.value} evaluation needs eval data",
             ["set data.eval or data.eval_fraction, or remove training.eval_strategy"],
         )
     steps = count_steps(recipe, training_config, len(train), data_stats["train"].lengths)
-    lora_config = lora_config_for(recipe, steps)
-    models.train_token_rows(lora_config, skeleton, new_tokens)
+    if start:
+        lora_config = adapters.starting_config(start)
+    else:
+        lora_config = lora_config_for(recipe, steps)
+        models.train_token_rows(lora_config, skeleton, new_tokens)
     trainable, total = models.count_trainable(skeleton, lora_config)
     return TrainingPlan(
         recipe,
@@ -128,6 +129,50 @@ def make_plan(recipe: Recipe) -> TrainingPlan:
         steps,
         {name: stats.summary() for name, stats in data_stats.items()},
         new_tokens,
+        start,
+    )
+
+
+def plan_tokenizer(recipe: Recipe, start: Path | None):
+    """(tokenizer, ids of added tokens): the starting adapter's tokenizer (its chat template and
+    added tokens) when there is one, else the base's; data.add_tokens added."""
+    if start is None:
+        tokenizer = models.load_tokenizer(recipe.model)
+    else:
+        tokenizer = adapters.adapter_tokenizer(start, recipe.model)
+    size = len(tokenizer)
+    new_tokens = data.prepare_tokenizer(tokenizer, recipe.data, recipe.model.id)
+    if start and len(tokenizer) > size:
+        raise UserError(
+            f"data.add_tokens: the starting adapter {start} has no rows for the new tokens "
+            f"{tokenizer.convert_ids_to_tokens(list(range(size, len(tokenizer))))}",
+            ["add the tokens in the run that trains the adapter first (remove model.adapter)"],
+        )
+    return tokenizer, new_tokens
+
+
+def load_data(recipe: Recipe, tokenizer):
+    """(train, eval or None, DataStats by split): tokenized samples for sft, rows in TRL's
+    columns for the preference methods (their trainers tokenize them)."""
+    if METHODS[recipe.trainer].data == "sft":
+        return data.load_datasets(recipe.data, tokenizer)
+    from . import pairs
+
+    return pairs.load_datasets(recipe.data, tokenizer, METHODS[recipe.trainer])
+
+
+def training_config_for(recipe: Recipe, padding_free: bool):
+    """The TRL config of the recipe's trainer, built once."""
+    if METHODS[recipe.trainer].data != "sft":
+        return build_training_config(recipe.trainer, recipe.training, recipe.data.max_length)
+    # Samples are truncated to max_length during tokenization; TRL refuses max_length with padding-free batches.
+    max_length = None if padding_free and not recipe.data.packing else recipe.data.max_length
+    return build_training_config(
+        recipe.trainer,
+        recipe.training,
+        max_length,
+        packing=recipe.data.packing,
+        padding_free=padding_free,
     )
 
 
@@ -209,6 +254,7 @@ def plan_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
     )
     rows = [
         ("model", describe_model(plan.recipe.model)),
+        ("trainer", describe_trainer(plan)),
         (
             "method",
             describe_method(plan.lora_config, plan.recipe.lora)
@@ -240,6 +286,22 @@ def plan_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
         remote = "ALLOWED: the model repository's own Python code runs (model.trust_remote_code)"
         rows.insert(1, ("remote code", remote))
     return rows
+
+
+def describe_trainer(plan: TrainingPlan) -> str:
+    """'dpo (beta=0.1, loss_type=sigmoid), reference: the starting adapter ...'."""
+    method, args = plan.method, plan.training_config
+    settings = ", ".join(f"{key}={getattr(args, key)}" for key in method.plan)
+    text = method.name + (f" ({settings})" if settings else "")
+    if plan.start:
+        text += f", continuing {plan.start}"
+    if method.reference:
+        text += (
+            ", reference: the starting adapter, as a frozen second adapter on the same base"
+            if plan.start
+            else ", reference: the base with the adapter switched off"
+        )
+    return text
 
 
 def describe_model(section) -> str:
@@ -402,19 +464,22 @@ def build_trainer(plan: TrainingPlan, checkpoint: Path | None):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=plan.training_config.gradient_checkpointing
         )
-    init = str(getattr(plan.lora_config, "init_lora_weights", "")).lower()
+    # A starting adapter was initialised when it was first trained.
+    init = "" if plan.start else str(getattr(plan.lora_config, "init_lora_weights", "")).lower()
     if init == "corda":
         calibrate_corda(model, plan)
+    if plan.start:
+        model = adapters.load_trainable(model, plan.start)
     guard = RunGuard()
     callbacks = [guard, AdaLoraAllocator()] if recipe.lora.get("method") == "adalora" else [guard]
     with tensorboard_dir(out / runs.LOGS):
-        trainer = trainer_class()(
+        trainer = trainer_class(plan.method)(
             model=model,
             args=plan.training_config,
             train_dataset=plan.train,
             eval_dataset=plan.eval,
             processing_class=plan.tokenizer,
-            peft_config=plan.lora_config,
+            peft_config=None if plan.start else plan.lora_config,
             callbacks=callbacks,
         )
     trainer.loraplus = {k: v for k, v in recipe.lora.items() if k.startswith("loraplus_")}
@@ -479,6 +544,9 @@ def save_adapter(trainer, plan: TrainingPlan, initial: Path | None) -> Path | No
         save_options["save_embedding_layers"] = False
     if save_options:
         trainer.model.save_pretrained(staging, **save_options)
+    # DPO and KTO hold their reference as a second adapter, which PEFT saves in a subfolder of
+    # its name: the run's adapter is the trained one alone.
+    shutil.rmtree(staging / REFERENCE_ADAPTER, ignore_errors=True)
     # Trainer leaves its arguments as a pickle; an adapter folder is shared, so keep it pickle-free.
     (staging / "training_args.bin").unlink(missing_ok=True)
     try:
@@ -493,6 +561,7 @@ def save_adapter(trainer, plan: TrainingPlan, initial: Path | None) -> Path | No
 
 
 CONVERTED_INITS = ("pissa", "olora", "corda")
+REFERENCE_ADAPTER = "ref"  # the name TRL's DPO and KTO trainers give the frozen copy they add
 
 
 def calibrate_corda(model, plan: TrainingPlan, samples: int = 256) -> None:
@@ -553,7 +622,16 @@ class LoraTrainerMixin:
             config.orth_reg_weight = penalty
 
 
-def trainer_class():
+def trainer_class(method: Method | None = None):
+    """The trainer of a method: TRL's class with LoraTrainerMixin. The preference trainers keep
+    TRL's loss; SFT's is the model's own (see sft_trainer_class)."""
+    method = method or METHODS["sft"]
+    if method.name == "sft":
+        return sft_trainer_class()
+    return type(f"LoraTune{method.trainer}", (LoraTrainerMixin, method.trainer_class()), {})
+
+
+def sft_trainer_class():
     """SFTTrainer without the per-step extras of its default loss.
 
     TRL's compute_loss also computes the entropy of the whole output distribution and the token
@@ -699,6 +777,8 @@ def collect_metrics(
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
         "data": plan.data_stats,
+        "trainer": plan.recipe.trainer,
+        "method": method_metrics(plan.method, state.log_history),
         "trainable_parameters": plan.trainable,
         "total_parameters": plan.total,
         "device": "cpu" if plan.training_config.use_cpu else "cuda",
@@ -709,3 +789,15 @@ def collect_metrics(
         "log_history": state.log_history,
     }
     return metrics
+
+
+def method_metrics(method: Method, history: list[dict]) -> dict:
+    """The first logged loss (DPO starts at ln 2 when the reference is the policy) and the last
+    value of each of the method's own log entries (rewards/accuracies, margins, ...)."""
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    found = {"first_loss": losses[0] if losses else None}
+    for key in method.logged:
+        values = [entry[key] for entry in history if key in entry]
+        if values:
+            found[key] = values[-1]
+    return found
