@@ -10,7 +10,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from . import output
+from . import models, output
 from .common import first_line
 from .errors import UserError
 from .models import DTYPES, fit_vocabulary, load_model, load_tokenizer, looks_local
@@ -203,9 +203,10 @@ def model_kind(model_id: str) -> str | None:
     return f"{config.get('model_type', 'an unknown model type')} ({architectures + ', ' if architectures else ''}{model_id})"
 
 
-def starting_adapter(model_section, lora: dict) -> Path | None:
+def starting_adapter(model_section, lora: dict, skeleton) -> Path | None:
     """The adapter that model.adapter names (a run or adapter directory), or None: checked to
-    exist, to have been trained on model.id, and to agree with the recipe's lora section."""
+    exist, to have been trained on model.id, and to agree with the recipe's lora section
+    (`skeleton`, the model without weights, says what all-linear means)."""
     if not model_section.adapter:
         return None
     path = Path(model_section.adapter).expanduser()
@@ -222,6 +223,9 @@ def starting_adapter(model_section, lora: dict) -> Path | None:
             f"model.adapter: {adapter} was trained on {base!r}, model.id is {model_section.id!r}",
             [f"set model.id: {base}"],
         )
+    if lora.get("target_modules") == "all-linear":
+        names = {name.rsplit(".", 1)[-1] for name in models.linear_module_names(skeleton)}
+        lora = lora | {"target_modules": sorted(names)}
     conflicts = lora_conflicts(lora, config)
     if conflicts:
         raise UserError(

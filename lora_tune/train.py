@@ -99,7 +99,7 @@ def make_plan(recipe: Recipe) -> TrainingPlan:
     """Validate the recipe against the model's config and the data; load no weights."""
     check_output_dir(recipe.output_dir)
     skeleton = check_model(recipe)
-    start = adapters.starting_adapter(recipe.model, recipe.lora)
+    start = adapters.starting_adapter(recipe.model, recipe.lora, skeleton)
     tokenizer, new_tokens = plan_tokenizer(recipe, start)
     models.fit_vocabulary(skeleton, tokenizer)
     padding_free = choose_padding_free(recipe, skeleton)
@@ -249,7 +249,7 @@ def plan_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
         ", packed"
         if plan.recipe.data.packing
         else ", padding-free batches"
-        if args.padding_free
+        if getattr(args, "padding_free", False)
         else ""
     )
     rows = [

@@ -37,8 +37,8 @@ def write_recipe(path: Path, tiny: Path, out: Path, **sections) -> Path:
             "seed": 0,
         },
     }
-    for name, values in sections.items():
-        recipe[name] = {**recipe.get(name, {}), **values}
+    for name, values in sections.items():  # trainer="dpo" sets the top-level key
+        recipe[name] = {**recipe.get(name, {}), **values} if isinstance(values, dict) else values
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
