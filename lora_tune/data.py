@@ -17,12 +17,14 @@ is named here with that row.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 from . import formats
 from .errors import UserError
-from .formats import FORMATS
+from .formats import FORMATS, check_turns
 from .sources import load_source
 
 SKIP_REASONS = ("empty", "no assistant turn", "nothing left to train after truncation")
@@ -112,10 +114,11 @@ def detect_format(columns: list[str], section, label: str, spec: str) -> str:
     detected = formats.detect(columns, section)
     if detected is not None:
         return detected.name
-    fields = [f"data.{field}" for fmt in FORMATS.values() for field in fmt.fields]
+    names = [fmt.name for fmt in formats.candidates()]
+    fields = dict.fromkeys(f"data.{field}" for fmt in formats.candidates() for field in fmt.fields)
     raise UserError(
         f"data.format: cannot tell the format of {label} ({spec}) from its columns: {', '.join(columns)}",
-        [f"set data.format ({', '.join(FORMATS)}) and the field names ({', '.join(fields)})"],
+        [f"set data.format ({', '.join(names)}) and the field names ({', '.join(fields)})"],
     )
 
 
@@ -204,14 +207,21 @@ def render_chat(tokenizer, messages: list[dict], where: str) -> tuple[str, list[
 def apply_template(
     tokenizer, messages: list[dict], where: str, generation_prompt: bool = False
 ) -> str:
-    """The chat rendered as text. A template that refuses the row (raise_exception on a role order
-    it does not accept, say) is a UserError naming the row and quoting the template."""
-    from jinja2.exceptions import TemplateError, TemplateSyntaxError
-
-    try:
+    """The chat rendered as text; a template that refuses the row is a UserError naming it."""
+    with template_errors(messages, where):
         return tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=generation_prompt
         )
+
+
+@contextlib.contextmanager
+def template_errors(messages: list[dict], where: str):
+    """A chat template that refuses the row (raise_exception on a role order it does not accept,
+    say) is a UserError naming the row and quoting the template; invalid Jinja names the template."""
+    from jinja2.exceptions import TemplateError, TemplateSyntaxError
+
+    try:
+        yield
     except TemplateSyntaxError as exc:
         raise UserError(
             f"data.chat_template: the chat template is not valid Jinja (its line {exc.lineno}): "
@@ -229,20 +239,6 @@ def apply_template(
                 )
             ],
         ) from None
-
-
-def check_turns(messages, where: str) -> None:
-    """Raise UserError naming the row unless every turn has a text role and content."""
-    for turn in messages if isinstance(messages, list) else [messages]:
-        if (
-            not isinstance(turn, dict)
-            or not isinstance(turn.get("role"), str)
-            or not isinstance(turn.get("content"), str)
-        ):
-            raise UserError(
-                f"{where}: each chat turn needs a 'role' and a text 'content'; got {str(turn)[:80]!r}",
-                ["fix the row or drop it from the data"],
-            )
 
 
 def tokenize_chat(
@@ -289,16 +285,22 @@ def prepare_tokenizer(tokenizer, section, model_id: str) -> list[int]:
     return tokenizer.convert_tokens_to_ids(section.add_tokens + section.add_special_tokens)
 
 
-def tokenize_dataset(dataset, section, tokenizer, label: str, spec: str):
-    """Format and tokenize one source. Returns (dataset of input_ids/labels, DataStats)."""
-    fmt = detect_format(dataset.column_names, section, label, spec)
-    check_columns(dataset.column_names, fmt, section, label, spec)
-    if FORMATS[fmt].chat and not tokenizer.chat_template:
+def need_chat_template(tokenizer, label: str, spec) -> None:
+    """Chat data in a source: a UserError unless the tokenizer has a chat template."""
+    if not tokenizer.chat_template:
         raise UserError(
             f"data.chat_template: {label} ({spec}) holds chat messages and the tokenizer has no "
             "chat template",
             ["set data.chat_template to the Jinja template the model will be served with"],
         )
+
+
+def tokenize_dataset(dataset, section, tokenizer, label: str, spec: str):
+    """Format and tokenize one source. Returns (dataset of input_ids/labels, DataStats)."""
+    fmt = detect_format(dataset.column_names, section, label, spec)
+    check_columns(dataset.column_names, fmt, section, label, spec)
+    if FORMATS[fmt].chat:
+        need_chat_template(tokenizer, label, spec)
 
     def encode(row, index):
         where = f"{label} ({spec}), row {index}"
@@ -353,12 +355,19 @@ def tokenize_dataset(dataset, section, tokenizer, label: str, spec: str):
 
 def tokenize_all(parts: list[tuple], section, tokenizer, label: str, spec):
     """Tokenize and concatenate (dataset, path) parts of one split. Raises UserError if nothing is left."""
+    return combine(
+        [tokenize_dataset(raw, section, tokenizer, label, path) for raw, path in parts],
+        label,
+        spec,
+    )
+
+
+def combine(prepared: list[tuple], label: str, spec):
+    """One split from its sources' (dataset, DataStats); a UserError if no row is left."""
     from datasets import concatenate_datasets
 
-    tokenized, stats = [], DataStats()
-    for raw, path in parts:
-        dataset, part = tokenize_dataset(raw, section, tokenizer, label, path)
-        tokenized.append(dataset)
+    stats = DataStats()
+    for _, part in prepared:
         stats = stats.add(part)
     if stats.samples == 0:
         skipped = ", ".join(f"{n} {reason}" for reason, n in stats.skipped.items()) or "none"
@@ -366,50 +375,74 @@ def tokenize_all(parts: list[tuple], section, tokenizer, label: str, spec):
             f"{label}: no usable rows in {spec} ({stats.rows} rows; skipped: {skipped})",
             ["check the data, the field names and data.max_length"],
         )
-    return concatenate_datasets(tokenized) if len(tokenized) > 1 else tokenized[0], stats
+    datasets = [dataset for dataset, _ in prepared]
+    return concatenate_datasets(datasets) if len(datasets) > 1 else datasets[0], stats
 
 
-def load_split(spec, section, tokenizer, label: str, split: str):
-    """Load and tokenize every source of a data.train or data.eval value."""
+@dataclass
+class Split:
+    """The rows of one split as read, source by source: (dataset, source path) parts, and the
+    recipe key and value they come from, for messages."""
+
+    parts: list[tuple]
+    label: str
+    spec: object
+
+
+def read_split(spec, section, label: str, split: str) -> Split:
+    """Every source of a data.train or data.eval value, read."""
     parts = [
         (load_source(source, label), source["path"]) for source in sources(spec, section, split)
     ]
-    return tokenize_all(parts, section, tokenizer, label, spec)
+    return Split(parts, label, spec)
 
 
-def load_datasets(section, tokenizer):
-    """(train, eval or None, {"train": DataStats, "eval": DataStats}) from the recipe's data section."""
-    stats = {}
+def raw_splits(section) -> Iterator[tuple[str, Split]]:
+    """("train", Split) then ("eval", Split) when the recipe has eval data: data.eval, or the
+    eval_fraction held out of each train source's rows, so no eval row is ever trained on.
+    A split's sources are read when it is reached."""
     if section.eval_fraction:
-        # Split each source's raw rows, so no eval row is ever trained on.
-        train_parts, eval_parts = [], []
+        train, held_out = (
+            Split([], "data.train", section.train),
+            Split([], "data.train", section.train),
+        )
         for source in sources(section.train, section, section.split):
             split = load_source(source, "data.train").train_test_split(
                 test_size=section.eval_fraction, seed=section.seed
             )
-            train_parts.append((split["train"], source["path"]))
-            eval_parts.append((split["test"], source["path"]))
-        train, stats["train"] = tokenize_all(
-            train_parts, section, tokenizer, "data.train", section.train
-        )
-        evaluation, stats["eval"] = tokenize_all(
-            eval_parts, section, tokenizer, "data.train", section.train
-        )
-        return train, evaluation, stats
-    train, stats["train"] = load_split(
-        section.train, section, tokenizer, "data.train", section.split
-    )
-    evaluation = None
+            train.parts.append((split["train"], source["path"]))
+            held_out.parts.append((split["test"], source["path"]))
+        yield "train", train
+        yield "eval", held_out
+        return
+    yield "train", read_split(section.train, section, "data.train", section.split)
     if section.eval:
-        evaluation, stats["eval"] = load_split(
-            section.eval, section, tokenizer, "data.eval", section.eval_split or section.split
-        )
-    return train, evaluation, stats
+        split = section.eval_split or section.split
+        yield "eval", read_split(section.eval, section, "data.eval", split)
 
 
-def load_eval(spec: str | None, section, tokenizer, label: str = "--data"):
-    """Tokenized evaluation data: `spec` if given (formatted as the recipe says, or detected from
-    its columns when there is no recipe), else the recipe's own eval data."""
+def load_split(spec, section, tokenizer, label: str, split: str, prepare=tokenize_all):
+    """Read and prepare (by default: tokenize) every source of a data.train or data.eval value."""
+    raw = read_split(spec, section, label, split)
+    return prepare(raw.parts, section, tokenizer, raw.label, raw.spec)
+
+
+def load_datasets(section, tokenizer, prepare=tokenize_all):
+    """(train, eval or None, {"train": DataStats, "eval": DataStats}) from the recipe's data
+    section. `prepare(parts, section, tokenizer, label, spec) -> (dataset, DataStats)` turns a
+    split's sources into its rows: tokenize_all for supervised training."""
+    prepared = {
+        name: prepare(raw.parts, section, tokenizer, raw.label, raw.spec)
+        for name, raw in raw_splits(section)
+    }
+    stats = {name: part_stats for name, (_, part_stats) in prepared.items()}
+    evaluation = prepared["eval"][0] if "eval" in prepared else None
+    return prepared["train"][0], evaluation, stats
+
+
+def load_eval(spec: str | None, section, tokenizer, label: str = "--data", prepare=tokenize_all):
+    """Prepared (by default: tokenized) evaluation data: `spec` if given (formatted as the recipe
+    says, or detected from its columns when there is no recipe), else the recipe's own eval data."""
     from .recipe import DataSection
 
     if spec is None:
@@ -418,6 +451,7 @@ def load_eval(spec: str | None, section, tokenizer, label: str = "--data"):
                 "no evaluation data: the target has no recipe with data.eval or data.eval_fraction",
                 ["pass --data FILE_OR_HUB_DATASET"],
             )
-        return load_datasets(section, tokenizer)[1]
+        return load_datasets(section, tokenizer, prepare)[1]
     section = section or DataSection(train=spec)
-    return load_split(spec, section, tokenizer, label, section.eval_split or section.split)[0]
+    split = section.eval_split or section.split
+    return load_split(spec, section, tokenizer, label, split, prepare)[0]

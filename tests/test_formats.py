@@ -79,12 +79,14 @@ def test_detection_order(columns, settings, expected):
     )
 
 
-def test_the_detection_error_names_every_format_and_setting():
+def test_the_detection_error_names_every_sft_format_and_setting():
     with pytest.raises(UserError) as info:
         data.detect_format(["body", "title"], DataSection(train="q.jsonl"), "data.train", "q.jsonl")
+    sft = [name for name, fmt in FORMATS.items() if fmt.data == "sft"]
+    assert sft == ["text", "prompt_completion", "messages", "alpaca"]
     assert info.value.problems == [
         (
-            f"set data.format ({', '.join(FORMATS)}) and the field names (data.text_field, "
+            f"set data.format ({', '.join(sft)}) and the field names (data.text_field, "
             "data.prompt_field, data.completion_field, data.messages_field)"
         )
     ]
@@ -159,9 +161,10 @@ def test_training_is_checked_against_the_config_class_of_the_method_table(monkey
     assert "beta is a setting of trainer: dpo, kto, orpo, simpo" in info.value.problems[0]
     dpo = validate(RECIPE | {"trainer": "dpo"})
     assert (dpo.trainer, dpo.training) == ("dpo", {"output_dir": "out", "beta": 0.5})
-    assert dpo.to_dict()["trainer"] == "dpo" and "trainer" not in validate(
-        RECIPE | {"training": {"output_dir": "out"}}
-    ).to_dict()
+    assert (
+        dpo.to_dict()["trainer"] == "dpo"
+        and "trainer" not in validate(RECIPE | {"training": {"output_dir": "out"}}).to_dict()
+    )
     # The table is what validation reads: a method pointing at another config class changes it.
     monkeypatch.setitem(METHODS, "sft", Method("sft", "DPOConfig", "DPOTrainer", "test"))
     assert validate(RECIPE).training == {"output_dir": "out", "beta": 0.5}
