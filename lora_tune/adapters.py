@@ -262,7 +262,10 @@ def lora_conflicts(lora: dict, config: dict) -> list[str]:
         if key in OPTIMIZER_KEYS:
             continue
         saved = method if key == "method" else config.get(key)
-        if isinstance(value, (list, set)) and isinstance(saved, (list, set)):
+        if key == "target_modules" and isinstance(saved, list) and isinstance(value, list):
+            # Saved as full layer names or as their last parts: compared by the last parts.
+            value, saved = (sorted({n.rsplit(".", 1)[-1] for n in v}) for v in (value, saved))
+        elif isinstance(value, (list, set)) and isinstance(saved, (list, set)):
             value, saved = sorted(value), sorted(saved)
         if value != saved:
             found.append(f"lora.{key}: {value!r}, the adapter has {saved!r}")

@@ -75,6 +75,22 @@ def build(work: Path, quick: bool, length: int, rows: int) -> None:
     ]
     tiny.write_jsonl(work / "fixed.jsonl", fixed)
     tiny.write_jsonl(work / "varying.jsonl", varying)
+    # Preference pairs of about `length` tokens each side (prompt half, answer half), and the
+    # same prompts with the chosen answers as SFT data.
+    block = max(1, length // 24)
+    pairs = [
+        {
+            "prompt": " ".join(tiny.sentence(rng) for _ in range(block)),
+            "chosen": " " + " ".join(tiny.sentence(rng) for _ in range(block)),
+            "rejected": " " + " ".join(tiny.sentence(rng) for _ in range(block)),
+        }
+        for _ in range(rows)
+    ]
+    tiny.write_jsonl(work / "pairs.jsonl", pairs)
+    tiny.write_jsonl(
+        work / "pairs_sft.jsonl",
+        [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs],
+    )
 
 
 def samples(work: Path, data: str, length: int):
@@ -190,6 +206,8 @@ def run_lora_tune(
 ) -> dict:
     from lora_tune import recipe, train
 
+    extra = dict(extra or {})
+    trainer = extra.pop("trainer", "sft")
     training = {
         "output_dir": str(work / f"lt-{data}"),
         "per_device_train_batch_size": batch,
@@ -200,18 +218,27 @@ def run_lora_tune(
     }
     model = {"id": str(work / "model")}
     data_section = {"train": str(work / f"{data}.jsonl"), "max_length": length}
-    for section, values in (extra or {}).items():
+    for section, values in extra.items():
         {"model": model, "training": training, "data": data_section}[section].update(values)
     path = work / "recipe.yaml"
-    path.write_text(
-        yaml.safe_dump({"model": model, "lora": LORA, "data": data_section, "training": training})
-    )
+    sections = {"model": model, "lora": LORA, "data": data_section, "training": training}
+    path.write_text(yaml.safe_dump({"trainer": trainer} | sections))
+    built = []
+    build_trainer = train.build_trainer
+    train.build_trainer = lambda *a: built.append(build_trainer(*a)) or built[-1]
+    before = peak_rss_mb()
     metrics = train.run(recipe.load(path), resume="never")
+    trainer = built[0][0]
     return {
         "step_s": metrics["step_time_s"],
         "tokens_per_step": metrics["train_tokens"] / metrics["steps"],
         "loss": metrics["final_loss"],
         "time_to_first_step_s": metrics["time_to_first_step_s"],
+        "rss_before_mb": before,
+        "first_loss": metrics["method"]["first_loss"],
+        # A reference model object, or the adapters on the one base (DPO adds "ref").
+        "reference_model": getattr(trainer, "ref_model", None) is not None,
+        "adapters": sorted(getattr(trainer.model, "peft_config", {})),
     }
 
 
@@ -230,13 +257,18 @@ BATCHING = {
         "model": {"attn_implementation": "flash_attention_2"}
     },  # padding-free by default
 }
+# On the same pairs: SFT on prompt + chosen against DPO (chosen and rejected, and the reference).
+PREFERENCE = {
+    "sft on pairs": {"data": {"format": "prompt_completion"}},
+    "dpo": {"trainer": "dpo"},
+}
 VARIANTS = {
     "raw": run_raw,
     "trl": run_trl,
     "lora-tune": run_lora_tune,
     **{
         name: functools.partial(run_lora_tune, extra=extra)
-        for name, extra in (GPU_TOGGLES | BATCHING).items()
+        for name, extra in (GPU_TOGGLES | BATCHING | PREFERENCE).items()
     },
 }
 
@@ -336,6 +368,8 @@ def main() -> None:
             f"  {rate / base:.2f}x  final loss {r['loss']:.4f}"
         )
 
+    compare_preference(args, steps)
+
     if torch.cuda.is_available():
         print("\nGPU settings, lora-tune step time against its default (bf16, SDPA):")
         for name in GPU_TOGGLES:
@@ -346,6 +380,30 @@ def main() -> None:
             print(
                 f"  {name:<16} {toggled['step_s']:.4f} s/step  {toggled['step_s'] / ours['step_s']:.2f}x"
             )
+
+
+def compare_preference(args, steps: int) -> None:
+    """DPO against SFT on the same pairs: peak memory (process, and above the level before the
+    model loaded) and step time; DPO's reference is an adapter on the same base, not a model."""
+    sft = measure("sft on pairs", args, steps, "pairs_sft")
+    dpo = measure("dpo", args, steps, "pairs")
+    print("\npreference pairs, the same prompts (sft: prompt + chosen; dpo: chosen and rejected):")
+    for name, r in (("sft", sft), ("dpo", dpo)):
+        print(
+            f"  {name:<4} {r['step_s']:.3f} s/step  peak RSS {r['peak_rss_mb']:,.0f} MB "
+            f"({r['peak_rss_mb'] - r['rss_before_mb']:,.0f} MB above the start)"
+        )
+    grown = (dpo["peak_rss_mb"] - dpo["rss_before_mb"]) / (
+        sft["peak_rss_mb"] - sft["rss_before_mb"]
+    )
+    print(f"dpo / sft peak RSS: {dpo['peak_rss_mb'] / sft['peak_rss_mb']:.2f}  (goal <= 1.30)")
+    print(f"dpo / sft peak RSS above the start: {grown:.2f}")
+    print(f"dpo / sft step time: {dpo['step_s'] / sft['step_s']:.2f}")
+    print(
+        f"dpo reference: {'a second model' if dpo['reference_model'] else 'no second model'}, "
+        f"adapters on the one base: {', '.join(dpo['adapters'])}; first loss "
+        f"{dpo['first_loss']:.6f} (ln 2 = 0.693147)"
+    )
 
 
 if __name__ == "__main__":
