@@ -11,7 +11,9 @@ each in its own process, printing median seconds per step, trained (non-padding)
 second, peak RSS and final loss (both trainers log every step, to report it), and the ratios
 lora-tune/raw and trl/lora-tune. Then, on data of varying lengths and the same samples, its default
 batches (padded, with SDPA attention) against padding-free and length-grouped batches, and on a GPU
-with flash-attn installed, flash attention's padding-free default.
+with flash-attn installed, flash attention's padding-free default. Last, on preference pairs, a DPO
+step against an SFT step on the same prompts and chosen answers: peak memory (goal: DPO/SFT <= 1.3,
+the reference held as the base with the adapter off, never a second model) and step time.
 """
 
 from __future__ import annotations

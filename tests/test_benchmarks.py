@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
                 "trl defaults / lora-tune step time:",
                 "varying lengths, the same samples",
                 "padding-free",
+                "dpo / sft peak RSS:",
+                "dpo reference: no second model",
             ],
         ),
         ("bench_eval.py", ["speed-up:", "loss difference"]),
