@@ -44,7 +44,7 @@ class DataStats:
     def add(self, other: DataStats) -> DataStats:
         skipped = {
             k: self.skipped.get(k, 0) + other.skipped.get(k, 0)
-            for k in {*self.skipped, *other.skipped}
+            for k in dict.fromkeys([*self.skipped, *other.skipped])  # in the order first seen
         }
         return DataStats(
             self.rows + other.rows,
@@ -375,7 +375,7 @@ def combine(prepared: list[tuple], label: str, spec):
             f"{label}: no usable rows in {spec} ({stats.rows} rows; skipped: {skipped})",
             ["check the data, the field names and data.max_length"],
         )
-    datasets = [dataset for dataset, _ in prepared]
+    datasets = [dataset for dataset, _ in prepared if len(dataset)]
     return concatenate_datasets(datasets) if len(datasets) > 1 else datasets[0], stats
 
 

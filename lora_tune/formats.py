@@ -155,6 +155,8 @@ def _preference(row, section, where):
     pair = {side: text_or_turns(row, column, where) for side, column in columns.items()}
     if section.prompt_field not in row:
         del pair["prompt"]
+    elif not pair["prompt"]:  # no prompt turns: the shared start of chat answers, if any
+        pair["prompt"] = ""
     if pair["chosen"] and pair["rejected"]:  # a row with an empty side is skipped later
         pair = maybe_extract_prompt(pair)
     return _one_kind({"prompt": "", **pair}, columns, where)

@@ -170,6 +170,8 @@ def measure(rows, tokenizer, max_length: int, label: str, spec, stats: DataStats
     """Tokenize as TRL does; skip rows whose prompt fills max_length, count truncated ones, and
     fill the statistics. Returns the kept rows in TRL's columns."""
     paired = "chosen" in rows.column_names
+    if not len(rows):  # every row skipped
+        return rows
     tokenize = tokenize_pair if paired else tokenize_unpaired
 
     def lengths(row):

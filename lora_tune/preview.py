@@ -7,7 +7,8 @@ import itertools
 from rich.table import Table
 from rich.text import Text
 
-from . import data, models, output
+from . import data, models, output, pairs
+from .methods import METHODS
 from .recipe import Recipe
 
 console = output.console()
@@ -45,10 +46,13 @@ def pieces(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str
 def render_sample(tokenizer, input_ids: list[int], labels: list[int], mark: bool = False) -> Text:
     """The sample's text, trained tokens highlighted and masked ones dimmed; with `mark`, each run of
     trained text is also put between OPEN and CLOSE, for output that shows no styles."""
+    return styled(pieces(tokenizer, input_ids, labels), mark)
+
+
+def styled(found: list[tuple[str, bool]], mark: bool) -> Text:
+    """(text, trained) pieces as rich Text: trained runs highlighted (and marked), others dimmed."""
     text = Text()
-    for trained, run in itertools.groupby(
-        pieces(tokenizer, input_ids, labels), key=lambda piece: piece[1]
-    ):
+    for trained, run in itertools.groupby(found, key=lambda piece: piece[1]):
         style = TRAINED if trained else MASKED
         if mark and trained:
             text.append(OPEN, style=style)
@@ -69,17 +73,61 @@ def legend(mark: bool) -> Text:
     )
 
 
-def run(recipe: Recipe, n: int = 3) -> dict:
-    """Print N rendered training samples and the data statistics; return the statistics."""
-    tokenizer = models.load_tokenizer(recipe.model)
-    data.prepare_tokenizer(tokenizer, recipe.data, recipe.model.id)
-    train, _, stats = data.load_datasets(recipe.data, tokenizer)
-    mark = console.no_color or console.color_system is None  # styles will not show
-    console.print(legend(mark))
+def answer(tokenizer, prompt_ids: list[int], ids: list[int], room: int, mark: bool) -> Text:
+    """An answer as trained after its prompt: its tokens within max_length (`room`) highlighted,
+    decoded after the prompt's so that word-initial spaces show; the cut ones counted."""
+    kept = ids[: max(room, 0)]
+    found = pieces(tokenizer, prompt_ids + kept, [-100] * len(prompt_ids) + kept)
+    start = next((i for i, (_, trained) in enumerate(found) if trained), len(found))
+    text = styled(found[start:], mark)
+    cut = len(ids) - len(kept)
+    if cut:
+        text.append(f" ({cut} token{'s' * (cut > 1)} cut at max_length)", style=MASKED)
+    return text
+
+
+def show_pair(tokenizer, row: dict, max_length: int, mark: bool, title: str) -> None:
+    """A preference sample: the prompt (masked), then each answer with its trained tokens; a kto
+    row (prompt, completion, label) with its label."""
+    if "chosen" in row:
+        prompt_ids, *answers = pairs.tokenize_pair(tokenizer, row)
+        names = ["chosen", "rejected"]
+    else:
+        prompt_ids, *answers = pairs.tokenize_unpaired(tokenizer, row)
+        names = ["completion"]
+        title += f", label {str(row['label']).lower()}"
+    sizes = ", ".join(f"{name} {len(ids)}" for name, ids in zip(names, answers, strict=True))
+    console.rule(f"{title} (prompt {len(prompt_ids)} tokens, {sizes})")
+    prompt = render_sample(tokenizer, prompt_ids, [-100] * len(prompt_ids), mark)
+    console.print(Text("prompt: ").append_text(prompt))
+    for name, ids in zip(names, answers, strict=True):
+        room = max_length - len(prompt_ids)
+        console.print(Text(f"{name}: ").append_text(answer(tokenizer, prompt_ids, ids, room, mark)))
+
+
+def show_samples(tokenizer, train, method, max_length: int, n: int, mark: bool) -> None:
     for i in range(min(n, len(train))):
         row = train[i]
+        if method.data != "sft":
+            show_pair(tokenizer, row, max_length, mark, f"sample {i}")
+            continue
         console.rule(f"sample {i} ({len(row['input_ids'])} tokens)")
         console.print(render_sample(tokenizer, row["input_ids"], row["labels"], mark))
+
+
+def run(recipe: Recipe, n: int = 3) -> dict:
+    """Print N rendered training samples and the data statistics; return the statistics. For a
+    preference trainer, a sample is the prompt and its answers as TRL trains them."""
+    tokenizer = models.load_tokenizer(recipe.model)
+    data.prepare_tokenizer(tokenizer, recipe.data, recipe.model.id)
+    method = METHODS[recipe.trainer]
+    if method.data == "sft":
+        train, _, stats = data.load_datasets(recipe.data, tokenizer)
+    else:
+        train, _, stats = pairs.load_datasets(recipe.data, tokenizer, method)
+    mark = console.no_color or console.color_system is None  # styles will not show
+    console.print(legend(mark))
+    show_samples(tokenizer, train, method, recipe.data.max_length, n, mark)
     table = Table(title="data", show_header=True)
     for column in (
         "split",
