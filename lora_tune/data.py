@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from . import formats
 from .errors import UserError
 from .formats import FORMATS, check_turns
+from .methods import METHODS
 from .sources import load_source
 
 SKIP_REASONS = ("empty", "no assistant turn", "nothing left to train after truncation")
@@ -108,8 +109,17 @@ def sources(spec, section, split: str) -> list[dict]:
 
 
 def detect_format(columns: list[str], section, label: str, spec: str) -> str:
-    """The data.format of a source: the recipe's, or guessed from its columns."""
+    """The data.format of a source for supervised training: the recipe's, or guessed from its
+    columns among the supervised formats (preference data is pairs.py's)."""
     if section.format != "auto":
+        if FORMATS[section.format].data != "sft":
+            users = [name for name, method in METHODS.items() if method.accepts(section.format)]
+            supervised = ", ".join(fmt.name for fmt in formats.candidates())
+            raise UserError(
+                f"data.format: {section.format} data trains with trainer: {' or '.join(users)}; "
+                f"supervised training reads {supervised} data",
+                [f"set trainer: {users[0]}, or a supervised data.format"],
+            )
         return section.format
     detected = formats.detect(columns, section)
     if detected is not None:

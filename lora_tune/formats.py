@@ -158,7 +158,17 @@ def _preference(row, section, where):
     elif not pair["prompt"]:  # no prompt turns: the shared start of chat answers, if any
         pair["prompt"] = ""
     if pair["chosen"] and pair["rejected"]:  # a row with an empty side is skipped later
-        pair = maybe_extract_prompt(pair)
+        split = maybe_extract_prompt(pair)
+        if isinstance(pair.get("prompt"), str) and pair["prompt"] and split["prompt"] == []:
+            raise UserError(
+                f"{where}: field {section.prompt_field!r} holds text, but {section.chosen_field!r} "
+                f"and {section.rejected_field!r} hold chat messages that share no prompt turns",
+                [
+                    "write the prompt as chat messages ([{'role': 'user', 'content': ...}]), or "
+                    "chosen and rejected as whole conversations"
+                ],
+            )
+        pair = split
     return _one_kind({"prompt": "", **pair}, columns, where)
 
 

@@ -225,7 +225,28 @@ def prepare_all(parts, section, tokenizer, label: str, spec, method, who: str = 
             f"{label}: its sources mix text rows and chat rows ({listed})",
             ["use sources of one form for a split"],
         )
-    return data.combine(prepared, label, spec)
+    datasets = aligned([dataset for dataset, _ in prepared])
+    return data.combine(
+        [(dataset, stats) for dataset, (_, stats) in zip(datasets, prepared, strict=True)],
+        label,
+        spec,
+    )
+
+
+def aligned(datasets: list) -> list:
+    """Chat sources whose turns differ in keys (a 'name' in one) cast so that they concatenate:
+    such chat columns are kept as datasets keeps differing turns, as JSON, each as written."""
+    from datasets import Json, List
+
+    full = [dataset for dataset in datasets if len(dataset)]  # an empty one has no columns
+    if not full or all(dataset.features == full[0].features for dataset in full):
+        return datasets
+    features = full[0].features.copy()
+    for column in features:
+        kinds = [dataset.features[column] for dataset in full]
+        if all(isinstance(kind, List) for kind in kinds) and any(k != kinds[0] for k in kinds):
+            features[column] = List(Json())
+    return [dataset.cast(features) if len(dataset) else dataset for dataset in datasets]
 
 
 def load_datasets(section, tokenizer, method):

@@ -98,6 +98,17 @@ def test_sft_refuses_pairs_naming_only_its_formats():
     ]
 
 
+def test_sft_tokenization_refuses_a_preference_format(tiny, tok):
+    section = DataSection(train=str(tiny / "data" / "pref_train.jsonl"), format="preference")
+    with pytest.raises(UserError) as info:
+        data.load_datasets(section, tok)
+    assert info.value.headline == (
+        "data.format: preference data trains with trainer: dpo or kto or orpo or simpo; "
+        "supervised training reads text, prompt_completion, messages, alpaca data"
+    )
+    assert info.value.problems == ["set trainer: dpo, or a supervised data.format"]
+
+
 @pytest.mark.parametrize(
     "method, columns, settings, expected",
     [
@@ -323,6 +334,12 @@ def test_bad_cells_are_errors_naming_row_and_field(tmp_path, chat_tok):
             "is all text or all chat messages",
         ),
         (
+            [{**CHAT_RIVER, "prompt": "what colour is the river?"}],
+            DPO,
+            "row 0: field 'prompt' holds text, but 'chosen' and 'rejected' hold chat messages that "
+            "share no prompt turns",
+        ),
+        (
             [RIVER, CHAT_RIVER],
             DPO,
             "row 1: chat messages, but row 0 holds text; a source holds text rows or chat rows, not both",
@@ -339,6 +356,31 @@ def test_bad_cells_are_errors_naming_row_and_field(tmp_path, chat_tok):
         with pytest.raises(UserError) as info:
             load(path, chat_tok, method)
         assert info.value.headline == f"data.train ({path}), {message}"
+
+
+def test_sources_of_one_split_are_joined(tmp_path, chat_tok):
+    # Turns with other keys (a name) in one source: each turn is kept as written.
+    named = {
+        **CHAT_RIVER,
+        "prompt": [{"content": "what colour is the river?", "role": "user", "name": "ann"}],
+    }
+    first = write_jsonl(tmp_path / "a.jsonl", [CHAT_RIVER])
+    second = write_jsonl(tmp_path / "b.jsonl", [named, {**CHAT_RIVER, "chosen": []}])
+    train, _, stats = pairs.load_datasets(
+        DataSection(train=[str(first), str(second)]), chat_tok, DPO
+    )
+    assert list(train["prompt"]) == [CHAT_RIVER["prompt"], named["prompt"]]
+    assert (stats["train"].rows, stats["train"].samples, stats["train"].skipped) == (
+        3,
+        2,
+        {"empty": 1},
+    )
+    text = write_jsonl(tmp_path / "t.jsonl", [RIVER])
+    with pytest.raises(UserError) as info:
+        pairs.load_datasets(DataSection(train=[str(first), str(text)]), chat_tok, DPO)
+    assert info.value.headline == (
+        f"data.train: its sources mix text rows and chat rows ({first}: chat, {text}: text)"
+    )
 
 
 # --- kto -------------------------------------------------------------------------------------
