@@ -502,3 +502,24 @@ def test_the_data_command_shows_a_pair(tiny, tmp_path, capsys):
     assert "rejected: [[ the river is red.</s>]]\n" in out
     assert "│ train │ 2    │ 1       │ empty: 1 │ 0" in out
     assert not (tmp_path / "run").exists()
+
+
+def test_the_data_command_shows_kto_rows_with_their_label(tiny, tmp_path, capsys):
+    rows = [
+        {"prompt": "what colour is the river?", "completion": " red.", "label": False},
+        {"prompt": "what colour is the river?", "completion": " blue.", "label": True},
+    ]
+    path = write_jsonl(tmp_path / "u.jsonl", rows)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny,
+        tmp_path / "run",
+        trainer="kto",
+        data={"train": str(path), "eval": None},
+    )
+    assert run_cli("data", recipe, "-n", "2") == 0
+    out = capsys.readouterr().out
+    assert "sample 0, label false (prompt 7 tokens, completion 3)" in out
+    assert "prompt: <s>what colour is the river?\ncompletion: [[ red.</s>]]\n" in out
+    assert "sample 1, label true (prompt 7 tokens, completion 3)" in out
+    assert "completion: [[ blue.</s>]]\n" in out
