@@ -2,8 +2,9 @@
 
 A method names its TRL config class (the recipe's `training` section holds that class's fields)
 and trainer class, where TRL keeps them (ORPO and CPO/SimPO live in trl.experimental in TRL 1.x),
-the kind of data it trains on, the data formats it accepts, the recipe keys lora-tune sets for it,
-and the values its log reports that metrics.json keeps. Adding a method is adding one entry here.
+the kinds of data it trains on (its formats are those of formats.FORMATS with such a `data` kind),
+the config values that make it what it is, and the values its log reports that metrics.json
+keeps. Adding a method is adding one entry here.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ class Method:
     config: str  # TRL config class, e.g. SFTConfig
     trainer: str  # TRL trainer class, e.g. SFTTrainer
     description: str
-    data: str = "sft"  # "sft": token labels; "paired": prompt/chosen/rejected; "unpaired": KTO's
-    formats: tuple[str, ...] = ()  # names in formats.FORMATS
+    data: str = "sft"  # rows handed to the trainer: "sft" token labels, "paired", "unpaired"
+    reads: tuple[str, ...] = ("sft",)  # the Format.data kinds it trains on (kto: pairs unpaired)
     module: str = "trl"  # where TRL keeps the two classes
     reference: bool = False  # trains against a reference model (the start, held as an adapter)
     defaults: dict = field(default_factory=dict)  # config values that make the method what it is
@@ -38,12 +39,17 @@ class Method:
     def trainer_class(self) -> type:
         return getattr(self._module(), self.trainer)
 
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """Names of the formats.FORMATS entries it trains on, in the table's order."""
+        from .formats import FORMATS
+
+        return tuple(name for name, fmt in FORMATS.items() if fmt.data in self.reads)
+
     def accepts(self, fmt: str) -> bool:
         return fmt in self.formats
 
 
-SFT_FORMATS = ("text", "prompt_completion", "messages", "alpaca")
-PAIRED = "preference"
 REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
 METHODS: dict[str, Method] = {
@@ -54,7 +60,6 @@ METHODS: dict[str, Method] = {
             "SFTConfig",
             "SFTTrainer",
             "supervised fine-tuning on the completions (TRL's SFTTrainer)",
-            formats=SFT_FORMATS,
         ),
         Method(
             "dpo",
@@ -62,7 +67,7 @@ METHODS: dict[str, Method] = {
             "DPOTrainer",
             "Direct Preference Optimization on chosen/rejected pairs (TRL's DPOTrainer)",
             data="paired",
-            formats=(PAIRED,),
+            reads=("paired",),
             reference=True,
             logged=REWARDS,
             plan=("beta", "loss_type"),
@@ -73,7 +78,7 @@ METHODS: dict[str, Method] = {
             "KTOTrainer",
             "Kahneman-Tversky Optimization on completions labelled good or bad (TRL's KTOTrainer)",
             data="unpaired",
-            formats=("unpaired", PAIRED),
+            reads=("unpaired", "paired"),
             reference=True,
             logged=("rewards/chosen", "rewards/rejected", "rewards/margins", "kl"),
             plan=("beta", "loss_type", "desirable_weight", "undesirable_weight"),
@@ -85,7 +90,7 @@ METHODS: dict[str, Method] = {
             "Odds Ratio Preference Optimization, no reference model "
             "(TRL's experimental ORPOTrainer)",
             data="paired",
-            formats=(PAIRED,),
+            reads=("paired",),
             module="trl.experimental.orpo",
             logged=(*REWARDS, "log_odds_ratio", "nll_loss"),
             plan=("beta",),
@@ -97,7 +102,7 @@ METHODS: dict[str, Method] = {
             "SimPO: length-normalized preference margin, no reference model "
             "(TRL's experimental CPOTrainer with loss_type simpo)",
             data="paired",
-            formats=(PAIRED,),
+            reads=("paired",),
             module="trl.experimental.cpo",
             defaults={"loss_type": "simpo", "cpo_alpha": 0.0},
             logged=REWARDS,
