@@ -83,7 +83,7 @@ def test_the_detection_error_names_every_sft_format_and_setting():
     with pytest.raises(UserError) as info:
         data.detect_format(["body", "title"], DataSection(train="q.jsonl"), "data.train", "q.jsonl")
     sft = [name for name, fmt in FORMATS.items() if fmt.data == "sft"]
-    assert sft == ["text", "prompt_completion", "messages", "alpaca"]
+    assert sft[:4] == ["text", "prompt_completion", "messages", "alpaca"]  # a new one comes after
     assert info.value.problems == [
         (
             f"set data.format ({', '.join(sft)}) and the field names (data.text_field, "

@@ -92,8 +92,10 @@ def test_sft_refuses_pairs_naming_only_its_formats():
         "data.format: cannot tell the format of data.train (p.jsonl) from its columns: "
         "prompt, chosen, rejected"
     )
+    sft = ", ".join(METHODS["sft"].formats)  # the table's sft formats, a new one included
+    assert sft.startswith("text, prompt_completion, messages, alpaca")
     assert info.value.problems == [
-        "set data.format (text, prompt_completion, messages, alpaca) and the field names "
+        f"set data.format ({sft}) and the field names "
         "(data.text_field, data.prompt_field, data.completion_field, data.messages_field)"
     ]
 
@@ -104,7 +106,7 @@ def test_sft_tokenization_refuses_a_preference_format(tiny, tok):
         data.load_datasets(section, tok)
     assert info.value.headline == (
         "data.format: preference data trains with trainer: dpo or kto or orpo or simpo; "
-        "supervised training reads text, prompt_completion, messages, alpaca data"
+        f"supervised training reads {', '.join(METHODS['sft'].formats)} data"
     )
     assert info.value.problems == ["set trainer: dpo, or a supervised data.format"]
 
