@@ -54,3 +54,21 @@ def compare_logits(reference: torch.Tensor, other: torch.Tensor, dtype: torch.dt
         "tolerance": tolerance,
         "ok": finite and max_diff <= tolerance,
     }
+
+
+def length_sorted(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indexes grouped into batches, longest first, so each batch pads to little."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Token rows right-padded into one batch: input_ids and an attention mask that marks the
+    real tokens by position, so a pad id that is also a real token (EOS) is never confused."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, row in enumerate(rows):
+        ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[j, : len(row)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}

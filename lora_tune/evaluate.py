@@ -3,23 +3,41 @@
 For each model (base, adapter, merged, or any model directory or hub id): token-weighted loss,
 perplexity and next-token accuracy on the eval data; greedy-generation answer metrics where
 the data has prompts; lm-evaluation-harness scores with --tasks; tokens/s of each.
+
+Preference data (prompt, chosen, rejected) is scored pair by pair (pair_scores.py): how often
+the model gives the chosen answer the higher log-probability, and by what margin. Loss,
+perplexity, token accuracy and the generation metrics are then those of the chosen answers.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.table import Table
 
-from . import adapters, data, generate, hardware, models, output, reports, runs
+from . import adapters, data, generate, hardware, models, output, pair_scores, pairs, reports, runs
 from .common import batches, compare_logits
 from .errors import UserError
+from .recipe import DataSection, ModelSection
+from .sources import load_source
 
 console = output.console()
+PREFERENCE_NOTE = (
+    "pref. acc: how often the model itself gives the chosen answer a higher log-probability than "
+    "the rejected one (summed over the answer tokens, given the prompt); margin, chosen and "
+    "rejected logp: the mean of those sums (chosen minus rejected for the margin). DPO's implicit "
+    "reward is beta * (model logp - reference logp) of the same sums. Loss, perplexity, token acc "
+    "and answers are measured on the chosen answers."
+)
 SHOWN = [
+    ("preference_accuracy", "pref. acc", "{:.2%}"),
+    ("margin", "margin", "{:+.3f}"),
+    ("chosen_logp", "chosen logp", "{:.3f}"),
+    ("rejected_logp", "rejected logp", "{:.3f}"),
     ("loss", "loss", "{:.4f}"),
     ("perplexity", "perplexity", "{:.2f}"),
     ("token_accuracy", "token acc", "{:.2%}"),
@@ -65,6 +83,27 @@ def measure(model, batch_list) -> tuple[dict, torch.Tensor]:
     }, first
 
 
+@dataclass
+class PairData:
+    """Tokenized preference pairs (prompt_ids, chosen_ids, rejected_ids), and how training cuts
+    sequences longer than max_length (TRL's truncation_mode)."""
+
+    rows: list[tuple[list[int], list[int], list[int]]]
+    max_length: int | None
+    truncation_mode: str = "keep_start"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def chosen_samples(self) -> dict[str, list[list[int]]]:
+        """prompt+chosen as SFT samples, labels on the answer: the generation prompts and their
+        reference answers."""
+        return {
+            "input_ids": [prompt + chosen for prompt, chosen, _ in self.rows],
+            "labels": [[-100] * len(prompt) + chosen for prompt, chosen, _ in self.rows],
+        }
+
+
 class Evaluator:
     """Runs every requested measurement on one model and collects the rows of the report."""
 
@@ -82,8 +121,12 @@ class Evaluator:
         want_generation: bool | None,
     ):
         self.tokenizer, self.device, self.batch_size = tokenizer, device, batch_size
-        self.batch_list = batches(dataset, batch_size, tokenizer.pad_token_id, device)
-        self.items = generate.items_of(dataset, tokenizer) if want_generation is not False else []
+        self.pairs = dataset if isinstance(dataset, PairData) else None
+        samples = self.pairs.chosen_samples() if self.pairs else dataset
+        self.batch_list = (
+            [] if self.pairs else batches(dataset, batch_size, tokenizer.pad_token_id, device)
+        )
+        self.items = generate.items_of(samples, tokenizer) if want_generation is not False else []
         if want_generation and not self.items:
             raise UserError(
                 "--generate: the eval data has no prompts (text data); nothing to generate from",
@@ -101,8 +144,24 @@ class Evaluator:
         self.rows: dict[str, dict] = {}
         self.generations: dict[str, list[str]] = {}
 
+    def measure(self, model) -> tuple[dict, torch.Tensor]:
+        """The metrics of the eval data (SFT samples or preference pairs) and the first batch's
+        logits at the scored positions."""
+        if self.pairs is None:
+            return measure(model, self.batch_list)
+        scores = pair_scores.score_pairs(
+            model,
+            self.pairs.rows,
+            self.batch_size,
+            self.tokenizer.pad_token_id,
+            self.device,
+            self.pairs.max_length,
+            self.pairs.truncation_mode,
+        )
+        return scores.metrics(), scores.first_logits
+
     def __call__(self, name: str, model, harness: bool = True) -> torch.Tensor:
-        metrics, logits = measure(model, self.batch_list)
+        metrics, logits = self.measure(model)
         if self.items:
             texts, lengths = generate.generate(
                 model,
@@ -237,19 +296,42 @@ def load_target(target: str, adapter: Path | None, recipe, allow_pickle: bool):
             adapter, recipe.model if recipe else None, allow_pickle
         )
         return section, adapters.adapter_tokenizer(adapter, section)
-    from .recipe import ModelSection
-
     section = ModelSection(id=target, allow_pickle=allow_pickle)
     models.load_config(section)  # a clear error for a path or id that is not a model
     return section, models.load_tokenizer(section)
 
 
 def eval_dataset(data_spec: str | None, recipe, tokenizer, max_samples: int | None):
-    """The eval data (given, else the run's), tokenized, cut to max_samples."""
-    dataset = data.load_eval(data_spec, recipe.data if recipe else None, tokenizer)
+    """The eval data (given, else the run's), tokenized, cut to max_samples: SFT samples, or
+    PairData where the data is preference pairs."""
+    section = recipe.data if recipe else None
+    if not is_paired(data_spec, section):
+        dataset = data.load_eval(data_spec, section, tokenizer)
+        return dataset.select(range(min(max_samples, len(dataset)))) if max_samples else dataset
+    rows = pairs.load_eval(data_spec, section, tokenizer)
     if max_samples:
-        dataset = dataset.select(range(min(max_samples, len(dataset))))
-    return dataset
+        rows = rows.select(range(min(max_samples, len(rows))))
+    tokenized = [tuple(pairs.tokenize_pair(tokenizer, row)) for row in rows]
+    max_length = section.max_length if section else DataSection.model_fields["max_length"].default
+    mode = recipe.training.get("truncation_mode", "keep_start") if recipe else "keep_start"
+    return PairData(tokenized, max_length, mode)
+
+
+def is_paired(data_spec: str | None, section) -> bool:
+    """Whether the eval data is preference pairs, told from its first source's columns (the
+    recipe's data section, if any, names them)."""
+    if data_spec is None and (section is None or not (section.eval or section.eval_fraction)):
+        return False  # no eval data: data.load_eval says what to pass
+    if data_spec is not None:
+        known = section or DataSection(train=data_spec)
+        spec, label, split = data_spec, "--data", known.eval_split or known.split
+    elif section.eval:
+        known, spec, label = section, section.eval, "data.eval"
+        split = section.eval_split or section.split
+    else:  # eval_fraction: a part of the training data
+        known, spec, label, split = section, section.train, "data.train", section.split
+    first = data.sources(spec, known, split)[0]
+    return pairs.is_paired(load_source(first, label).column_names, section)
 
 
 def evaluate_target(
@@ -333,7 +415,14 @@ def print_report(report: dict) -> None:
         cells += [f"{m[key]:.4f}" if key in m else "" for key in extra]
         table.add_row(name, *cells)
     console.print(table)
-    check = report["merged_vs_adapter"]
+    if any("preference_accuracy" in m for m in results.values()):
+        console.print(PREFERENCE_NOTE)
+    print_merge_check(report)
+
+
+def print_merge_check(report: dict) -> None:
+    """Whether merged equals adapter, and what merging buys in tokens/s (under --compare)."""
+    results, check = report["results"], report["merged_vs_adapter"]
     if check:
         verdict = "equal within tolerance" if check["ok"] else "DIFFERENT"
         console.print(
@@ -364,6 +453,11 @@ def print_previous(previous: dict, report: dict) -> None:
         before = previous["results"].get(name)
         if before and "loss" in before:
             changes.append(f"{name} loss {before['loss']:.4f} -> {now['loss']:.4f}")
+        if before and "preference_accuracy" in before and "preference_accuracy" in now:
+            changes.append(
+                f"{name} pref. acc {before['preference_accuracy']:.2%} -> "
+                f"{now['preference_accuracy']:.2%}"
+            )
     if changes:
         console.print(
             f"Since the previous eval on this data ({previous['time']}): {'; '.join(changes)}"
