@@ -100,13 +100,14 @@ def chat(rng: random.Random) -> dict[str, list[dict[str, str]]]:
 
 
 def preference(rng: random.Random) -> dict[str, str]:
-    """A question with the rule's answer (chosen) and another colour's (rejected)."""
+    """A question about a place's habit, with the rule's answer (chosen) and another habit
+    (rejected): what the SFT data (colours) does not teach."""
     place = rng.choice(PLACES)
-    wrong = rng.choice([c for c in COLOURS if c != colour(place)])
+    wrong = rng.choice([h for h in HABITS if h != habit(place)])
     return {
-        "prompt": f"what colour is the {place}?",
-        "chosen": f" the {place} is {colour(place)}.",
-        "rejected": f" the {place} is {wrong}.",
+        "prompt": f"what does the {place} do?",
+        "chosen": f" the {place} {habit(place)}.",
+        "rejected": f" the {place} {wrong}.",
     }
 
 
