@@ -304,7 +304,7 @@ def load_target(target: str, adapter: Path | None, recipe, allow_pickle: bool):
 def eval_dataset(data_spec: str | None, recipe, tokenizer, max_samples: int | None):
     """The eval data (given, else the run's), tokenized, cut to max_samples: SFT samples, or
     PairData where the data is preference pairs."""
-    section = recipe.data if recipe else None
+    section = given_data_section(data_spec, recipe.data if recipe else None)
     if not is_paired(data_spec, section):
         dataset = data.load_eval(data_spec, section, tokenizer)
         return dataset.select(range(min(max_samples, len(dataset)))) if max_samples else dataset
@@ -315,6 +315,15 @@ def eval_dataset(data_spec: str | None, recipe, tokenizer, max_samples: int | No
     max_length = section.max_length if section else DataSection.model_fields["max_length"].default
     mode = recipe.training.get("truncation_mode", "keep_start") if recipe else "keep_start"
     return PairData(tokenized, max_length, mode)
+
+
+def given_data_section(data_spec: str | None, section):
+    """The run's data section to read --data with: its field names always, its explicit format
+    only where the data is of that kind (an SFT run is also measured on preference pairs)."""
+    if data_spec is None or section is None or section.format == "auto":
+        return section
+    loose = section.model_copy(update={"format": "auto"})
+    return loose if is_paired(data_spec, loose) != is_paired(data_spec, section) else section
 
 
 def is_paired(data_spec: str | None, section) -> bool:

@@ -85,7 +85,8 @@ def pair_files(tiny, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def sft_run(tiny, tmp_path_factory) -> Path:
-    """An SFT run on the prompt/completion data: its completions are the text it learns."""
+    """An SFT run on the prompt/completion data: its completions are the text it learns. Its
+    recipe names its format, which does not stop pairs given with --data being read as pairs."""
     base = tmp_path_factory.mktemp("sft")
     recipe = write_recipe(
         base / "r.yaml",
@@ -94,6 +95,7 @@ def sft_run(tiny, tmp_path_factory) -> Path:
         data={
             "train": str(tiny / "data" / "pc_train.jsonl"),
             "eval": str(tiny / "data" / "pc_eval.jsonl"),
+            "format": "prompt_completion",
         },
         training={"num_train_epochs": 2, "save_strategy": "no"},
     )
