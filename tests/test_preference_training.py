@@ -115,6 +115,12 @@ def test_each_method_trains_reloads_and_merges(tiny, tmp_path, trainer, first_lo
     assert all(math.isfinite(loss) for loss in losses)
     if first_loss is not None:  # a fresh adapter (B = 0) is its own reference at step 0
         assert losses[0] == pytest.approx(first_loss, abs=1e-3)
+        import trl.trainer.utils
+
+        from lora_tune import train
+
+        # On a CPU the reference-based trainers score tokens in small chunks (memory).
+        assert trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE == train.CPU_LOG_PROB_ROWS
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tiny / "tiny-llama"), out / "adapter"
     )
