@@ -24,7 +24,7 @@ class Method:
     reads: tuple[str, ...] = ("sft",)  # the Format.data kinds it trains on (kto: pairs unpaired)
     module: str = "trl"  # where TRL keeps the two classes
     reference: bool = False  # trains against a reference model (the start, held as an adapter)
-    defaults: dict = field(default_factory=dict)  # config values that make the method what it is
+    defaults: dict = field(default_factory=dict)  # config values it needs (recipe keys win)
     logged: tuple[str, ...] = ()  # log keys whose last value metrics.json keeps (under `method`)
     plan: tuple[str, ...] = ()  # config fields the plan shows
 
@@ -50,6 +50,8 @@ class Method:
         return fmt in self.formats
 
 
+# The first step's loss alone in the log: the check that the reference is the policy at step 0.
+FIRST_STEP_LOGGED = {"logging_first_step": True}
 REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
 METHODS: dict[str, Method] = {
@@ -69,6 +71,7 @@ METHODS: dict[str, Method] = {
             data="paired",
             reads=("paired",),
             reference=True,
+            defaults=FIRST_STEP_LOGGED,
             logged=REWARDS,
             plan=("beta", "loss_type"),
         ),
@@ -80,6 +83,7 @@ METHODS: dict[str, Method] = {
             data="unpaired",
             reads=("unpaired", "paired"),
             reference=True,
+            defaults=FIRST_STEP_LOGGED,
             logged=("rewards/chosen", "rewards/rejected", "rewards/margins", "kl"),
             plan=("beta", "loss_type", "desirable_weight", "undesirable_weight"),
         ),

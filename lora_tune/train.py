@@ -809,10 +809,11 @@ def collect_metrics(
 
 
 def method_metrics(method: Method, history: list[dict]) -> dict:
-    """The first logged loss (DPO starts at ln 2 when the reference is the policy) and the last
-    value of each of the method's own log entries (rewards/accuracies, margins, ...)."""
-    losses = [entry["loss"] for entry in history if "loss" in entry]
-    found = {"first_loss": losses[0] if losses else None}
+    """The first logged loss and its step (DPO and KTO log the first step alone: ln 2 and 0.5 when
+    the reference is the policy at step 0) and the last value of each of the method's own log
+    entries (rewards/accuracies, margins, ...)."""
+    first = next((entry for entry in history if "loss" in entry), {})
+    found = {"first_logged_loss": first.get("loss"), "first_logged_step": first.get("step")}
     for key in method.logged:
         values = [entry[key] for entry in history if key in entry]
         if values:

@@ -237,7 +237,7 @@ def run_lora_tune(
         "loss": metrics["final_loss"],
         "time_to_first_step_s": metrics["time_to_first_step_s"],
         "rss_before_mb": before,
-        "first_loss": metrics["method"]["first_loss"],
+        "first_logged_loss": metrics["method"]["first_logged_loss"],
         # A reference model object, or the adapters on the one base (DPO adds "ref").
         "reference_model": getattr(trainer, "ref_model", None) is not None,
         "adapters": sorted(getattr(trainer.model, "peft_config", {})),
@@ -404,7 +404,7 @@ def compare_preference(args, steps: int) -> None:
     print(
         f"dpo reference: {'a second model' if dpo['reference_model'] else 'no second model'}, "
         f"adapters on the one base: {', '.join(dpo['adapters'])}; first loss "
-        f"{dpo['first_loss']:.6f} (ln 2 = 0.693147)"
+        f"{dpo['first_logged_loss']:.6f} (ln 2 = 0.693147)"
     )
 
 

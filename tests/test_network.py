@@ -21,3 +21,16 @@ def test_shipped_opt_350m_recipe_plans_against_the_hub(tmp_path, capsys):
     assert "1,572,864 of 332,769,280" in out  # r=16 on q_proj and v_proj of facebook/opt-350m
     assert "from Abirate/english_quotes" in out
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.network
+def test_shipped_dpo_recipe_plans_against_the_hub(tmp_path):
+    from lora_tune import recipe as recipes
+    from lora_tune import train
+
+    path = ROOT / "recipes" / "qwen2-0.5b-dpo-ultrafeedback.yaml"
+    plan = train.make_plan(recipes.load(path, [f"training.output_dir={tmp_path / 'run'}"]))
+    assert train.describe_trainer(plan).startswith("dpo (beta=0.1, loss_type=")
+    assert set(plan.train.column_names) == {"prompt", "chosen", "rejected"}
+    assert plan.data_stats["train"]["samples"] > 50_000  # UltraFeedback's binarized train split
+    assert plan.steps == 1000 and not (tmp_path / "run").exists()

@@ -65,12 +65,15 @@ def test_dpo_from_an_sft_adapter_starts_at_ln2_with_the_sft_model_as_reference(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "dpo"
-    model = {"adapter": str(sft_run)}
-    assert run_cli("train", pref_recipe(tmp_path / "dpo.yaml", tiny, out, model=model)) == 0
+    model, training = {"adapter": str(sft_run)}, {"logging_steps": 2}
+    path = pref_recipe(tmp_path / "dpo.yaml", tiny, out, model=model, training=training)
+    assert run_cli("train", path) == 0
     found = metrics(out)
     # Step 0: the policy is the SFT model; a reference equal to it gives -log sigmoid(0) = ln 2.
+    # DPO logs the first step alone (logging_first_step), whatever logging_steps says.
     assert found["trainer"] == "dpo" and found["steps"] == 4
-    assert found["method"]["first_loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert found["method"]["first_logged_step"] == 1
+    assert found["method"]["first_logged_loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert {"rewards/accuracies", "rewards/margins"} <= found["method"].keys()
     # The SFT model is not the base: a base reference would not have given ln 2.
     tokenizer = AutoTokenizer.from_pretrained(sft_run / "adapter")
