@@ -258,7 +258,7 @@ def plan_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
         (
             "method",
             describe_method(plan.lora_config, plan.recipe.lora)
-            + f", targets={sorted(targets) if isinstance(targets, (set, list)) else targets}",
+            + f", targets={layer_kinds(targets)}",
         ),
         (
             "trainable parameters",
@@ -291,7 +291,7 @@ def plan_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
 def describe_trainer(plan: TrainingPlan) -> str:
     """'dpo (beta=0.1, loss_type=sigmoid), reference: the starting adapter ...'."""
     method, args = plan.method, plan.training_config
-    settings = ", ".join(f"{key}={getattr(args, key)}" for key in method.plan)
+    settings = ", ".join(f"{key}={shown(getattr(args, key))}" for key in method.plan)
     text = method.name + (f" ({settings})" if settings else "")
     if plan.start:
         text += f", continuing {plan.start}"
@@ -302,6 +302,21 @@ def describe_trainer(plan: TrainingPlan) -> str:
             else ", reference: the base with the adapter switched off"
         )
     return text
+
+
+def layer_kinds(targets) -> str:
+    """target_modules as the plan shows them: all-linear or a pattern as written, a list of layer
+    names as their kinds ([q_proj, v_proj] for every layer's q_proj and v_proj)."""
+    if not isinstance(targets, (set, list)):
+        return str(targets)
+    return f"[{', '.join(sorted({name.rsplit('.', 1)[-1] for name in targets}))}]"
+
+
+def shown(value) -> str:
+    """A config value for the plan: a one-item list (TRL's loss_type) as its item."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value)) if len(value) != 1 else str(value[0])
+    return str(value)
 
 
 def describe_model(section) -> str:

@@ -145,9 +145,14 @@ def test_dry_run_plan_names_the_method_and_its_reference(tiny, tmp_path, sft_run
     assert "│ trainer " in capsys.readouterr().out and not out.exists()
     plan = train.make_plan(recipes.load(path))
     assert train.describe_trainer(plan) == (
-        f"dpo (beta=0.2, loss_type={plan.training_config.loss_type}), continuing "
+        f"dpo (beta=0.2, loss_type=sigmoid), continuing "
         f"{sft_run / 'adapter'}, reference: the starting adapter, as a frozen second adapter on "
         "the same base"
+    )
+    assert train.plan_rows(plan)[2] == (
+        "method",
+        "LoRA r=8, alpha=16, targets=[down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, "
+        "v_proj]",
     )
     path = pref_recipe(tmp_path / "r2.yaml", tiny, out, trainer="orpo")
     assert train.describe_trainer(train.make_plan(recipes.load(path))) == "orpo (beta=0.1)"
