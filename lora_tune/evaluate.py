@@ -33,11 +33,14 @@ PREFERENCE_NOTE = (
     "reward is beta * (model logp - reference logp) of the same sums. Loss, perplexity, token acc "
     "and answers are measured on the chosen answers."
 )
-SHOWN = [
+# Preference pairs get their own table (one row per target), before the usual one.
+PREFERENCE_SHOWN = [
     ("preference_accuracy", "pref. acc", "{:.2%}"),
     ("margin", "margin", "{:+.3f}"),
     ("chosen_logp", "chosen logp", "{:.3f}"),
     ("rejected_logp", "rejected logp", "{:.3f}"),
+]
+SHOWN = [
     ("loss", "loss", "{:.4f}"),
     ("perplexity", "perplexity", "{:.2f}"),
     ("token_accuracy", "token acc", "{:.2%}"),
@@ -402,7 +405,12 @@ def publish(
 def print_report(report: dict) -> None:
     results = report["results"]
     first = next(iter(results))
-    table = Table(title=f"lora-tune eval on {report['data']} ({report['samples']} samples)")
+    title = f"lora-tune eval on {report['data']} ({report['samples']} samples)"
+    paired = any("preference_accuracy" in m for m in results.values())
+    if paired:
+        print_preferences(results, title)
+        title = "on the chosen answers"
+    table = Table(title=title)
     columns = [
         (key, title, fmt) for key, title, fmt in SHOWN if any(key in m for m in results.values())
     ]
@@ -424,9 +432,24 @@ def print_report(report: dict) -> None:
         cells += [f"{m[key]:.4f}" if key in m else "" for key in extra]
         table.add_row(name, *cells)
     console.print(table)
-    if any("preference_accuracy" in m for m in results.values()):
+    if paired:
         console.print(PREFERENCE_NOTE)
     print_merge_check(report)
+
+
+def print_preferences(results: dict, title: str) -> None:
+    """The preference table: accuracy, margin and log-probs per target, and accuracy's change."""
+    first = next(iter(results))
+    table = Table(title=title)
+    table.add_column("model", overflow="fold")
+    for _, column, _ in PREFERENCE_SHOWN:
+        table.add_column(column, justify="right")
+    table.add_column(f"Δ pref. acc vs {first}", justify="right")
+    for name, m in results.items():
+        cells = [fmt.format(m[key]) if key in m else "" for key, _, fmt in PREFERENCE_SHOWN]
+        change = m.get("preference_accuracy", 0) - results[first].get("preference_accuracy", 0)
+        table.add_row(name, *cells, "" if name == first else f"{change:+.2%}")
+    console.print(table)
 
 
 def print_merge_check(report: dict) -> None:

@@ -235,3 +235,37 @@ def test_a_starting_adapter_is_checked_before_any_weight_loads(tiny, tmp_path, s
         assert run_cli("train", path, "--dry-run") == 2
         assert capsys.readouterr().err.splitlines()[0] == message
         assert not out.exists()
+
+
+def test_a_dpo_run_is_served_beside_its_sft_start(tiny, tmp_path, sft_run):
+    """`lora-tune serve` on the DPO run with the SFT run as a second adapter: each name answers
+    as its adapter does through PEFT directly (greedy)."""
+    import openai
+    from helpers import serve_process
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "dpo"
+    model = {"adapter": str(sft_run)}
+    path = pref_recipe(tmp_path / "r.yaml", tiny, out, model=model, training={"max_steps": 8})
+    assert run_cli("train", path) == 0
+    prompt = "what does the river do?"
+    wanted = {}
+    for name, run in (("dpo", out), ("sft", sft_run)):
+        tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
+        peft_model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny / "tiny-llama"), run / "adapter"
+        ).eval()
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            generated = peft_model.generate(ids, max_new_tokens=6, do_sample=False)
+        wanted[name] = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+    with serve_process(out, "--adapter", f"sft={sft_run}", cwd=ROOT) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        served = {
+            name: client.completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0)
+            .choices[0]
+            .text
+            for name in ("dpo", "sft")
+        }
+    assert served == wanted
