@@ -83,6 +83,20 @@ NumMachines = Annotated[
 MachineRank = Annotated[int, typer.Option(min=0, help="This machine's rank, 0 on the main one.")]
 MainProcessIp = Annotated[str | None, typer.Option(help="Address of the machine of rank 0.")]
 MainProcessPort = Annotated[int | None, typer.Option(help="Port the machine of rank 0 listens on.")]
+Memory = Annotated[
+    str | None,
+    typer.Option(
+        "--memory",
+        help="Memory one process may use, e.g. 24GiB: plan for another machine, or cap a CPU run "
+        "(default: the GPU's memory, or the RAM free now).",
+    ),
+]
+ForceMemory = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="Train even where the memory estimate exceeds the memory available."
+    ),
+]
 
 
 @app.command()
@@ -97,13 +111,18 @@ def train(
     machine_rank: MachineRank = 0,
     main_process_ip: MainProcessIp = None,
     main_process_port: MainProcessPort = None,
+    memory: Memory = None,
+    force: ForceMemory = False,
 ):
     """Fine-tune a model with LoRA as the recipe says and write its run directory."""
     from . import launch, ownership
     from . import recipe as recipes
     from . import train as training
+    from .memory import parse_size
 
     overrides = set_ or []
+    capacity = parse_size(memory) if memory else None
+    passed = [*(["--memory", memory] if memory else []), *(["--force"] if force else [])]
     loaded = recipes.load(recipe, overrides)
     how = launch.Launch(
         num_processes,
@@ -118,14 +137,14 @@ def train(
         # Only the main machine owns the run directory: the others hold no lock and read nothing there.
         if machine_rank == 0:
             ownership.check_free(loaded.output_dir)
-        training.make_plan(loaded)
+        training.make_plan(loaded, capacity)
         if machine_rank == 0 and ownership.claim(loaded, resume) is ownership.State.COMPLETE:
             training.finished(loaded.output_dir)
             return
-        raise typer.Exit(launch.relaunch(recipe, overrides, how, resume, _debug))
+        raise typer.Exit(launch.relaunch(recipe, overrides, how, resume, _debug, passed))
     if not training.is_main_process() and not _debug:
         launch.quiet_worker()
-    training.run(loaded, dry_run=dry_run, resume=resume)
+    training.run(loaded, dry_run=dry_run, resume=resume, capacity=capacity, force=force)
 
 
 DataSet = Annotated[
@@ -443,7 +462,12 @@ def serve(
 
 
 ModelId = Annotated[str, typer.Argument(help="A hub id or local model directory.")]
-Rank = Annotated[int, typer.Option("--r", "-r", min=1, help="LoRA rank for the parameter counts.")]
+Rank = Annotated[
+    int,
+    typer.Option(
+        "--r", "-r", min=1, help="LoRA rank for the parameter counts and memory estimate."
+    ),
+]
 Revision = Annotated[str | None, typer.Option(help="Hub branch, tag or commit.")]
 TrustRemoteCode = Annotated[
     bool,
@@ -460,7 +484,9 @@ def modules(
     revision: Revision = None,
     trust_remote_code: TrustRemoteCode = False,
 ):
-    """List the layers LoRA can target, and the trainable parameters of attention-only and all-linear."""
+    """List the layers LoRA can target, the trainable parameters of attention-only and all-linear,
+    and the estimated GPU memory of a training step (bf16 with and without gradient checkpointing,
+    QLoRA 4-bit)."""
     from . import targets
     from .recipe import ModelSection
 

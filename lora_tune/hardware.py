@@ -3,6 +3,7 @@ and the training settings that follow from it."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -39,3 +40,42 @@ def hardware_training_defaults(training: dict[str, Any]) -> dict[str, Any]:
     if not has_cuda():
         defaults["use_cpu"] = True
     return defaults
+
+
+def memory_size() -> int | None:
+    """Bytes one process may use: the GPU's memory, else the RAM available now (None if unknown)."""
+    if has_cuda():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    try:
+        with open("/proc/meminfo") as info:
+            line = next(line for line in info if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) * 1024
+
+
+def resident_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM), from /proc."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith(f"{field}:"))
+    except (OSError, StopIteration):
+        return 0
+    return int(line.split()[1]) * 1024
+
+
+def reset_peak_resident() -> None:
+    """Start this process's peak resident memory (VmHWM) afresh from now, where Linux allows it,
+    after handing memory freed earlier back to the system (glibc keeps it resident otherwise, and
+    new allocations would reuse it unseen): a run inside a longer-lived process measures its own
+    peak."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass

@@ -27,7 +27,12 @@ class Launch:
 
 
 def command(
-    recipe: Path, overrides: list[str], launch: Launch, resume: str, debug: bool = False
+    recipe: Path,
+    overrides: list[str],
+    launch: Launch,
+    resume: str,
+    debug: bool = False,
+    options: list[str] = (),
 ) -> list[str]:
     """The accelerate launch command line that runs `lora-tune train` in every process."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -57,14 +62,19 @@ def command(
     ]
     for item in overrides:
         cmd += ["--set", item]
-    return cmd
+    return cmd + list(options)  # train's own options, such as --memory and --force
 
 
 def relaunch(
-    recipe: Path, overrides: list[str], launch: Launch, resume: str, debug: bool = False
+    recipe: Path,
+    overrides: list[str],
+    launch: Launch,
+    resume: str,
+    debug: bool = False,
+    options: list[str] = (),
 ) -> int:
     """Run the training under accelerate; return its exit code."""
-    return subprocess.run(command(recipe, overrides, launch, resume, debug)).returncode
+    return subprocess.run(command(recipe, overrides, launch, resume, debug, options)).returncode
 
 
 def quiet_worker() -> None:

@@ -100,6 +100,8 @@ TRAINING_BOUNDS = {
         "Data loading processes; 0 (the default) loads in the main process",
     ),
 }
+# per_device_train_batch_size: auto picks the largest batch the memory estimate fits.
+AUTO_BATCH = "auto"
 # Values of those keys that transformers reads as "not set" rather than as a count.
 TRAINING_UNSET = {"max_steps": -1}
 
@@ -639,6 +641,9 @@ def _check_training(
     values = {k: v for k, v in values.items() if k not in OWNED_TRAINING_KEYS}
     values = _fields_of_other_methods(values, trainer, problems)
     _check_method_defaults(values, trainer, problems)
+    auto = values.get("per_device_train_batch_size") == AUTO_BATCH
+    if auto:  # chosen from the memory estimate when the run is planned
+        values = {k: v for k, v in values.items() if k != "per_device_train_batch_size"}
     config_class = METHODS[trainer].config_class()
     coerced, ok = _check_fields("training", values, config_class, problems)
     _check_bounds(coerced, problems)
@@ -653,7 +658,7 @@ def _check_training(
             problems.append(
                 f"{_blame('training', coerced, str(exc))}: {_library_message(exc, coerced)}"
             )
-    return coerced
+    return coerced | ({"per_device_train_batch_size": AUTO_BATCH} if auto else {})
 
 
 def _fields_of_other_methods(values: dict, trainer: str, problems: list[str]) -> dict:
@@ -740,6 +745,8 @@ def build_training_config(trainer: str, training: dict, max_length: int | None, 
     from .hardware import hardware_training_defaults
 
     method = METHODS[trainer]
+    if training.get("per_device_train_batch_size") == AUTO_BATCH:  # the plan sets it
+        training = training | {"per_device_train_batch_size": 1}
     kwargs = hardware_training_defaults(training) | method.defaults | training
     kwargs |= {"max_length": max_length} | extra
     with warnings.catch_warnings():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -24,7 +25,7 @@ import torch
 from rich.table import Table
 from transformers import TrainerCallback
 
-from . import adapters, data, models, output, ownership, runs
+from . import adapters, data, hardware, memory, models, output, ownership, runs
 from .common import batches
 from .errors import UserError
 from .methods import METHODS, Method
@@ -54,6 +55,10 @@ class TrainingPlan:
     data_stats: dict[str, dict]
     new_tokens: list[int]  # ids of data.add_tokens / add_special_tokens
     start: Path | None = None  # the adapter that model.adapter names, trained on
+    memory: memory.Estimate | None = None  # the step's estimated peak, per process
+    capacity: int | None = None  # bytes a process may use (--memory, the GPU's, or free RAM)
+    advice: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (change, peak)
+    baseline: int = 0  # resident bytes before the model loaded (what CPU peaks are measured from)
 
     @property
     def method(self) -> Method:
@@ -95,8 +100,9 @@ def check_output_dir(path: Path) -> None:
         ) from None
 
 
-def make_plan(recipe: Recipe) -> TrainingPlan:
-    """Validate the recipe against the model's config and the data; load no weights."""
+def make_plan(recipe: Recipe, capacity: int | None = None) -> TrainingPlan:
+    """Validate the recipe against the model's config and the data; load no weights.
+    `capacity`: the memory a process may use (default: the GPU's, or the RAM free now)."""
     check_output_dir(recipe.output_dir)
     skeleton = check_model(recipe)
     start = adapters.starting_adapter(recipe.model, recipe.lora, skeleton)
@@ -117,6 +123,19 @@ def make_plan(recipe: Recipe) -> TrainingPlan:
         lora_config = lora_config_for(recipe, steps)
         models.train_token_rows(lora_config, skeleton, new_tokens)
     trainable, total = models.count_trainable(skeleton, lora_config)
+    lengths = data_stats["train"].lengths
+    capacity = capacity or hardware.memory_size()
+    if recipe.training.get("per_device_train_batch_size") == AUTO:
+        training_config.per_device_train_batch_size = largest_batch(
+            recipe, skeleton, training_config, lengths, trainable, capacity
+        )
+        steps = count_steps(recipe, training_config, len(train), lengths)
+        if not start:  # AdaLoRA schedules its ranks over the steps
+            lora_config = lora_config_for(recipe, steps)
+            models.train_token_rows(lora_config, skeleton, new_tokens)
+    estimate, capacity, advice = plan_memory(
+        recipe, skeleton, training_config, lengths, trainable, capacity
+    )
     return TrainingPlan(
         recipe,
         lora_config,
@@ -130,7 +149,94 @@ def make_plan(recipe: Recipe) -> TrainingPlan:
         {name: stats.summary() for name, stats in data_stats.items()},
         new_tokens,
         start,
+        estimate,
+        capacity,
+        advice,
     )
+
+
+AUTO = "auto"  # training.per_device_train_batch_size: auto
+AUTO_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def largest_batch(recipe: Recipe, skeleton, args, lengths, trainable: int, capacity) -> int:
+    """per_device_train_batch_size: auto: the largest of AUTO_BATCHES (no more than the data's
+    rows) whose estimated peak fits the memory with room to spare; 1 where none does."""
+    shape = memory.shape_of(skeleton)
+    setting = memory_setting(recipe, args, max(lengths, default=1), trainable)
+    chosen = 1
+    for batch in AUTO_BATCHES:
+        peak = memory.estimate(shape, dataclasses.replace(setting, batch=batch)).total
+        if batch > max(len(lengths), 1) or (capacity and peak > memory.TIGHT * capacity):
+            break
+        chosen = batch
+    return chosen
+
+
+def plan_memory(recipe: Recipe, skeleton, args, lengths: list[int], trainable: int, capacity):
+    """(estimated peak per process, the memory it has, advice where it does not fit)."""
+    shape = memory.shape_of(skeleton)
+    setting = memory_setting(recipe, args, max(lengths, default=1), trainable)
+    estimate = memory.estimate(shape, setting)
+    advice = []
+    if memory.verdict(estimate.total, capacity) != "fits":
+        advice = memory_advice(shape, setting, lengths)
+    return estimate, capacity, advice
+
+
+def memory_setting(recipe: Recipe, args, longest: int, trainable: int) -> memory.Setting:
+    """How the step runs, for the memory estimate: batch, longest sequence, dtypes, method."""
+    method = METHODS[recipe.trainer]
+    device = "cpu" if args.use_cpu else "cuda"
+    weights = models.resolve_dtype(recipe.model.dtype)
+    half = args.bf16 or args.fp16 or weights.itemsize == 2
+    quantized = recipe.model.quantization
+    return memory.Setting(
+        batch=args.per_device_train_batch_size,
+        length=longest,
+        weight_bytes=weights.itemsize,
+        activation_bytes=2 if half else 4,
+        trainable=trainable,
+        quantized_bits=quantized.bits if quantized else None,
+        checkpointing=bool(args.gradient_checkpointing),
+        optimizer=getattr(args.optim, "value", args.optim),
+        sequences_per_row=1 if method.data == "sft" else 2,
+        fused_rows=memory.FUSED_ROWS[device] if method.reference else None,
+        device=device,
+        processes=world_size(),
+        sharding=memory.sharding_from_environment(),
+    )
+
+
+def memory_advice(shape: memory.Shape, setting: memory.Setting, lengths: list[int]):
+    """Changes that lower the peak, in the recipe's own keys, each with its estimated peak."""
+    replace = dataclasses.replace
+    options = []
+    if setting.batch > 1:
+        half = setting.batch // 2
+        change = (
+            f"training.per_device_train_batch_size: {half} with gradient_accumulation_steps "
+            "twice as high (the same effective batch)"
+        )
+        options.append((change, replace(setting, batch=half)))
+    if not setting.checkpointing:
+        options.append(
+            ("training.gradient_checkpointing: true", replace(setting, checkpointing=True))
+        )
+    shorter = setting.length // 2
+    if shorter >= 8:
+        cut = sum(length > shorter for length in lengths)
+        change = f"data.max_length: {shorter} (truncates {cut:,} of {len(lengths):,} samples)"
+        options.append((change, replace(setting, length=shorter)))
+    if setting.device == "cuda" and not setting.quantized_bits:
+        options.append(
+            ("model.quantization: {bits: 4} (QLoRA)", replace(setting, quantized_bits=4))
+        )
+    if setting.device == "cuda":
+        more = replace(setting, processes=setting.processes * 2, sharding="fsdp")
+        change = f"--num-processes {more.processes} --accelerate-config configs/fsdp.yaml"
+        options.append((change, more))
+    return [(change, memory.estimate(shape, s).total) for change, s in options]
 
 
 def plan_tokenizer(recipe: Recipe, start: Path | None):
@@ -239,12 +345,34 @@ def print_plan(plan: TrainingPlan) -> None:
     for name, value in plan_rows(plan):
         table.add_row(name, value)
     console.print(table)
+    print_memory(plan)
+
+
+def print_memory(plan: TrainingPlan) -> None:
+    """The estimated peak per process, term by term, against the memory there is; and where it
+    does not fit, the changes that would make it fit, each with its own peak."""
+    estimate, capacity = plan.memory, plan.capacity
+    table = Table(title="memory per process (estimate)", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(justify="right")
+    for name, size in estimate.terms.items():
+        table.add_row(name, memory.gib(size))
+    table.add_row("peak", memory.gib(estimate.total), style="bold")
+    verdict = memory.verdict(estimate.total, capacity)
+    table.add_row("available", memory.gib(capacity) if capacity else "unknown")
+    table.add_row("verdict", verdict, style="green" if verdict == "fits" else "bold red")
+    console.print(table)
+    for change, peak in plan.advice:
+        console.print(f"  to lower it: {change} -> peak {memory.gib(peak)}")
 
 
 def plan_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
     """The plan's lines: what is trained, on what, how long, where."""
     args = plan.training_config
     targets = plan.lora_config.target_modules
+    auto = ""
+    if plan.recipe.training.get("per_device_train_batch_size") == AUTO:
+        auto = "; batch size auto: the largest that fits"
     batching = (
         ", packed"
         if plan.recipe.data.packing
@@ -275,7 +403,7 @@ def plan_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
             "steps",
             (
                 f"{plan.steps:,} (batch {args.per_device_train_batch_size} x accumulation "
-                f"{args.gradient_accumulation_steps} x {world_size()} process(es))"
+                f"{args.gradient_accumulation_steps} x {world_size()} process(es){auto})"
             ),
         ),
         ("precision", "bf16 mixed" if args.bf16 else "fp16 mixed" if args.fp16 else "fp32"),
@@ -391,14 +519,24 @@ def finished(out: Path) -> dict:
     return metrics
 
 
-def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | None:
-    """Train and write the run directory. Returns the metrics (None for a dry run)."""
+def run(
+    recipe: Recipe,
+    dry_run: bool = False,
+    resume: str = "auto",
+    capacity: int | None = None,
+    force: bool = False,
+) -> dict | None:
+    """Train and write the run directory. Returns the metrics (None for a dry run).
+    `capacity`: bytes a process may use (--memory); `force`: train even where the memory
+    estimate exceeds it."""
     started = time.perf_counter()
     out = recipe.output_dir
     if is_main_process():  # at once, before planning; the other ranks are the lock holder's own
         ownership.check_free(out)
     with models.remote_code(allowed=not dry_run):  # a dry run runs no repository code
-        plan = make_plan(recipe)
+        plan = make_plan(recipe, capacity)
+    if not (dry_run or force):  # before the run directory is touched
+        refuse_if_too_big(plan)
     with contextlib.ExitStack() as held:  # the run's lock, on the main process
         decision = ownership.agreed(
             lambda: ownership.take_over(recipe, resume, held, write=not dry_run)
@@ -416,6 +554,18 @@ def run(recipe: Recipe, dry_run: bool = False, resume: str = "auto") -> dict | N
         if dry_run:
             return None
         return train_and_save(plan, decision.checkpoint, started)
+
+
+def refuse_if_too_big(plan: TrainingPlan) -> None:
+    """Stop before any weight loads when the estimate exceeds the memory by a clear margin."""
+    if memory.verdict(plan.memory.total, plan.capacity) != "does not fit":
+        return
+    fixes = [f"{change} (peak {memory.gib(peak)})" for change, peak in plan.advice]
+    raise UserError(
+        f"the estimated peak memory per process, {memory.gib(plan.memory.total)}, exceeds the "
+        f"{memory.gib(plan.capacity)} available (see the plan's memory table)",
+        [*fixes, "or pass --force to train anyway (the estimate may be pessimistic)"],
+    )
 
 
 def train_and_save(plan: TrainingPlan, checkpoint: Path | None, started: float) -> dict | None:
@@ -471,6 +621,8 @@ def build_trainer(plan: TrainingPlan, checkpoint: Path | None):
     # original base, and added tokens are saved as trainable rows (see save_adapter).
     warnings.filterwarnings("ignore", message=".*changes the base weights of the model")
     warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
+    hardware.reset_peak_resident()
+    plan.baseline = hardware.resident_bytes()  # CPU peaks are measured above this level
     model = models.load_model(recipe.model, models.resolve_dtype(recipe.model.dtype))
     models.fit_vocabulary(model, plan.tokenizer)
     if recipe.model.quantization:  # QLoRA: norms in fp32, input gradients for checkpointing
@@ -807,6 +959,11 @@ def collect_metrics(
         "train_runtime_s": runtime,
         "wall_time_s": wall,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "memory": {
+            "estimate_bytes": plan.memory.total,
+            "measured_bytes": measured_peak(plan),
+            "terms": plan.memory.terms,
+        },
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
         "data": plan.data_stats,
         "trainer": plan.recipe.trainer,
@@ -821,6 +978,14 @@ def collect_metrics(
         "log_history": state.log_history,
     }
     return metrics
+
+
+def measured_peak(plan: TrainingPlan) -> int:
+    """The step's measured peak, as the estimate counts it: on a GPU the most memory torch
+    allocated; on a CPU the peak resident memory above its level before the model loaded."""
+    if not plan.training_config.use_cpu and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return hardware.resident_bytes("VmHWM") - plan.baseline
 
 
 def method_metrics(method: Method, history: list[dict]) -> dict:
