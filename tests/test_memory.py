@@ -11,6 +11,7 @@ from helpers import run_cli, write_recipe
 
 from lora_tune import memory, train
 from lora_tune import recipe as recipes
+from lora_tune.errors import UserError
 
 TERMS = [
     "base weights",
@@ -137,3 +138,16 @@ def test_the_estimate_is_within_a_quarter_of_the_measured_peak(tmp_path, checkpo
     ratio = recorded["estimate_bytes"] / recorded["measured_bytes"]
     assert 0.8 <= ratio <= 1.25, recorded
     assert sum(recorded["terms"].values()) == recorded["estimate_bytes"]
+
+
+def test_memory_options_reach_every_launched_process(tmp_path):
+    from lora_tune import launch
+
+    how = launch.Launch(2, None, 1, 0, None, None)
+    command = launch.command(tmp_path / "r.yaml", [], how, "auto", False, ["--memory", "8GiB"])
+    assert command[-4:] == ["--resume", "auto", "--memory", "8GiB"]
+    assert memory.parse_size("8GiB") == memory.parse_size("8GB") == 8 * 1024**3
+    assert memory.parse_size("1.5 TiB") == int(1.5 * 1024**4)
+    with pytest.raises(UserError) as info:
+        memory.parse_size("lots")
+    assert info.value.headline == "--memory: cannot read 'lots' as a memory size"
