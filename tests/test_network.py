@@ -20,6 +20,7 @@ def test_shipped_opt_350m_recipe_plans_against_the_hub(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1,572,864 of 332,769,280" in out  # r=16 on q_proj and v_proj of facebook/opt-350m
     assert "from Abirate/english_quotes" in out
+    assert "memory per process (estimate)" in out and "│ verdict " in out
     assert not (tmp_path / "run").exists()
 
 
@@ -34,3 +35,4 @@ def test_shipped_dpo_recipe_plans_against_the_hub(tmp_path):
     assert set(plan.train.column_names) == {"prompt", "chosen", "rejected"}
     assert plan.data_stats["train"]["samples"] > 50_000  # UltraFeedback's binarized train split
     assert plan.steps == 1000 and not (tmp_path / "run").exists()
+    assert plan.memory.terms["logits and loss"] > 0  # the fused head's chunks, not the batch
