@@ -28,6 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
         ),
         ("bench_eval.py", ["speed-up:", "loss difference"]),
         ("bench_merge.py", ["stream", "max |stream - baseline| over all merged weights: 0"]),
+        (
+            "bench_memory.py",
+            [
+                "estimate/measured",
+                "checkpointing",
+                "qlora 4-bit",
+                "dpo",
+                "estimate / measured: min",
+            ],
+        ),
     ],
 )
 def test_benchmark_runs(script, expected, tmp_path):
