@@ -26,8 +26,12 @@ HIDDEN_ACTIVATIONS, MLP_ACTIVATIONS = 14, 8
 # gradients (fp32).
 LOGIT_COPIES = 3.5
 # TRL's fused log-probability head (DPO, KTO) scores this many rows at a time (train.py sets the
-# CPU's size; TRL's own default elsewhere).
+# CPU's size; TRL's own default elsewhere), and keeps about a quarter of a chunk's logits.
 FUSED_ROWS = {"cpu": 1024, "cuda": 32768}
+FUSED_LOGIT_COPIES = 0.25
+# Those trainers keep 1.2x the activations of an SFT step on the same tokens, and gradient
+# checkpointing keeps 0.45 of that (it drops far less than for SFT): measured by bench_memory.
+FUSED_ACTIVATIONS, FUSED_CHECKPOINTED = 1.2, 0.45
 OVERHEAD = {"cpu": 48 * 1024**2, "cuda": 256 * 1024**2}  # allocator, buffers, CUDA workspaces
 OPTIMIZER_BYTES = {  # bytes of optimizer state per trainable parameter
     "adamw": 8,
@@ -103,6 +107,9 @@ def activation_elements(shape: Shape, setting: Setting) -> float:
     """Activation elements kept for the backward pass of one step."""
     tokens = setting.batch * setting.sequences_per_row * setting.length
     per_layer = HIDDEN_ACTIVATIONS * shape.hidden + MLP_ACTIVATIONS * shape.mlp
+    if setting.fused_rows:  # TRL's DPO and KTO
+        full = tokens * shape.layers * per_layer * FUSED_ACTIVATIONS
+        return full * FUSED_CHECKPOINTED if setting.checkpointing else full
     if setting.checkpointing:  # each layer's input, and one layer's own while it is recomputed
         return tokens * (shape.layers * shape.hidden + per_layer)
     return tokens * shape.layers * per_layer
@@ -111,7 +118,7 @@ def activation_elements(shape: Shape, setting: Setting) -> float:
 def logit_bytes(shape: Shape, setting: Setting) -> float:
     rows = setting.batch * setting.sequences_per_row * setting.length
     if setting.fused_rows:
-        rows = min(rows, setting.fused_rows)
+        return min(rows, setting.fused_rows) * shape.vocab * 4 * FUSED_LOGIT_COPIES
     return rows * shape.vocab * 4 * LOGIT_COPIES
 
 

@@ -200,7 +200,8 @@ def memory_setting(recipe: Recipe, args, longest: int, trainable: int) -> memory
         quantized_bits=quantized.bits if quantized else None,
         checkpointing=bool(args.gradient_checkpointing),
         optimizer=getattr(args.optim, "value", args.optim),
-        sequences_per_row=1 if method.data == "sft" else 2,
+        # chosen and rejected; KTO's KL sequences run without gradients
+        sequences_per_row=2 if method.data == "paired" else 1,
         fused_rows=memory.FUSED_ROWS[device] if method.reference else None,
         device=device,
         processes=world_size(),

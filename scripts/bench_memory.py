@@ -1,6 +1,6 @@
 """Benchmark: the memory estimate of a training step against the peak that step reaches.
 
-    python scripts/bench_memory.py            # eight configurations, 23-58M Llamas (minutes on a CPU)
+    python scripts/bench_memory.py            # ten configurations, 23-58M Llamas (minutes on a CPU)
     python scripts/bench_memory.py --quick    # tiny variants, to check the benchmark still runs
 
 Each configuration is a Llama built from a config with random weights (nothing downloaded) and a
@@ -8,7 +8,8 @@ Each configuration is a Llama built from a config with random weights (nothing d
 base configuration (hidden 256, 8 layers, vocabulary 32,000, batch 8 x 128 tokens, AdamW) one
 thing changes at a time: the batch, the sequence length, the vocabulary, the model size,
 gradient checkpointing, a 4-bit base (QLoRA), DPO on preference pairs (chosen and rejected
-sequences, the reference as the base with the adapter off). metrics.json's `memory` section gives
+sequences, the reference as the base with the adapter off; also with half the batch, and with
+gradient checkpointing). metrics.json's `memory` section gives
 the estimate made before the weights loaded (lora_tune/memory.py) and the measured peak: on a CPU
 the process's peak resident memory above its level before the model loaded, on a GPU (bf16) the
 most memory torch allocated. The last line is the spread of estimate / measured against the goal
@@ -45,6 +46,11 @@ CONFIGS = {
     "checkpointing": {"recipe": {"training": {"gradient_checkpointing": True}}},
     "qlora 4-bit": {"recipe": {"model": {"quantization": {"bits": 4}}}},
     "dpo": {"recipe": {"trainer": "dpo"}, "data": "pairs"},
+    "dpo batch x 0.5": {"batch": 0.5, "recipe": {"trainer": "dpo"}, "data": "pairs"},
+    "dpo checkpointing": {
+        "recipe": {"trainer": "dpo", "training": {"gradient_checkpointing": True}},
+        "data": "pairs",
+    },
 }
 
 
@@ -166,7 +172,7 @@ def describe(numbers: dict) -> str:
 def report(results: dict[str, tuple[dict, dict]], gpu: bool, terms: bool) -> None:
     """The table of estimate against measured, the terms where asked, and the spread line."""
     print(
-        f"\n{'config':<14} {'model and batch':<38} {'estimate MiB':>12} {'measured MiB':>12} "
+        f"\n{'config':<17} {'model and batch':<38} {'estimate MiB':>12} {'measured MiB':>12} "
         f"{'estimate/measured':>17}"
     )
     ratios = []
@@ -175,7 +181,7 @@ def report(results: dict[str, tuple[dict, dict]], gpu: bool, terms: bool) -> Non
         ratio = memory["estimate_bytes"] / measured if measured > 0 else float("inf")
         ratios.append(ratio)
         print(
-            f"{name:<14} {describe(numbers):<38} {memory['estimate_bytes'] / MIB:>12,.1f} "
+            f"{name:<17} {describe(numbers):<38} {memory['estimate_bytes'] / MIB:>12,.1f} "
             f"{measured / MIB:>12,.1f} {ratio:>17.2f}"
         )
         if terms:
