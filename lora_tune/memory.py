@@ -22,6 +22,8 @@ GIB = 1024**3
 # MLP-sized tensors (norm inputs, LoRA inputs, rotary q/k, attention q/k/v/out, SiLU and its
 # product), measured (bench_memory) rather than derived.
 HIDDEN_ACTIVATIONS, MLP_ACTIVATIONS = 14, 8
+# Eager attention keeps about 4 batch x heads x length^2 tensors per layer (scores, softmax, ...).
+EAGER_COPIES = 4
 # Copies of the batch's logits alive at the loss's peak: the logits, log-softmax and their
 # gradients (fp32).
 LOGIT_COPIES = 3.5
@@ -55,6 +57,7 @@ class Shape:
     hidden: int
     mlp: int
     vocab: int
+    heads: int
     quantizable: int  # parameters of the decoder's linear layers (what 4/8-bit quantizes)
     other: int  # embeddings, output layer, norms
 
@@ -76,6 +79,9 @@ class Setting:
     device: str = "cpu"
     processes: int = 1
     sharding: str = "ddp"  # ddp, fsdp, zero2, zero3
+    eager_attention: bool = (
+        False  # keeps each layer's attention probabilities (batch x heads x s^2)
+    )
 
 
 @dataclass
@@ -107,6 +113,8 @@ def activation_elements(shape: Shape, setting: Setting) -> float:
     """Activation elements kept for the backward pass of one step."""
     tokens = setting.batch * setting.sequences_per_row * setting.length
     per_layer = HIDDEN_ACTIVATIONS * shape.hidden + MLP_ACTIVATIONS * shape.mlp
+    if setting.eager_attention:  # SDPA's kernels keep no such matrix; eager keeps some per layer
+        per_layer += EAGER_COPIES * shape.heads * setting.length
     if setting.fused_rows:  # TRL's DPO and KTO
         full = tokens * shape.layers * per_layer * FUSED_ACTIVATIONS
         return full * FUSED_CHECKPOINTED if setting.checkpointing else full
@@ -177,6 +185,7 @@ def shape_of(skeleton) -> Shape:
         hidden=config.hidden_size,
         mlp=mlp or 4 * config.hidden_size,
         vocab=config.vocab_size,
+        heads=config.num_attention_heads,
         quantizable=quantizable,
         other=other,
     )

@@ -206,6 +206,7 @@ def memory_setting(recipe: Recipe, args, longest: int, trainable: int) -> memory
         device=device,
         processes=world_size(),
         sharding=memory.sharding_from_environment(),
+        eager_attention=recipe.model.attn_implementation == "eager",
     )
 
 

@@ -1,13 +1,13 @@
 """Benchmark: the memory estimate of a training step against the peak that step reaches.
 
-    python scripts/bench_memory.py            # ten configurations, 23-58M Llamas (minutes on a CPU)
+    python scripts/bench_memory.py            # eleven configurations, 23-58M Llamas (minutes on a CPU)
     python scripts/bench_memory.py --quick    # tiny variants, to check the benchmark still runs
 
 Each configuration is a Llama built from a config with random weights (nothing downloaded) and a
 `lora-tune train` run of 3 steps in its own process, LoRA r=16 on all linear layers. From one
 base configuration (hidden 256, 8 layers, vocabulary 32,000, batch 8 x 128 tokens, AdamW) one
 thing changes at a time: the batch, the sequence length, the vocabulary, the model size,
-gradient checkpointing, a 4-bit base (QLoRA), DPO on preference pairs (chosen and rejected
+gradient checkpointing, a 4-bit base (QLoRA), eager attention (at length 256), DPO on preference pairs (chosen and rejected
 sequences, the reference as the base with the adapter off; also with half the batch, and with
 gradient checkpointing). metrics.json's `memory` section gives
 the estimate made before the weights loaded (lora_tune/memory.py) and the measured peak: on a CPU
@@ -45,6 +45,7 @@ CONFIGS = {
     "hidden x 2": {"hidden": 2},
     "checkpointing": {"recipe": {"training": {"gradient_checkpointing": True}}},
     "qlora 4-bit": {"recipe": {"model": {"quantization": {"bits": 4}}}},
+    "eager attention": {"length": 2, "recipe": {"model": {"attn_implementation": "eager"}}},
     "dpo": {"recipe": {"trainer": "dpo"}, "data": "pairs"},
     "dpo batch x 0.5": {"batch": 0.5, "recipe": {"trainer": "dpo"}, "data": "pairs"},
     "dpo checkpointing": {

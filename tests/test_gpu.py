@@ -38,3 +38,29 @@ def test_auto_precision_train_eval_merge_on_gpu(tiny, tmp_path, capsys):
     merge_report = json.loads((merged / "merge_report.json").read_text())
     assert merge_report["ok"] and merge_report["dtype"] == "bfloat16"
     assert 0 < merge_report["max_abs_diff"] <= merge_report["tolerance"]
+
+
+def test_the_memory_estimate_matches_the_gpu_peak(tmp_path):
+    """On a GPU (bf16), the plan's estimate within 10% of torch's peak allocation."""
+    from test_memory import medium_model
+
+    data = medium_model(tmp_path)
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "model": {"id": str(tmp_path / "model")},
+                "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+                "data": {"train": str(data), "max_length": 128},
+                "training": {
+                    "output_dir": str(tmp_path / "run"),
+                    "per_device_train_batch_size": 8,
+                    "max_steps": 3,
+                    "save_steps": 100,
+                },
+            }
+        )
+    )
+    assert run_cli("train", path) == 0
+    recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())["memory"]
+    assert 0.9 <= recorded["estimate_bytes"] / recorded["measured_bytes"] <= 1.1, recorded
