@@ -372,6 +372,7 @@ def plan_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
     """The plan's lines: what is trained, on what, how long, where."""
     args = plan.training_config
     targets = plan.lora_config.target_modules
+    rows = {"sft": "samples", "paired": "pairs"}.get(plan.method.data, "rows")
     auto = ""
     if plan.recipe.training.get("per_device_train_batch_size") == AUTO:
         auto = "; batch size auto: the largest that fits"
@@ -394,9 +395,9 @@ def plan_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
             "trainable parameters",
             f"{plan.trainable:,} of {plan.total:,} ({100 * plan.trainable / plan.total:.3f}%)",
         ),
-        ("train samples", describe_data(plan.data_stats["train"], plan.recipe.data) + batching),
+        (f"train {rows}", describe_data(plan.data_stats["train"], plan.recipe.data) + batching),
         (
-            "eval samples",
+            f"eval {rows}",
             describe_data(plan.data_stats["eval"], plan.recipe.data)
             if plan.eval is not None
             else "none",

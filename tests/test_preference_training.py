@@ -154,6 +154,8 @@ def test_dry_run_plan_names_the_method_and_its_reference(tiny, tmp_path, sft_run
         "LoRA r=8, alpha=16, targets=[down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, "
         "v_proj]",
     )
+    rows = dict(train.plan_rows(plan))
+    assert rows["train pairs"].startswith("400 (") and rows["eval pairs"].startswith("64 (")
     path = pref_recipe(tmp_path / "r2.yaml", tiny, out, trainer="orpo")
     assert train.describe_trainer(train.make_plan(recipes.load(path))) == "orpo (beta=0.1)"
     path = pref_recipe(tmp_path / "r3.yaml", tiny, out)
