@@ -122,7 +122,6 @@ def train(
 
     overrides = set_ or []
     capacity = parse_size(memory) if memory else None
-    passed = [*(["--memory", memory] if memory else []), *(["--force"] if force else [])]
     loaded = recipes.load(recipe, overrides)
     how = launch.Launch(
         num_processes,
@@ -137,10 +136,17 @@ def train(
         # Only the main machine owns the run directory: the others hold no lock and read nothing there.
         if machine_rank == 0:
             ownership.check_free(loaded.output_dir)
-        training.make_plan(loaded, capacity)
+        capacity = capacity or training.shared_memory(how)
+        plan = training.make_plan(loaded, capacity)
+        if not (force or training.finished_already(loaded, resume)):
+            training.refuse_if_too_big(plan)
         if machine_rank == 0 and ownership.claim(loaded, resume) is ownership.State.COMPLETE:
             training.finished(loaded.output_dir)
             return
+        passed = [
+            *(["--memory", str(capacity)] if capacity else []),
+            *(["--force"] if force else []),
+        ]
         raise typer.Exit(launch.relaunch(recipe, overrides, how, resume, _debug, passed))
     if not training.is_main_process() and not _debug:
         launch.quiet_worker()

@@ -42,9 +42,10 @@ def hardware_training_defaults(training: dict[str, Any]) -> dict[str, Any]:
     return defaults
 
 
-def memory_size() -> int | None:
-    """Bytes one process may use: the GPU's memory, else the RAM available now (None if unknown)."""
-    if has_cuda():
+def memory_size(gpu: bool = True) -> int | None:
+    """Bytes one process may use: the GPU's memory (unless `gpu` is False: a CPU run on a GPU
+    machine), else the RAM available now (None if unknown)."""
+    if gpu and has_cuda():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     try:
         with open("/proc/meminfo") as info:

@@ -94,7 +94,10 @@ class Estimate:
 
 
 def optimizer_bytes(name: str) -> int:
+    """State bytes per parameter of a TrainingArguments `optim` (8-bit ones by their suffix)."""
     name = str(name).lower()
+    if "8bit" in name:
+        return 2
     return next((b for key, b in OPTIMIZER_BYTES.items() if name.startswith(key)), 8)
 
 
@@ -168,26 +171,26 @@ def sharding_from_environment() -> str:
 
 
 def shape_of(skeleton) -> Shape:
-    """The Shape of a model built on the meta device."""
+    """The Shape of a model built on the meta device. Quantizable: the weights of the linear
+    layers that bitsandbytes replaces (every one but the output layer)."""
+    from .models import linear_module_names
+
     config = skeleton.config.get_text_config()
-    head = skeleton.get_output_embeddings()
-    embed = skeleton.get_input_embeddings()
-    outside = {id(p) for module in (head, embed) if module is not None for p in module.parameters()}
-    quantizable = other = 0
-    for name, param in skeleton.named_parameters():
-        if id(param) not in outside and param.dim() == 2 and ".layers." in f".{name}":
-            quantizable += param.numel()
-        else:
-            other += param.numel()
+    linear = set(linear_module_names(skeleton))
+    quantizable = sum(
+        module.weight.numel() for name, module in skeleton.named_modules() if name in linear
+    )
+    total = sum(param.numel() for param in skeleton.parameters())
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0)
     mlp = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
     return Shape(
-        layers=config.num_hidden_layers,
-        hidden=config.hidden_size,
-        mlp=mlp or 4 * config.hidden_size,
+        layers=getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0),
+        hidden=hidden,
+        mlp=mlp or 4 * hidden,
         vocab=config.vocab_size,
-        heads=config.num_attention_heads,
+        heads=getattr(config, "num_attention_heads", None) or 0,
         quantizable=quantizable,
-        other=other,
+        other=total - quantizable,
     )
 
 

@@ -635,10 +635,17 @@ def _check_training(
     values: dict, problems: list[str], present: bool, trainer: str = DEFAULT
 ) -> dict:
     before = len(problems)
-    for key, fix in OWNED_TRAINING_KEYS.items():
+    # The data section's own keys only for sft; the preference configs keep theirs.
+    owned = {
+        key: fix
+        for key, fix in OWNED_TRAINING_KEYS.items()
+        if trainer == DEFAULT or key in ("max_length", "model_init_kwargs", "hub_token")
+    }
+    for key, fix in owned.items():
         if key in values:
             problems.append(f"training.{key}: not set here; {fix}.")
-    values = {k: v for k, v in values.items() if k not in OWNED_TRAINING_KEYS}
+    values = {k: v for k, v in values.items() if k not in owned}
+    _check_kto_batch(values, trainer, problems)
     values = _fields_of_other_methods(values, trainer, problems)
     _check_method_defaults(values, trainer, problems)
     auto = values.get("per_device_train_batch_size") == AUTO_BATCH
@@ -659,6 +666,16 @@ def _check_training(
                 f"{_blame('training', coerced, str(exc))}: {_library_message(exc, coerced)}"
             )
     return coerced | ({"per_device_train_batch_size": AUTO_BATCH} if auto else {})
+
+
+def _check_kto_batch(values: dict, trainer: str, problems: list[str]) -> None:
+    """KTO compares each batch with mismatched pairs of its own rows: one row is not enough."""
+    batch = values.get("per_device_train_batch_size")
+    if trainer == "kto" and batch == 1 and values.get("loss_type") != "apo_zero_unpaired":
+        problems.append(
+            "training.per_device_train_batch_size: trainer kto needs at least 2 rows per device "
+            "and step (its KL term pairs each completion with another row's prompt); got 1."
+        )
 
 
 def _fields_of_other_methods(values: dict, trainer: str, problems: list[str]) -> dict:

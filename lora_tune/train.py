@@ -106,6 +106,7 @@ def make_plan(recipe: Recipe, capacity: int | None = None) -> TrainingPlan:
     check_output_dir(recipe.output_dir)
     skeleton = check_model(recipe)
     start = adapters.starting_adapter(recipe.model, recipe.lora, skeleton)
+    check_start_for(METHODS[recipe.trainer], start)
     tokenizer, new_tokens = plan_tokenizer(recipe, start)
     models.fit_vocabulary(skeleton, tokenizer)
     padding_free = choose_padding_free(recipe, skeleton)
@@ -124,7 +125,7 @@ def make_plan(recipe: Recipe, capacity: int | None = None) -> TrainingPlan:
         models.train_token_rows(lora_config, skeleton, new_tokens)
     trainable, total = models.count_trainable(skeleton, lora_config)
     lengths = data_stats["train"].lengths
-    capacity = capacity or hardware.memory_size()
+    capacity = capacity or hardware.memory_size(gpu=not training_config.use_cpu)
     if recipe.training.get("per_device_train_batch_size") == AUTO:
         training_config.per_device_train_batch_size = largest_batch(
             recipe, skeleton, training_config, lengths, trainable, capacity
@@ -163,24 +164,37 @@ def largest_batch(recipe: Recipe, skeleton, args, lengths, trainable: int, capac
     """per_device_train_batch_size: auto: the largest of AUTO_BATCHES (no more than the data's
     rows) whose estimated peak fits the memory with room to spare; 1 where none does."""
     shape = memory.shape_of(skeleton)
-    setting = memory_setting(recipe, args, max(lengths, default=1), trainable)
-    chosen = 1
-    for batch in AUTO_BATCHES:
+    longest, rows = row_lengths(recipe, lengths)
+    setting = memory_setting(recipe, args, longest, trainable)
+    chosen = smallest_batch(recipe)
+    for batch in AUTO_BATCHES[AUTO_BATCHES.index(chosen) + 1 :]:
         peak = memory.estimate(shape, dataclasses.replace(setting, batch=batch)).total
-        if batch > max(len(lengths), 1) or (capacity and peak > memory.TIGHT * capacity):
+        if batch > max(rows, 1) or (capacity and peak > memory.TIGHT * capacity):
             break
         chosen = batch
     return chosen
 
 
+def smallest_batch(recipe: Recipe) -> int:
+    """KTO compares each batch with mismatched pairs of itself: it needs two rows at least."""
+    return 2 if recipe.trainer == "kto" else 1
+
+
+def row_lengths(recipe: Recipe, lengths: list[int]) -> tuple[int, int]:
+    """(tokens of the longest row, rows per epoch): packing fills rows of data.max_length."""
+    if recipe.data.packing:
+        return recipe.data.max_length, math.ceil(sum(lengths) / recipe.data.max_length)
+    return max(lengths, default=1), len(lengths)
+
+
 def plan_memory(recipe: Recipe, skeleton, args, lengths: list[int], trainable: int, capacity):
     """(estimated peak per process, the memory it has, advice where it does not fit)."""
     shape = memory.shape_of(skeleton)
-    setting = memory_setting(recipe, args, max(lengths, default=1), trainable)
+    setting = memory_setting(recipe, args, row_lengths(recipe, lengths)[0], trainable)
     estimate = memory.estimate(shape, setting)
     advice = []
     if memory.verdict(estimate.total, capacity) != "fits":
-        advice = memory_advice(shape, setting, lengths)
+        advice = memory_advice(shape, setting, lengths, smallest_batch(recipe))
     return estimate, capacity, advice
 
 
@@ -210,11 +224,12 @@ def memory_setting(recipe: Recipe, args, longest: int, trainable: int) -> memory
     )
 
 
-def memory_advice(shape: memory.Shape, setting: memory.Setting, lengths: list[int]):
-    """Changes that lower the peak, in the recipe's own keys, each with its estimated peak."""
+def memory_advice(shape: memory.Shape, setting: memory.Setting, lengths: list[int], least: int):
+    """Changes that lower the peak, in the recipe's own keys, each with its estimated peak
+    (the batch no smaller than `least`)."""
     replace = dataclasses.replace
     options = []
-    if setting.batch > 1:
+    if setting.batch // 2 >= least:
         half = setting.batch // 2
         change = (
             f"training.per_device_train_batch_size: {half} with gradient_accumulation_steps "
@@ -239,6 +254,20 @@ def memory_advice(shape: memory.Shape, setting: memory.Setting, lengths: list[in
         change = f"--num-processes {more.processes} --accelerate-config configs/fsdp.yaml"
         options.append((change, more))
     return [(change, memory.estimate(shape, s).total) for change, s in options]
+
+
+def check_start_for(method: Method, start: Path | None) -> None:
+    """DPO and KTO hold their reference as a second adapter: AdaLoRA allows one trainable
+    adapter only."""
+    if start and method.reference and runs.adapter_config(start).get("peft_type") == "ADALORA":
+        raise UserError(
+            f"model.adapter: {start} is an AdaLoRA adapter; trainer {method.name} keeps its "
+            "reference as a second adapter, which AdaLoRA does not allow",
+            [
+                f"merge it first (lora-tune merge) and train {method.name} on the merged model",
+                "or start a new LoRA adapter: remove model.adapter",
+            ],
+        )
 
 
 def plan_tokenizer(recipe: Recipe, start: Path | None):
@@ -305,9 +334,10 @@ def choose_padding_free(recipe: Recipe, skeleton) -> bool:
     whole batch: twice as slow on CPU."""
     if recipe.data.padding_free is not None:
         return recipe.data.padding_free
+    batch = recipe.training.get("per_device_train_batch_size", 8)
     return (
         "flash" in (recipe.model.attn_implementation or "")
-        and recipe.training.get("per_device_train_batch_size", 8) > 1
+        and (batch == AUTO or batch > 1)
         and models.keeps_samples_apart(skeleton)
     )
 
@@ -538,7 +568,7 @@ def run(
         ownership.check_free(out)
     with models.remote_code(allowed=not dry_run):  # a dry run runs no repository code
         plan = make_plan(recipe, capacity)
-    if not (dry_run or force):  # before the run directory is touched
+    if not (dry_run or force or finished_already(recipe, resume)):  # before the run dir is touched
         refuse_if_too_big(plan)
     with contextlib.ExitStack() as held:  # the run's lock, on the main process
         decision = ownership.agreed(
@@ -557,6 +587,27 @@ def run(
         if dry_run:
             return None
         return train_and_save(plan, decision.checkpoint, started)
+
+
+def shared_memory(launch) -> int | None:
+    """The memory each launched process may use: its GPU's, or on CPUs the free RAM shared by
+    the processes of this machine (decided once, here, so that every process agrees)."""
+    if hardware.has_cuda():
+        return None  # each process has its own GPU, and reads its size
+    free = hardware.memory_size(gpu=False)
+    per_machine = max(1, launch.num_processes // max(1, launch.num_machines))
+    return free // per_machine if free else None
+
+
+def finished_already(recipe: Recipe, resume: str) -> bool:
+    """Whether rerunning this recipe only says that the run is complete (a run directory of
+    another recipe is ownership's to report, later)."""
+    if resume == "never":
+        return False
+    try:
+        return ownership.state(recipe.output_dir, recipe.to_dict()) is ownership.State.COMPLETE
+    except UserError:
+        return False
 
 
 def refuse_if_too_big(plan: TrainingPlan) -> None:

@@ -151,3 +151,43 @@ def test_memory_options_reach_every_launched_process(tmp_path):
     with pytest.raises(UserError) as info:
         memory.parse_size("lots")
     assert info.value.headline == "--memory: cannot read 'lots' as a memory size"
+
+
+def test_packed_rows_are_estimated_at_max_length(tiny, tmp_path):
+    def plan(packing):
+        data = {"packing": packing, "max_length": 64}
+        path = write_recipe(tmp_path / f"r{packing}.yaml", tiny, tmp_path / "run", data=data)
+        return train.make_plan(recipes.load(path))
+
+    packed, padded = plan(True), plan(False)
+    longest = max(len(r["input_ids"]) for r in padded.train)
+    ratio = packed.memory.terms["activations"] / padded.memory.terms["activations"]
+    assert longest < 64 and ratio == pytest.approx(64 / longest, rel=1e-6)
+
+
+def test_shapes_of_other_architectures_and_optimizer_state():
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, MambaConfig
+
+    with torch.device("meta"):
+        gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=64, n_head=4))
+        mamba = AutoModelForCausalLM.from_config(
+            MambaConfig(num_hidden_layers=2, hidden_size=64, vocab_size=100)
+        )
+    shape = memory.shape_of(gpt2)  # GPT-2 keeps its blocks under transformer.h, as Conv1D
+    assert (shape.layers, shape.hidden, shape.mlp, shape.heads) == (2, 64, 256, 4)
+    assert shape.quantizable == 2 * (64 * 192 + 64 * 64 + 64 * 256 + 256 * 64)
+    assert memory.shape_of(mamba).heads == 0  # no attention heads: no crash
+    assert [memory.optimizer_bytes(o) for o in ("adamw_torch", "adamw_bnb_8bit", "sgd")] == [
+        8,
+        2,
+        4,
+    ]
+
+
+def test_auto_batch_with_flash_attention_plans(tiny, tmp_path):
+    training = {"per_device_train_batch_size": "auto"}
+    model = {"attn_implementation": "flash_attention_2"}
+    path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", training=training, model=model)
+    recipe = recipes.load(path)
+    assert train.choose_padding_free(recipe, train.check_model(recipe)) is True

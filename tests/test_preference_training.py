@@ -271,3 +271,33 @@ def test_a_dpo_run_is_served_beside_its_sft_start(tiny, tmp_path, sft_run):
             for name in ("dpo", "sft")
         }
     assert served == wanted
+
+
+def test_kto_needs_two_rows_and_dpo_refuses_an_adalora_start(tiny, tmp_path, capsys):
+    from lora_tune.errors import UserError
+    from lora_tune.recipe import validate
+
+    recipe = {"trainer": "kto", "model": {"id": "m"}, "data": {"train": "x.jsonl"}}
+    with pytest.raises(UserError) as info:
+        validate(recipe | {"training": {"output_dir": "o", "per_device_train_batch_size": 1}})
+    assert info.value.problems == [
+        "training.per_device_train_batch_size: trainer kto needs at least 2 rows per device and "
+        "step (its KL term pairs each completion with another row's prompt); got 1."
+    ]
+    adalora = tmp_path / "adalora"
+    lora = {"method": "adalora", "init_r": 8, "target_r": 4, "tinit": 2, "tfinal": 2}
+    data = {"train": str(tiny / "data" / "pc_train.jsonl"), "eval": None}
+    path = write_recipe(
+        tmp_path / "a.yaml", tiny, adalora, lora=lora, data=data, training={"max_steps": 12}
+    )
+    assert run_cli("train", path) == 0
+    model, lora = {"adapter": str(adalora)}, {"target_modules": "all-linear"}
+    path = pref_recipe(tmp_path / "d.yaml", tiny, tmp_path / "dpo", model=model)
+    text = path.read_text().replace("lora_alpha: 16\n", "").replace("  r: 8\n", "")
+    path.write_text(text.replace("  lora_dropout: 0.0\n", ""))
+    capsys.readouterr()
+    assert run_cli("train", path, "--dry-run") == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"error: model.adapter: {adalora / 'adapter'} is an AdaLoRA adapter; trainer dpo keeps "
+        "its reference as a second adapter, which AdaLoRA does not allow"
+    )
