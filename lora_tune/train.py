@@ -162,7 +162,8 @@ AUTO_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 def largest_batch(recipe: Recipe, skeleton, args, lengths, trainable: int, capacity) -> int:
     """per_device_train_batch_size: auto: the largest of AUTO_BATCHES (no more than the data's
-    rows) whose estimated peak fits the memory with room to spare; 1 where none does."""
+    rows) whose estimated peak fits the memory with room to spare; the smallest (1, KTO 2)
+    where none does."""
     shape = memory.shape_of(skeleton)
     longest, rows = row_lengths(recipe, lengths)
     setting = memory_setting(recipe, args, longest, trainable)
