@@ -137,7 +137,7 @@ def train(
         if machine_rank == 0:
             ownership.check_free(loaded.output_dir)
         capacity = capacity or training.shared_memory(how)
-        plan = training.make_plan(loaded, capacity)
+        plan = training.make_plan(loaded, capacity, resume)
         if not (force or training.finished_already(loaded, resume)):
             training.refuse_if_too_big(plan)
         if machine_rank == 0 and ownership.claim(loaded, resume) is ownership.State.COMPLETE:

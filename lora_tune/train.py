@@ -100,9 +100,10 @@ def check_output_dir(path: Path) -> None:
         ) from None
 
 
-def make_plan(recipe: Recipe, capacity: int | None = None) -> TrainingPlan:
+def make_plan(recipe: Recipe, capacity: int | None = None, resume: str = "auto") -> TrainingPlan:
     """Validate the recipe against the model's config and the data; load no weights.
-    `capacity`: the memory a process may use (default: the GPU's, or the RAM free now)."""
+    `capacity`: the memory a process may use (default: the GPU's, or the RAM free now);
+    `resume`: as `train --resume` (a resumed run keeps the batch size auto chose)."""
     check_output_dir(recipe.output_dir)
     skeleton = check_model(recipe)
     start = adapters.starting_adapter(recipe.model, recipe.lora, skeleton)
@@ -127,9 +128,9 @@ def make_plan(recipe: Recipe, capacity: int | None = None) -> TrainingPlan:
     lengths = data_stats["train"].lengths
     capacity = capacity or hardware.memory_size(gpu=not training_config.use_cpu)
     if recipe.training.get("per_device_train_batch_size") == AUTO:
-        training_config.per_device_train_batch_size = largest_batch(
-            recipe, skeleton, training_config, lengths, trainable, capacity
-        )
+        training_config.per_device_train_batch_size = resumed_batch(
+            recipe, resume
+        ) or largest_batch(recipe, skeleton, training_config, lengths, trainable, capacity)
         steps = count_steps(recipe, training_config, len(train), lengths)
         if not start:  # AdaLoRA schedules its ranks over the steps
             lora_config = lora_config_for(recipe, steps)
@@ -174,6 +175,20 @@ def largest_batch(recipe: Recipe, skeleton, args, lengths, trainable: int, capac
             break
         chosen = batch
     return chosen
+
+
+def resumed_batch(recipe: Recipe, resume: str) -> int | None:
+    """The batch size of the checkpoint a run resumes from: batch size auto chose it when the run
+    started, and the rest of the run keeps it, whatever memory this machine has."""
+    if resume == "never":
+        return None
+    checkpoint = runs.latest_checkpoint(recipe.output_dir) if resume == "auto" else Path(resume)
+    state = checkpoint / "trainer_state.json" if checkpoint else None
+    if state is None or not state.is_file():
+        return None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return json.loads(state.read_text()).get("train_batch_size")
+    return None
 
 
 def smallest_batch(recipe: Recipe) -> int:
@@ -568,7 +583,7 @@ def run(
     if is_main_process():  # at once, before planning; the other ranks are the lock holder's own
         ownership.check_free(out)
     with models.remote_code(allowed=not dry_run):  # a dry run runs no repository code
-        plan = make_plan(recipe, capacity)
+        plan = make_plan(recipe, capacity, resume)
     if not (dry_run or force or finished_already(recipe, resume)):  # before the run dir is touched
         refuse_if_too_big(plan)
     with contextlib.ExitStack() as held:  # the run's lock, on the main process

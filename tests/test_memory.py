@@ -191,3 +191,22 @@ def test_auto_batch_with_flash_attention_plans(tiny, tmp_path):
     path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", training=training, model=model)
     recipe = recipes.load(path)
     assert train.choose_padding_free(recipe, train.check_model(recipe)) is True
+
+
+def test_a_resumed_run_keeps_the_batch_auto_chose(tiny, tmp_path):
+    out = tmp_path / "run"
+
+    def recipe_for(batch, steps):
+        training = {"per_device_train_batch_size": batch, "max_steps": steps, "save_steps": 2}
+        return write_recipe(tmp_path / f"r{batch}{steps}.yaml", tiny, out, training=training)
+
+    four = train.make_plan(recipes.load(recipe_for(4, 4))).memory.total
+    eight = train.make_plan(recipes.load(recipe_for(8, 4))).memory.total
+    between = int((four + eight) / 2 / memory.TIGHT)  # batch 4 fits, 8 does not
+    assert run_cli("train", recipe_for("auto", 4), "--memory", str(between)) == 0
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["train_batch_size"] == 4
+    longer = recipes.load(recipe_for("auto", 6))  # train longer, on a machine with more memory
+    assert train.make_plan(longer, 10 * 1024**3).training_config.per_device_train_batch_size == 4
+    fresh = train.make_plan(longer, 10 * 1024**3, "never")
+    assert fresh.training_config.per_device_train_batch_size == 256
