@@ -151,6 +151,7 @@ def train(
     if not training.is_main_process() and not _debug:
         launch.quiet_worker()
     training.run(loaded, dry_run=dry_run, resume=resume, capacity=capacity, force=force)
+    training.leave_process_group()
 
 
 DataSet = Annotated[

@@ -615,6 +615,15 @@ def shared_memory(launch) -> int | None:
     return free // per_machine if free else None
 
 
+def leave_process_group() -> None:
+    """After a run under accelerate launch: wait for every process, then close the process
+    group, so that no communication thread is still running when the interpreter exits (gloo's
+    aborted a process at exit now and then)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def finished_already(recipe: Recipe, resume: str) -> bool:
     """Whether rerunning this recipe only says that the run is complete (a run directory of
     another recipe is ownership's to report, later)."""
