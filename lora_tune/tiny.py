@@ -1,7 +1,7 @@
 """Tiny models and learnable data, built offline, for the demo and the tests.
 
 The models have random weights and a byte-level BPE tokenizer trained here on generated
-text; they are saved with save_pretrained so they load through the same from_pretrained code
+text (or, for llama.cpp export, a SentencePiece tokenizer laid out as Llama 2's); they are saved with save_pretrained so they load through the same from_pretrained code
 as a hub id. The data follows fixed rules (each place has one colour and one habit), so even a
 tiny model learns it in a few hundred steps and held-out perplexity visibly drops.
 
@@ -131,12 +131,7 @@ def build_tokenizer(kind: str = "llama", vocab_size: int = 400):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    rng = random.Random(0)
-    corpus = (
-        [sentence(rng) for _ in range(2000)]
-        + [pair(rng)["prompt"] + pair(rng)["completion"] for _ in range(500)]
-        + [PROSE] * 20
-    )
+    corpus = tokenizer_corpus()
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -158,6 +153,44 @@ def build_tokenizer(kind: str = "llama", vocab_size: int = 400):
         unk_token="<unk>",
         pad_token="<pad>" if kind == "opt" else None,
     )
+
+
+def tokenizer_corpus() -> list[str]:
+    rng = random.Random(0)
+    return (
+        [sentence(rng) for _ in range(2000)]
+        + [pair(rng)["prompt"] + pair(rng)["completion"] for _ in range(500)]
+        + [PROSE] * 20
+    )
+
+
+def build_spm_tokenizer(folder: Path, vocab_size: int = 400):
+    """A SentencePiece BPE tokenizer laid out as Llama 2's (<unk> 0, <s> 1, </s> 2, byte
+    fallback), saved as tokenizer.model in `folder` and loaded through transformers."""
+    import io
+
+    import sentencepiece
+    from transformers import LlamaTokenizer
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(tokenizer_corpus()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        split_digits=True,
+        minloglevel=2,
+        num_threads=1,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    return LlamaTokenizer.from_pretrained(folder, add_bos_token=True, add_eos_token=False)
 
 
 def build_config(kind: str, vocab_size: int, config_file: Path | None = None, hidden: int = 64):
@@ -195,17 +228,25 @@ def build_config(kind: str, vocab_size: int, config_file: Path | None = None, hi
 
 
 def build_model(
-    kind: str, out: Path, config_file: Path | None = None, seed: int = 0, dtype: str = "float32"
+    kind: str,
+    out: Path,
+    config_file: Path | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
+    spm: bool = False,
 ) -> Path:
     """Save a random-weight model of `kind` (llama or opt) and its tokenizer to `out`.
 
-    config_file gives a real architecture (e.g. facebook/opt-350m's config.json) instead of the tiny one.
+    config_file gives a real architecture (e.g. facebook/opt-350m's config.json) instead of the
+    tiny one; spm gives a llama a SentencePiece tokenizer (tokenizer.model, ids as Llama 2's).
     """
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    tokenizer = build_tokenizer(kind)
+    tokenizer = build_spm_tokenizer(out) if spm else build_tokenizer(kind)
     config = build_config(kind, len(tokenizer), config_file)
+    if spm:
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.generation_config = GenerationConfig(
