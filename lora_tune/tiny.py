@@ -121,6 +121,12 @@ def chat_preference(rng: random.Random) -> dict[str, list[dict[str, str]]]:
     }
 
 
+def question(rng: random.Random) -> dict[str, str]:
+    """A prompt to complete, with the rule's answer beside it for GRPO's exact-match reward."""
+    row = pair(rng)
+    return {"prompt": row["prompt"], "answer": row["completion"].strip()}
+
+
 def instruction(rng: random.Random) -> dict[str, str]:
     place = rng.choice(PLACES)
     return {"instruction": "name the colour of the place.", "input": place, "output": colour(place)}
@@ -184,6 +190,8 @@ def build_spm_tokenizer(folder: Path, vocab_size: int = 400):
         eos_id=2,
         pad_id=-1,
         character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
         split_digits=True,
         minloglevel=2,
         num_threads=1,
@@ -267,7 +275,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def write_datasets(out: Path, n_train: int = 400, n_eval: int = 64) -> dict[str, Path]:
     """Data in each format (text, pc = prompt/completion, chat, alpaca, pref = preference pairs,
-    chat_pref = conversational pairs), train and eval from different seeds."""
+    chat_pref = conversational pairs, prompts = questions with their answer), train and eval from
+    different seeds."""
     makers = {
         "text": lambda rng: {"text": sentence(rng)},
         "pc": pair,
@@ -275,6 +284,7 @@ def write_datasets(out: Path, n_train: int = 400, n_eval: int = 64) -> dict[str,
         "alpaca": instruction,
         "pref": preference,
         "chat_pref": chat_preference,
+        "prompts": question,
     }
     paths = {}
     for split, n, seed in (("train", n_train, 1), ("eval", n_eval, 2)):
