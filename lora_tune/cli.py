@@ -268,6 +268,80 @@ def merge(
     )
 
 
+ExportTarget = Annotated[
+    Path, typer.Argument(help="A run directory, PEFT adapter or model directory (merged model).")
+]
+ExportOutput = Annotated[
+    Path, typer.Option("--output", "-o", help="Directory for the GGUF, Modelfile and report.")
+]
+ExportFormat = Annotated[str, typer.Option("--format", help="Output format: gguf.")]
+Quant = Annotated[
+    str,
+    typer.Option(
+        help="GGUF type: f32, f16, bf16, q8_0 (llama.cpp's converter), or q4_k_m, q5_k_m, q6_k, "
+        "q4_0, ... (llama.cpp's quantizer)."
+    ),
+]
+ExportAdapterOnly = Annotated[
+    bool,
+    typer.Option(
+        "--adapter-only", help="Write the adapter as a GGUF LoRA file for a base GGUF instead."
+    ),
+]
+BaseGguf = Annotated[
+    Path | None,
+    typer.Option(
+        help="With --adapter-only: the base model's GGUF to verify on and name in the Modelfile "
+        "(default: convert the base too)."
+    ),
+]
+ExportVerify = Annotated[
+    bool,
+    typer.Option(
+        "--verify/--no-verify",
+        help="Compare the GGUF in llama.cpp with the transformers model (loads it in float32).",
+    ),
+]
+AllowTokenDifferences = Annotated[
+    bool,
+    typer.Option(
+        "--allow-token-differences",
+        help="Accept llama.cpp tokenizing probe texts differently from transformers.",
+    ),
+]
+
+
+@app.command()
+def export(
+    target: ExportTarget,
+    output: ExportOutput,
+    format_: ExportFormat = "gguf",
+    quant: Quant = "f16",
+    adapter_only: ExportAdapterOnly = False,
+    base_gguf: BaseGguf = None,
+    force: Force = False,
+    verify: ExportVerify = True,
+    allow_token_differences: AllowTokenDifferences = False,
+    allow_pickle: AllowPickle = False,
+):
+    """Convert to GGUF for llama.cpp and Ollama with llama.cpp's tools, verify it in llama.cpp
+    against the transformers model, and write a Modelfile."""
+    from . import export as exporting
+
+    exporting.run(
+        target,
+        output,
+        format_=format_,
+        quant=quant,
+        adapter_only=adapter_only,
+        base_gguf=base_gguf,
+        force=force,
+        verify=verify,
+        allow_pickle=allow_pickle,
+        allow_token_differences=allow_token_differences,
+    )
+
+
 EvalTargets = Annotated[
     list[str],
     typer.Argument(

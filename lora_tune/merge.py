@@ -92,7 +92,9 @@ def merge_inputs(adapters: list[Path], section) -> list[tuple[str, Path]]:
     return inputs
 
 
-def check_output_spares_inputs(output: Path, inputs: list[tuple[str, Path]]) -> None:
+def check_output_spares_inputs(
+    output: Path, inputs: list[tuple[str, Path]], action: str = "a merge"
+) -> None:
     """Raise UserError when OUTPUT is, or contains, an input of the merge: --force would delete it,
     and the rename onto OUTPUT would replace it. Paths are compared resolved (links, `..`)."""
     target = output.expanduser().resolve()
@@ -100,11 +102,12 @@ def check_output_spares_inputs(output: Path, inputs: list[tuple[str, Path]]) -> 
         source = path.resolve()
         if source == target or target in source.parents:
             relation = "is" if source == target else "contains"
-            example = Path("merged") / (inputs[0][1].resolve().name or "model")
+            folder = "merged" if action == "a merge" else "exports"
+            example = Path(folder) / (inputs[0][1].resolve().name or "model")
             raise UserError(
-                f"--output {output} {relation} {label} {path}; a merge never replaces its own inputs, "
+                f"--output {output} {relation} {label} {path}; {action} never replaces its own inputs, "
                 "even with --force",
-                [f"write the merged model to a new folder, e.g. -o {example}"],
+                [f"write to a new folder, e.g. -o {example}"],
             )
 
 
@@ -154,6 +157,7 @@ def run(
     combination: str = "cat",
     density: float | None = None,
     adapter_only: bool = False,
+    announce: bool = True,
 ) -> dict:
     """Merge, verify and write OUTPUT atomically. Returns the report (also saved as merge_report.json)."""
     adapters = resolve_adapters(sources if isinstance(sources, list) else [sources])
@@ -192,9 +196,10 @@ def run(
         report |= inputs_report(section, adapters, weights, combination)
         runs.write_json(partial / "merge_report.json", report)
         write_model_card(partial, report, recipe)
-    console.print(
-        f"{'Combined adapter' if adapter_only else 'Merged model'} written to {output.resolve()}"
-    )
+    if announce:
+        console.print(
+            f"{'Combined adapter' if adapter_only else 'Merged model'} written to {output.resolve()}"
+        )
     return report
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
 # Installs what the tests need, then runs the offline test suite (arguments go to pytest).
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+LORA_TUNE_EXTRAS="test,eval,serve,export" source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 python -m pytest "$@"
