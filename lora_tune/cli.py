@@ -404,6 +404,15 @@ JsonFile = Annotated[
 Plot = Annotated[
     Path | None, typer.Option(help="Draw the run's training (and eval) loss to this PNG.")
 ]
+Sampled = Annotated[
+    int,
+    typer.Option(
+        "--sampled",
+        min=0,
+        help="On prompt-only data: also the mean reward of this many completions per prompt, "
+        "sampled at the grpo run's temperature.",
+    ),
+]
 BatchSize = Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")]
 MaxSamples = Annotated[int | None, typer.Option(min=1, help="Evaluate on at most this many rows.")]
 
@@ -423,11 +432,13 @@ def evaluate(
     limit: Limit = None,
     json_file: JsonFile = None,
     plot: Plot = None,
+    sampled: Sampled = 0,
     batch_size: BatchSize = 8,
     max_samples: MaxSamples = None,
     allow_pickle: AllowPickle = False,
 ):
-    """Measure loss, perplexity, token accuracy and answers on held-out data, and benchmarks."""
+    """Measure loss, perplexity, token accuracy and answers on held-out data (rewards on
+    prompt-only data), and benchmarks."""
     from . import evaluate as evaluation
 
     evaluation.run(
@@ -447,6 +458,7 @@ def evaluate(
         limit=limit,
         tasks_path=tasks_path,
         plot=plot,
+        sampled=sampled,
     )
 
 
