@@ -7,6 +7,10 @@ the data has prompts; lm-evaluation-harness scores with --tasks; tokens/s of eac
 Preference data (prompt, chosen, rejected) is scored pair by pair (pair_scores.py): how often
 the model gives the chosen answer the higher log-probability, and by what margin. Loss,
 perplexity, token accuracy and the generation metrics are then those of the chosen answers.
+
+Prompt-only data (a prompt and columns for the rewards, as GRPO trains on) is scored with the
+rewards of a grpo run among the targets (reward_scores.py): the mean reward of each model's
+greedy completions, and with --sampled N of N sampled completions per prompt.
 """
 
 from __future__ import annotations
@@ -19,9 +23,25 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from . import adapters, data, generate, hardware, models, output, pair_scores, pairs, reports, runs
+from . import (
+    adapters,
+    data,
+    generate,
+    hardware,
+    models,
+    output,
+    pair_scores,
+    pairs,
+    prompts,
+    reports,
+    reward_scores,
+    runs,
+)
+from . import rewards as reward_checks
 from .common import batches, compare_logits
 from .errors import UserError
+from .formats import FORMATS
+from .methods import METHODS
 from .recipe import DataSection, ModelSection
 from .sources import load_source
 
@@ -40,6 +60,11 @@ PREFERENCE_SHOWN = [
     ("chosen_logp", "chosen logp", "{:.3f}"),
     ("rejected_logp", "rejected logp", "{:.3f}"),
 ]
+REWARD_NOTE = (
+    "reward: the mean over the prompts of the weighted sum of the rewards of each greedy "
+    "completion (as GRPO sums them); a reward's own column is its mean; sampled: the same over "
+    "{n} completions per prompt sampled at the run's temperature."
+)
 SHOWN = [
     ("loss", "loss", "{:.4f}"),
     ("perplexity", "perplexity", "{:.2f}"),
@@ -125,11 +150,19 @@ class Evaluator:
     ):
         self.tokenizer, self.device, self.batch_size = tokenizer, device, batch_size
         self.pairs = dataset if isinstance(dataset, PairData) else None
+        self.prompts = dataset if isinstance(dataset, reward_scores.PromptData) else None
         samples = self.pairs.chosen_samples() if self.pairs else dataset
         self.batch_list = (
-            [] if self.pairs else batches(dataset, batch_size, tokenizer.pad_token_id, device)
+            batches(dataset, batch_size, tokenizer.pad_token_id, device)
+            if self.pairs is None and self.prompts is None
+            else []
         )
-        self.items = generate.items_of(samples, tokenizer) if want_generation is not False else []
+        if self.prompts is not None:  # completed and scored by reward_scores
+            self.items = prompt_items(self.prompts, tokenizer)
+        elif want_generation is not False:
+            self.items = generate.items_of(samples, tokenizer)
+        else:
+            self.items = []
         if want_generation and not self.items:
             raise UserError(
                 "--generate: the eval data has no prompts (text data); nothing to generate from",
@@ -143,13 +176,21 @@ class Evaluator:
             default=0,
         )
         self.max_new_tokens = max_new_tokens or longest + 8  # room for every reference answer
+        if self.prompts is not None:
+            self.max_new_tokens = self.prompts.max_new_tokens
         self.stop, self.tasks, self.limit, self.tasks_path = stop, tasks, limit, tasks_path
         self.rows: dict[str, dict] = {}
         self.generations: dict[str, list[str]] = {}
 
-    def measure(self, model) -> tuple[dict, torch.Tensor]:
-        """The metrics of the eval data (SFT samples or preference pairs) and the first batch's
-        logits at the scored positions."""
+    def measure(self, model, name: str) -> tuple[dict, torch.Tensor]:
+        """The metrics of the eval data (SFT samples, preference pairs, or prompts to complete
+        and reward) and the first batch's logits at the scored positions."""
+        if self.prompts is not None:
+            metrics, texts, logits = reward_scores.evaluate(
+                model, self.tokenizer, self.prompts, self.batch_size, self.device
+            )
+            self.generations[name] = texts
+            return metrics, logits
         if self.pairs is None:
             return measure(model, self.batch_list)
         scores = pair_scores.score_pairs(
@@ -164,8 +205,8 @@ class Evaluator:
         return scores.metrics(), scores.first_logits
 
     def __call__(self, name: str, model, harness: bool = True) -> torch.Tensor:
-        metrics, logits = self.measure(model)
-        if self.items:
+        metrics, logits = self.measure(model, name)
+        if self.items and self.prompts is None:
             texts, lengths = generate.generate(
                 model,
                 self.tokenizer,
@@ -191,6 +232,37 @@ class Evaluator:
         return logits
 
 
+def prompt_items(data: reward_scores.PromptData, tokenizer) -> list[generate.Item]:
+    """The prompts as --samples shows them, beside the answer an exact or number match reads."""
+    column = next((r.column for r in data.rewards if r.column), None)
+    return [
+        generate.Item(
+            ids, tokenizer.decode(ids, skip_special_tokens=True), str(row.get(column, ""))
+        )
+        for ids, row in zip(data.prompt_ids, data.rows, strict=True)
+    ]
+
+
+@dataclass
+class RewardSettings:
+    """How prompt-only data is scored: the grpo recipe whose rewards (and sampling) are used, the
+    completion length (default: its max_completion_length) and sampled completions per prompt."""
+
+    recipe: object | None
+    max_new_tokens: int | None
+    sampled: int = 0
+
+
+def reward_recipe(targets: list[str]):
+    """The recipe of the first grpo run among the targets (its rewards score prompt-only data)."""
+    for target in targets:
+        adapter = runs.adapter_dir(Path(target))
+        recipe = runs.run_recipe(adapter) if adapter else None
+        if recipe is not None and recipe.rewards:
+            return recipe
+    return None
+
+
 def run(
     targets: list[str] | str,
     data_spec: str | None = None,
@@ -208,12 +280,15 @@ def run(
     limit: int | None = None,
     tasks_path: Path | None = None,
     plot: Path | None = None,
+    sampled: int = 0,
 ) -> dict:
     """Evaluate each target; print one table; return (and optionally write) the report."""
     targets = [targets] if isinstance(targets, str) else list(targets)
     check_options(targets, compare, merge, tasks)
     device = hardware.device()
     report = new_report(targets, device, batch_size, max_samples, tasks, stop)
+    report["settings"]["sampled"] = sampled
+    scoring = RewardSettings(reward_recipe(targets), max_new_tokens, sampled)
     first_run, generations, evaluator = None, {}, None
     for target in targets:
         adapter = runs.adapter_dir(Path(target))
@@ -221,7 +296,7 @@ def run(
         first_run = first_run or (adapter.parent if recipe else None)
         check_target(target, adapter, recipe, compare, plotted=bool(plot) and target == targets[0])
         section, tokenizer = load_target(target, adapter, recipe, allow_pickle)
-        dataset = eval_dataset(data_spec, recipe, tokenizer, max_samples)
+        dataset = eval_dataset(data_spec, recipe, tokenizer, max_samples, scoring)
         evaluator = Evaluator(
             dataset,
             tokenizer,
@@ -304,11 +379,20 @@ def load_target(target: str, adapter: Path | None, recipe, allow_pickle: bool):
     return section, models.load_tokenizer(section)
 
 
-def eval_dataset(data_spec: str | None, recipe, tokenizer, max_samples: int | None):
-    """The eval data (given, else the run's), tokenized, cut to max_samples: SFT samples, or
-    PairData where the data is preference pairs."""
+def eval_dataset(data_spec: str | None, recipe, tokenizer, max_samples: int | None, scoring):
+    """The eval data (given, else the run's), tokenized, cut to max_samples: SFT samples,
+    PairData where the data is preference pairs, PromptData where it is prompts to complete."""
     section = given_data_section(data_spec, recipe.data if recipe else None)
-    if not is_paired(data_spec, section):
+    kind = data_kind(data_spec, section)
+    if scoring.sampled and kind != "prompts":
+        raise UserError(
+            "--sampled: the eval data is not prompt-only data; sampled completions are scored "
+            "with a grpo run's rewards",
+            ["drop --sampled, or pass prompt-only data (--data) with a grpo run among the targets"],
+        )
+    if kind == "prompts":
+        return prompt_data(data_spec, section, tokenizer, max_samples, scoring)
+    if kind == "sft":
         dataset = data.load_eval(data_spec, section, tokenizer)
         return dataset.select(range(min(max_samples, len(dataset)))) if max_samples else dataset
     rows = pairs.load_eval(data_spec, section, tokenizer)
@@ -320,20 +404,56 @@ def eval_dataset(data_spec: str | None, recipe, tokenizer, max_samples: int | No
     return PairData(tokenized, max_length, mode)
 
 
+def prompt_data(data_spec: str | None, section, tokenizer, max_samples: int | None, scoring):
+    """PromptData: the prompts (checked as for training), the grpo run's rewards (checked
+    against the columns) and how many completions are sampled."""
+    if scoring.recipe is None:
+        raise UserError(
+            f"{data_spec or 'the eval data'}: prompt-only data (a prompt column and no answer "
+            "to compare) is scored with the rewards of a grpo run, and no target is one",
+            ["add the grpo run to the targets, or evaluate on data with completions"],
+        )
+    rows = prompts.load_eval(data_spec, section, tokenizer, METHODS["grpo"])
+    if max_samples:
+        rows = rows.select(range(min(max_samples, len(rows))))
+    label, spec = (
+        ("--data", data_spec) if data_spec else ("data.eval", section.eval or section.train)
+    )
+    reward_checks.check_columns(scoring.recipe.rewards, rows.column_names, label, spec)
+    return reward_scores.prompt_data(
+        rows, scoring.recipe, tokenizer, scoring.max_new_tokens, scoring.sampled
+    )
+
+
 def given_data_section(data_spec: str | None, section):
     """The run's data section to read --data with: its field names always, its explicit format
     only where the data is of that kind (an SFT run is also measured on preference pairs)."""
     if data_spec is None or section is None or section.format == "auto":
         return section
     loose = section.model_copy(update={"format": "auto"})
-    return loose if is_paired(data_spec, loose) != is_paired(data_spec, section) else section
+    return loose if data_kind(data_spec, loose) != data_kind(data_spec, section) else section
 
 
-def is_paired(data_spec: str | None, section) -> bool:
-    """Whether the eval data is preference pairs, told from its first source's columns (the
-    recipe's data section, if any, names them)."""
+def data_kind(data_spec: str | None, section) -> str:
+    """What the eval data is, told from its first source's columns (the recipe's data section,
+    if any, names them): "paired" preference pairs, "prompts" to complete and reward (a prompt
+    column that no other format reads), or "sft" samples."""
+    columns = first_columns(data_spec, section)
+    if columns is None:
+        return "sft"  # no eval data: data.load_eval says what to pass
+    if pairs.is_paired(columns, section):
+        return "paired"
+    known = section or DataSection(train="-")
+    if known.format != "auto":
+        return "prompts" if FORMATS[known.format].data == "prompts" else "sft"
+    found = [fmt for fmt in FORMATS.values() if fmt.detect(set(columns), known)]
+    return "prompts" if [fmt.data for fmt in found] == ["prompts"] else "sft"
+
+
+def first_columns(data_spec: str | None, section) -> list[str] | None:
+    """The columns of the eval data's first source; None where there is no eval data."""
     if data_spec is None and (section is None or not (section.eval or section.eval_fraction)):
-        return False  # no eval data: data.load_eval says what to pass
+        return None
     if data_spec is not None:
         known = section or DataSection(train=data_spec)
         spec, label, split = data_spec, "--data", known.eval_split or known.split
@@ -343,7 +463,7 @@ def is_paired(data_spec: str | None, section) -> bool:
     else:  # eval_fraction: a part of the training data
         known, spec, label, split = section, section.train, "data.train", section.split
     first = data.sources(spec, known, split)[0]
-    return pairs.is_paired(load_source(first, label).column_names, section)
+    return load_source(first, label).column_names
 
 
 def evaluate_target(
@@ -406,6 +526,10 @@ def print_report(report: dict) -> None:
     results = report["results"]
     first = next(iter(results))
     title = f"lora-tune eval on {report['data']} ({report['samples']} samples)"
+    if any("reward" in m for m in results.values()):
+        print_rewards(results, title, report["settings"]["sampled"])
+        print_merge_check(report)
+        return
     paired = any("preference_accuracy" in m for m in results.values())
     if paired:
         print_preferences(results, title)
@@ -452,6 +576,29 @@ def print_preferences(results: dict, title: str) -> None:
     console.print(table)
 
 
+def print_rewards(results: dict, title: str, sampled: int) -> None:
+    """The rewards table: the mean reward of greedy (and sampled) completions per target, each
+    reward's own mean, the completions' length, and the change against the first target."""
+    first = next(iter(results))
+    names = [key for key in results[first] if key.startswith("rewards/")]
+    columns = [("reward", "reward"), *((name, name.removeprefix("rewards/")) for name in names)]
+    columns.append(("completion_length", "completion len"))
+    if sampled:
+        columns += [("sampled_reward", f"sampled reward (x{sampled})")]
+    table = Table(title=title.replace("samples)", "prompts)"))
+    table.add_column("model", overflow="fold")
+    for _, header in columns:
+        table.add_column(header, justify="right")
+    table.add_column(f"Δ reward vs {first}", justify="right")
+    table.add_column("tokens/s", justify="right")
+    for name, m in results.items():
+        cells = [f"{m[key]:.3f}" if key in m else "" for key, _ in columns]
+        change = "" if name == first else f"{m['reward'] - results[first]['reward']:+.3f}"
+        table.add_row(name, *cells, change, f"{m['tokens_per_second']:,.0f}")
+    console.print(table)
+    console.print(REWARD_NOTE.format(n=sampled or "N (--sampled N)"))
+
+
 def print_merge_check(report: dict) -> None:
     """Whether merged equals adapter, and what merging buys in tokens/s (under --compare)."""
     results, check = report["results"], report["merged_vs_adapter"]
@@ -485,6 +632,8 @@ def print_previous(previous: dict, report: dict) -> None:
         before = previous["results"].get(name)
         if before and "loss" in before:
             changes.append(f"{name} loss {before['loss']:.4f} -> {now['loss']:.4f}")
+        if before and "reward" in before and "reward" in now:
+            changes.append(f"{name} reward {before['reward']:.3f} -> {now['reward']:.3f}")
         if before and "preference_accuracy" in before and "preference_accuracy" in now:
             changes.append(
                 f"{name} pref. acc {before['preference_accuracy']:.2%} -> "

@@ -78,7 +78,8 @@ class Format:
     columns: tuple[str, ...] = ()  # column names it always reads
     chat: bool = False
     rank: int = 50
-    data: str = "sft"  # "sft": text to tokenize; "paired": prompt/chosen/rejected; "unpaired"
+    data: str = "sft"  # "sft": text to tokenize; "paired": prompt/chosen/rejected; "unpaired";
+    # "prompts": prompts to complete (GRPO)
     optional: tuple[str, ...] = ()  # data.* settings naming columns read where present
 
     def required(self, section) -> list[tuple[str, str]]:
@@ -186,6 +187,11 @@ def _unpaired(row, section, where):
     return _one_kind(sample, columns, where) | {"label": label}
 
 
+def _prompt_only(row, section, where):
+    """TRL's prompt-only row: the prompt, text or chat turns; the other columns go to the rewards."""
+    return {"prompt": text_or_turns(row, section.prompt_field, where)}
+
+
 # In the order users read them: data.format's choices, its messages, the README.
 FORMATS: dict[str, Format] = {
     fmt.name: fmt
@@ -252,6 +258,18 @@ FORMATS: dict[str, Format] = {
             data="unpaired",
             rank=35,
         ),
+        Format(
+            "prompt_only",
+            (
+                "a `prompt` to complete (trainer grpo), text or chat messages rendered with the "
+                "chat template and its generation prompt; nothing of it is trained. The other "
+                "columns (such as an `answer`) are handed to the reward functions."
+            ),
+            _prompt_only,
+            fields=("prompt_field",),
+            data="prompts",
+            rank=95,
+        ),  # any 'prompt' column fits: tried after every format that reads more of the row
     )
 }
 

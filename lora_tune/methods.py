@@ -20,12 +20,17 @@ class Method:
     config: str  # TRL config class, e.g. SFTConfig
     trainer: str  # TRL trainer class, e.g. SFTTrainer
     description: str
-    data: str = "sft"  # rows handed to the trainer: "sft" token labels, "paired", "unpaired"
+    # rows handed to the trainer: "sft" token labels, "paired", "unpaired", "prompts" (GRPO)
+    data: str = "sft"
     reads: tuple[str, ...] = ("sft",)  # the Format.data kinds it trains on (kto: pairs unpaired)
     module: str = "trl"  # where TRL keeps the two classes
     reference: bool = False  # trains against a reference model (the start, held as an adapter)
+    # A config field that gives it a reference where it is not zero (GRPO's KL weight, beta).
+    reference_when: str = ""
     defaults: dict = field(default_factory=dict)  # config values it needs (recipe keys win)
-    logged: tuple[str, ...] = ()  # log keys whose last value metrics.json keeps (under `method`)
+    # log keys whose last value metrics.json keeps (under `method`); one ending in "/" keeps
+    # every key it starts (GRPO's rewards/NAME/mean and rewards/NAME/std)
+    logged: tuple[str, ...] = ()
     plan: tuple[str, ...] = ()  # config fields the plan shows
 
     def _module(self):
@@ -48,6 +53,16 @@ class Method:
 
     def accepts(self, fmt: str) -> bool:
         return fmt in self.formats
+
+    def has_reference(self, training: dict) -> bool:
+        """Whether a run of the recipe's `training` section trains against a reference."""
+        return self.reference or bool(self.reference_when and training.get(self.reference_when))
+
+    def keeps(self, key: str) -> bool:
+        """Whether metrics.json keeps this log key's last value."""
+        return any(
+            key == kept or (kept.endswith("/") and key.startswith(kept)) for kept in self.logged
+        )
 
 
 # The first step's loss alone in the log: the check that the reference is the policy at step 0.
@@ -111,6 +126,19 @@ METHODS: dict[str, Method] = {
             defaults={"loss_type": "simpo", "cpo_alpha": 0.0},
             logged=REWARDS,
             plan=("beta", "simpo_gamma"),
+        ),
+        Method(
+            "grpo",
+            "GRPOConfig",
+            "GRPOTrainer",
+            "Group Relative Policy Optimization: completions sampled for each prompt, scored by "
+            "the recipe's rewards (TRL's GRPOTrainer)",
+            data="prompts",
+            reads=("prompts",),
+            reference_when="beta",
+            defaults=FIRST_STEP_LOGGED,
+            logged=("reward", "reward_std", "completions/mean_length", "kl", "rewards/"),
+            plan=("num_generations", "max_completion_length", "temperature", "beta", "loss_type"),
         ),
     )
 }

@@ -7,7 +7,7 @@ import itertools
 from rich.table import Table
 from rich.text import Text
 
-from . import data, models, output, pairs
+from . import data, models, output, pairs, prompts
 from .methods import METHODS
 from .recipe import Recipe
 
@@ -105,9 +105,25 @@ def show_pair(tokenizer, row: dict, max_length: int, mark: bool, title: str) -> 
         console.print(Text(f"{name}: ").append_text(answer(tokenizer, prompt_ids, ids, room, mark)))
 
 
+def show_prompt(tokenizer, row: dict, mark: bool, title: str) -> None:
+    """A GRPO sample: the prompt as the model reads it before generating (nothing of it is
+    trained), then the other columns, which the reward functions receive."""
+    ids = prompts.tokenize_prompt(tokenizer, row["prompt"])
+    console.rule(f"{title} (prompt {len(ids)} tokens; completions are sampled and rewarded)")
+    console.print(
+        Text("prompt: ").append_text(render_sample(tokenizer, ids, [-100] * len(ids), mark))
+    )
+    for column, value in row.items():
+        if column != "prompt":
+            console.print(Text(f"{column} (to the rewards): {value}"))
+
+
 def show_samples(tokenizer, train, method, max_length: int, n: int, mark: bool) -> None:
     for i in range(min(n, len(train))):
         row = train[i]
+        if method.data == "prompts":
+            show_prompt(tokenizer, row, mark, f"sample {i}")
+            continue
         if method.data != "sft":
             show_pair(tokenizer, row, max_length, mark, f"sample {i}")
             continue
@@ -123,11 +139,14 @@ def run(recipe: Recipe, n: int = 3) -> dict:
     method = METHODS[recipe.trainer]
     if method.data == "sft":
         train, _, stats = data.load_datasets(recipe.data, tokenizer)
+    elif method.data == "prompts":
+        train, _, stats = prompts.load_datasets(recipe.data, tokenizer, method)
     else:
         train, _, stats = pairs.load_datasets(recipe.data, tokenizer, method)
     mark = console.no_color or console.color_system is None  # styles will not show
     console.print(legend(mark))
     show_samples(tokenizer, train, method, recipe.data.max_length, n, mark)
+    sampled = method.data == "prompts"  # GRPO trains no token of the data: count the prompts'
     table = Table(title="data", show_header=True)
     for column in (
         "split",
@@ -136,7 +155,7 @@ def run(recipe: Recipe, n: int = 3) -> dict:
         "skipped",
         f"truncated to {recipe.data.max_length}",
         "length min/median/p95/max",
-        "trained tokens per epoch",
+        "prompt tokens per epoch" if sampled else "trained tokens per epoch",
     ):
         table.add_column(column, overflow="fold")
     summaries = {name: s.summary() for name, s in stats.items()}
@@ -150,7 +169,7 @@ def run(recipe: Recipe, n: int = 3) -> dict:
             skipped,
             f"{s['truncated']:,}",
             "/".join(f"{length.get(k, 0):g}" for k in ("min", "median", "p95", "max")),
-            f"{s['trained_tokens']:,}",
+            f"{s['tokens' if sampled else 'trained_tokens']:,}",
         )
     console.print(table)
     return summaries

@@ -26,12 +26,15 @@ from .errors import UserError, did_you_mean
 from .formats import FORMATS
 from .lora_methods import LORA_METHODS
 from .methods import DEFAULT, METHODS
+from .rewards import Reward
+from .rewards import check as check_rewards
 from .yaml_reader import SHOWN_CHARS, Refused, parse_yaml, where, yaml_problem
 from .yaml_reader import cut as _cut  # private here: `shown` is the --set text in apply_overrides
 from .yaml_reader import shown as _shown
 
 SECTIONS = ("model", "lora", "data", "training")
-TOP_KEYS = ("trainer", *SECTIONS)  # `trainer: dpo` chooses the training method (methods.METHODS)
+# `trainer: dpo` chooses the training method (methods.METHODS); `rewards:` are GRPO's (rewards.py)
+TOP_KEYS = ("trainer", *SECTIONS, "rewards")
 REQUIRED_SECTIONS = {  # each with the smallest useful example, for the error that misses it
     "model": "Add the model to tune, e.g. model: {id: facebook/opt-350m}.",
     "data": "Add the training data, e.g. data: {train: data/train.jsonl}.",
@@ -50,6 +53,7 @@ OWNED_TRAINING_KEYS = {
     "padding_free": "set data.padding_free instead",
     "hub_token": "never put a token in a recipe, where it would be saved with the run; "
     "set the HF_TOKEN environment variable instead",
+    "reward_weights": "give each entry of the rewards section its weight instead",
 }
 
 # Keys of the `lora` section that lora-tune handles itself, beside the chosen PEFT config's fields.
@@ -268,6 +272,7 @@ class Recipe:
     training: dict[str, Any]
     source: str = "<recipe>"
     trainer: str = DEFAULT  # a key of methods.METHODS
+    rewards: list[Reward] = dataclasses.field(default_factory=list)  # grpo's, checked
 
     @property
     def output_dir(self) -> Path:
@@ -276,12 +281,17 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain YAML-able data (recipes hold no secrets: hub_token is refused)."""
         method = {} if self.trainer == DEFAULT else {"trainer": self.trainer}
-        return method | {
-            "model": self.model.model_dump(exclude_defaults=True),
-            "lora": self.lora,
-            "data": self.data.model_dump(exclude_defaults=True, exclude_none=True),
-            "training": self.training,
-        }
+        rewards = {"rewards": [r.entry() for r in self.rewards]} if self.rewards else {}
+        return (
+            method
+            | {
+                "model": self.model.model_dump(exclude_defaults=True),
+                "lora": self.lora,
+                "data": self.data.model_dump(exclude_defaults=True, exclude_none=True),
+                "training": self.training,
+            }
+            | rewards
+        )
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -395,6 +405,9 @@ def validate(raw: dict, source: str = "<recipe>") -> Recipe:
     training = _check_training(sections["training"], problems, "training" in raw, trainer)
     if data is not None:
         _check_data_for(trainer, data, problems)
+    base = Path(source).parent if source != "<recipe>" else Path.cwd()
+    rewards = check_rewards(raw.get("rewards"), trainer, base, problems)
+    _check_grpo_batch(training, trainer, problems)
     init = str(lora.get("init_lora_weights", "")).lower()
     if trainer != DEFAULT and init in ("corda", "eva"):
         problems.append(
@@ -404,7 +417,7 @@ def validate(raw: dict, source: str = "<recipe>") -> Recipe:
     if problems:
         n = len(problems)
         raise UserError(f"{source}: {n} problem{'s' if n > 1 else ''} in the recipe:", problems)
-    return Recipe(model, data, lora, training, source, trainer)
+    return Recipe(model, data, lora, training, source, trainer, rewards)
 
 
 def _check_trainer(value: Any, problems: list[str]) -> str:
@@ -635,12 +648,7 @@ def _check_training(
     values: dict, problems: list[str], present: bool, trainer: str = DEFAULT
 ) -> dict:
     before = len(problems)
-    # The data section's own keys only for sft; the preference configs keep theirs.
-    owned = {
-        key: fix
-        for key, fix in OWNED_TRAINING_KEYS.items()
-        if trainer == DEFAULT or key in ("max_length", "model_init_kwargs", "hub_token")
-    }
+    owned = {key: fix for key, fix in OWNED_TRAINING_KEYS.items() if key in owned_keys(trainer)}
     for key, fix in owned.items():
         if key in values:
             problems.append(f"training.{key}: not set here; {fix}.")
@@ -666,6 +674,26 @@ def _check_training(
                 f"{_blame('training', coerced, str(exc))}: {_library_message(exc, coerced)}"
             )
     return coerced | ({"per_device_train_batch_size": AUTO_BATCH} if auto else {})
+
+
+def owned_keys(trainer: str) -> set[str]:
+    """The training keys lora-tune sets itself for this trainer: the data section's own keys
+    only for sft (the preference configs keep theirs), the reward weights for grpo."""
+    everywhere = {"max_length", "model_init_kwargs", "hub_token"}
+    if trainer == "grpo":
+        return everywhere | {"reward_weights"}
+    return set(OWNED_TRAINING_KEYS) - {"reward_weights"} if trainer == DEFAULT else everywhere
+
+
+def _check_grpo_batch(training: dict, trainer: str, problems: list[str]) -> None:
+    """GRPO groups each prompt's num_generations completions in one generation batch; batch size
+    auto could not keep whole groups."""
+    if trainer == "grpo" and training.get("per_device_train_batch_size") == AUTO_BATCH:
+        problems.append(
+            "training.per_device_train_batch_size: auto is not available with trainer grpo (each "
+            "batch of completions holds whole groups of num_generations); set a multiple of "
+            "training.num_generations."
+        )
 
 
 def _check_kto_batch(values: dict, trainer: str, problems: list[str]) -> None:
@@ -764,8 +792,11 @@ def build_training_config(trainer: str, training: dict, max_length: int | None, 
     method = METHODS[trainer]
     if training.get("per_device_train_batch_size") == AUTO_BATCH:  # the plan sets it
         training = training | {"per_device_train_batch_size": 1}
+    config_class = method.config_class()
     kwargs = hardware_training_defaults(training) | method.defaults | training
-    kwargs |= {"max_length": max_length} | extra
+    if "max_length" in {f.name for f in dataclasses.fields(config_class)}:  # GRPOConfig has none
+        kwargs["max_length"] = max_length
+    kwargs |= extra
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return method.config_class()(**kwargs)
+        return config_class(**kwargs)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from rich.markup import escape
 from rich.table import Table
 from transformers import TrainerCallback
 
@@ -107,12 +108,13 @@ def make_plan(recipe: Recipe, capacity: int | None = None, resume: str = "auto")
     check_output_dir(recipe.output_dir)
     skeleton = check_model(recipe)
     start = adapters.starting_adapter(recipe.model, recipe.lora, skeleton)
-    check_start_for(METHODS[recipe.trainer], start)
+    check_start_for(METHODS[recipe.trainer], start, recipe.training)
     tokenizer, new_tokens = plan_tokenizer(recipe, start)
     models.fit_vocabulary(skeleton, tokenizer)
     padding_free = choose_padding_free(recipe, skeleton)
     train, evaluation, data_stats = load_data(recipe, tokenizer)
     training_config = training_config_for(recipe, padding_free)
+    check_generation(training_config)
     if training_config.eval_strategy != "no" and evaluation is None:
         raise UserError(
             f"training.eval_strategy: {training_config.eval_strategy.value} evaluation needs eval data",
@@ -221,6 +223,8 @@ def memory_setting(recipe: Recipe, args, longest: int, trainable: int) -> memory
     weights = models.resolve_dtype(recipe.model.dtype)
     half = args.bf16 or args.fp16 or weights.itemsize == 2
     quantized = recipe.model.quantization
+    if method.data == "prompts":  # GRPO: each prompt with a completion sampled after it
+        longest += args.max_completion_length
     return memory.Setting(
         batch=args.per_device_train_batch_size,
         length=longest,
@@ -272,10 +276,11 @@ def memory_advice(shape: memory.Shape, setting: memory.Setting, lengths: list[in
     return [(change, memory.estimate(shape, s).total) for change, s in options]
 
 
-def check_start_for(method: Method, start: Path | None) -> None:
-    """DPO and KTO hold their reference as a second adapter: AdaLoRA allows one trainable
-    adapter only."""
-    if start and method.reference and runs.adapter_config(start).get("peft_type") == "ADALORA":
+def check_start_for(method: Method, start: Path | None, training: dict) -> None:
+    """DPO and KTO (and GRPO with a KL term) hold their reference as a second adapter: AdaLoRA
+    allows one trainable adapter only."""
+    adalora = start and runs.adapter_config(start).get("peft_type") == "ADALORA"
+    if adalora and method.has_reference(training):
         raise UserError(
             f"model.adapter: {start} is an AdaLoRA adapter; trainer {method.name} keeps its "
             "reference as a second adapter, which AdaLoRA does not allow",
@@ -306,16 +311,48 @@ def plan_tokenizer(recipe: Recipe, start: Path | None):
 
 def load_data(recipe: Recipe, tokenizer):
     """(train, eval or None, DataStats by split): tokenized samples for sft, rows in TRL's
-    columns for the preference methods (their trainers tokenize them)."""
-    if METHODS[recipe.trainer].data == "sft":
+    columns for the preference methods and grpo (their trainers tokenize them); grpo's rewards
+    checked against the columns."""
+    method = METHODS[recipe.trainer]
+    if method.data == "sft":
         return data.load_datasets(recipe.data, tokenizer)
-    from . import pairs
+    if method.data != "prompts":
+        from . import pairs
 
-    return pairs.load_datasets(recipe.data, tokenizer, METHODS[recipe.trainer])
+        return pairs.load_datasets(recipe.data, tokenizer, method)
+    from . import prompts, rewards
+
+    train, evaluation, stats = prompts.load_datasets(recipe.data, tokenizer, method)
+    rewards.check_columns(recipe.rewards, train.column_names, "data.train", recipe.data.train)
+    if evaluation is not None:
+        spec = recipe.data.eval or recipe.data.train
+        rewards.check_columns(recipe.rewards, evaluation.column_names, "data.eval", spec)
+    return train, evaluation, stats
+
+
+def check_generation(args) -> None:
+    """GRPO's use_vllm needs vLLM installed and a CUDA GPU; say so before anything loads."""
+    if not getattr(args, "use_vllm", False):
+        return
+    import importlib.util
+
+    missing = []
+    if importlib.util.find_spec("vllm") is None:
+        missing.append("the vllm package is not installed (pip install vllm)")
+    if not hardware.has_cuda() or args.use_cpu:
+        missing.append("vLLM generates on CUDA GPUs, and this run has none")
+    if missing:
+        raise UserError(
+            f"training.use_vllm: {'; '.join(missing)}",
+            ["remove training.use_vllm to generate with transformers' generate"],
+        )
 
 
 def training_config_for(recipe: Recipe, padding_free: bool):
     """The TRL config of the recipe's trainer, built once."""
+    if recipe.rewards:  # grpo: each reward's weight, in the order of the rewards section
+        weights = [reward.weight for reward in recipe.rewards]
+        return build_training_config(recipe.trainer, recipe.training, None, reward_weights=weights)
     if METHODS[recipe.trainer].data != "sft":
         return build_training_config(recipe.trainer, recipe.training, recipe.data.max_length)
     # Samples are truncated to max_length during tokenization; TRL refuses max_length with padding-free batches.
@@ -364,6 +401,8 @@ def count_steps(
     """Optimizer steps the run will take, over every process."""
     if training_config.max_steps > 0:
         return training_config.max_steps
+    if METHODS[recipe.trainer].data == "prompts":
+        return grpo_steps(training_config, rows)
     if recipe.data.packing:  # best-fit packing leaves about total tokens / max_length rows
         rows = math.ceil(sum(lengths) / recipe.data.max_length)
     per_step = (
@@ -372,6 +411,17 @@ def count_steps(
         * world_size()
     )
     return math.ceil(rows / per_step) * math.ceil(training_config.num_train_epochs)
+
+
+def grpo_steps(args, rows: int) -> int:
+    """GRPO's optimizer steps: each generation batch holds whole groups of num_generations
+    completions of generation_batch_size / num_generations prompts (a last, partial batch is
+    dropped, as TRL's sampler drops it), and serves steps_per_generation x num_iterations
+    micro-batches, gradient_accumulation_steps to an optimizer step."""
+    prompts_per_generation = args.generation_batch_size // args.num_generations
+    generations = rows // prompts_per_generation
+    batches = generations * args.steps_per_generation * args.num_iterations
+    return math.ceil(batches / args.gradient_accumulation_steps) * math.ceil(args.num_train_epochs)
 
 
 def lora_config_for(recipe: Recipe, steps: int) -> PeftConfig:
@@ -391,7 +441,7 @@ def print_plan(plan: TrainingPlan) -> None:
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")
     for name, value in plan_rows(plan):
-        table.add_row(name, value)
+        table.add_row(name, escape(value))  # a list of targets is not rich markup
     console.print(table)
     print_memory(plan)
 
@@ -418,7 +468,7 @@ def plan_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
     """The plan's lines: what is trained, on what, how long, where."""
     args = plan.training_config
     targets = plan.lora_config.target_modules
-    rows = {"sft": "samples", "paired": "pairs"}.get(plan.method.data, "rows")
+    rows = {"sft": "samples", "paired": "pairs", "prompts": "prompts"}.get(plan.method.data, "rows")
     auto = ""
     if plan.recipe.training.get("per_device_train_batch_size") == AUTO:
         auto = "; batch size auto: the largest that fits"
@@ -455,6 +505,7 @@ def plan_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
                 f"{args.gradient_accumulation_steps} x {world_size()} process(es){auto})"
             ),
         ),
+        *reward_rows(plan),
         ("precision", "bf16 mixed" if args.bf16 else "fp16 mixed" if args.fp16 else "fp32"),
         ("device", "cpu" if args.use_cpu else "cuda"),
         ("output", str(plan.recipe.output_dir.resolve())),
@@ -472,13 +523,33 @@ def describe_trainer(plan: TrainingPlan) -> str:
     text = method.name + (f" ({settings})" if settings else "")
     if plan.start:
         text += f", continuing {plan.start}"
-    if method.reference:
+    if method.has_reference(plan.recipe.training):
         text += (
             ", reference: the starting adapter, as a frozen second adapter on the same base"
             if plan.start
             else ", reference: the base with the adapter switched off"
         )
+    elif method.reference_when:
+        text += f", no reference ({method.reference_when}=0)"
     return text
+
+
+def reward_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
+    """GRPO's plan lines: its rewards with their weights, and how completions are generated."""
+    if not plan.recipe.rewards:
+        return []
+    args = plan.training_config
+    engine = f"vLLM ({args.vllm_mode})" if args.use_vllm else "transformers generate"
+    prompts_per_step = args.generation_batch_size // args.num_generations
+    return [
+        ("rewards", ", ".join(reward.describe() for reward in plan.recipe.rewards)),
+        (
+            "generation",
+            f"{engine}: {args.num_generations} completions of up to "
+            f"{args.max_completion_length} tokens for each of {prompts_per_step} prompts "
+            f"every {args.steps_per_generation} step(s)",
+        ),
+    ]
 
 
 def layer_kinds(targets) -> str:
@@ -523,8 +594,10 @@ def describe_method(config, lora: dict) -> str:
 
 
 def describe_data(stats: dict, section) -> str:
-    """'400 (12,000 trained tokens; 3 truncated; skipped: 2 empty)' for the plan."""
-    notes = [f"{stats['trained_tokens']:,} trained tokens"]
+    """'400 (12,000 trained tokens; 3 truncated; skipped: 2 empty)' for the plan; prompts to
+    complete (GRPO) count their own tokens, as nothing of them is trained."""
+    trained = stats["trained_tokens"]
+    notes = [f"{trained:,} trained tokens" if trained else f"{stats['tokens']:,} prompt tokens"]
     if stats["truncated"]:
         notes.append(f"{stats['truncated']} truncated to {section.max_length}")
     if stats["skipped"]:
@@ -729,6 +802,7 @@ def build_trainer(plan: TrainingPlan, checkpoint: Path | None):
             processing_class=plan.tokenizer,
             peft_config=None if plan.start else plan.lora_config,
             callbacks=callbacks,
+            **method_arguments(plan),
         )
     trainer.loraplus = {k: v for k, v in recipe.lora.items() if k.startswith("loraplus_")}
     if init == "eva" and not checkpoint:  # a checkpoint holds the adapter, ranks included
@@ -744,6 +818,15 @@ def build_trainer(plan: TrainingPlan, checkpoint: Path | None):
     if initial and is_main_process() and not (initial / "adapter_model.safetensors").exists():
         trainer.model.save_pretrained(initial)
     return trainer, guard, initial
+
+
+def method_arguments(plan: TrainingPlan) -> dict:
+    """What a method's trainer takes beyond the common arguments: GRPO's reward functions."""
+    if not plan.recipe.rewards:
+        return {}
+    from . import rewards
+
+    return {"reward_funcs": rewards.functions(plan.recipe.rewards)}
 
 
 def fit(trainer, checkpoint: Path | None, out: Path):
@@ -1073,8 +1156,8 @@ def method_metrics(method: Method, history: list[dict]) -> dict:
     entries (rewards/accuracies, margins, ...)."""
     first = next((entry for entry in history if "loss" in entry), {})
     found = {"first_logged_loss": first.get("loss"), "first_logged_step": first.get("step")}
-    for key in method.logged:
-        values = [entry[key] for entry in history if key in entry]
-        if values:
-            found[key] = values[-1]
+    for entry in history:
+        found |= {key: value for key, value in entry.items() if method.keeps(key)}
+    if "reward" in first:  # GRPO: the reward it started from
+        found["first_logged_reward"] = first["reward"]
     return found
