@@ -161,7 +161,7 @@ def run(
         else:
             report = model_files(source, partial, work, name, quant, root, verify)
         shutil.rmtree(work)
-        report = finish_report(report, source, quant, version, started)
+        report = finish_report(report, source, name, quant, version, started)
         check_verified(report, allow_token_differences)
         runs.write_json(partial / "export_report.json", report)
     print_summary(output_dir, report)
@@ -181,7 +181,7 @@ def model_files(source, partial, work, name, quant, root, verify) -> dict:
             announce=False,
         )
     gguf = partial / f"{name}-{quant}.gguf"
-    quantized = convert(model_dir, gguf, quant, work, root)
+    quantized = convert(model_dir, gguf, quant, work, root, name)
     tokenizer = models.load_tokenizer(source.section, model_dir)
     report = {"files": {gguf.name: gguf.stat().st_size}} | quantized
     if source.model_dir is None:
@@ -209,7 +209,7 @@ def adapter_files(source, partial, work, name, quant, base_gguf, root, verify) -
     files = {lora.name: lora.stat().st_size}
     if base_gguf is None:
         base_gguf = partial / f"base-{quant}.gguf"
-        convert(base_dir, base_gguf, quant, work, root)
+        convert(base_dir, base_gguf, quant, work, root, base_dir.name)
         files[base_gguf.name] = base_gguf.stat().st_size
     report = {"files": files, "base_gguf": str(base_gguf), "base_model": source.section.id}
     model, tokenizer, _ = load_with_adapter(
@@ -227,11 +227,12 @@ def adapter_files(source, partial, work, name, quant, base_gguf, root, verify) -
     return report | {"modelfile": template}
 
 
-def convert(model_dir: Path, gguf: Path, quant: str, work: Path, root: Path) -> dict:
+def convert(model_dir: Path, gguf: Path, quant: str, work: Path, root: Path, name: str) -> dict:
     """llama.cpp's converter; k-quants from an f16 file through llama.cpp's quantizer."""
     direct = quant in llama_cpp.CONVERTER_TYPES
     first = gguf if direct else work / "f16.gguf"
     arguments = [str(model_dir), "--outfile", str(first), "--outtype", quant if direct else "f16"]
+    arguments += ["--model-name", name]
     llama_cpp.run_converter("convert_hf_to_gguf.py", arguments, root)
     if direct:
         return {}
@@ -295,9 +296,12 @@ def probe_rows(source: Source, tokenizer) -> list[list[int]]:
     return [list(r) for r in rows] if rows else tokenizer(merge.PROBE_TEXTS)["input_ids"]
 
 
-def finish_report(report: dict, source: Source, quant: str, version: str, started: float) -> dict:
+def finish_report(
+    report: dict, source: Source, name: str, quant: str, version: str, started: float
+) -> dict:
     return {
         "format": "gguf",
+        "name": name,
         "quant": quant,
         "source": str(source.target),
         "kind": "adapter" if source.adapter else "model",
@@ -368,7 +372,9 @@ def print_summary(output_dir: Path, report: dict) -> None:
 
     table = Table("file", "size")
     for name, size in report["files"].items():
-        table.add_row(name, f"{size / 2**20:,.1f} MiB")
+        table.add_row(
+            name, f"{size / 2**20:,.1f} MiB" if size >= 2**20 else f"{size / 2**10:,.0f} KiB"
+        )
     console.print(table)
     verification = report.get("verification")
     if verification:
@@ -383,4 +389,4 @@ def print_summary(output_dir: Path, report: dict) -> None:
         console.print("[yellow]not verified (--no-verify)[/yellow]")
     console.print(f"Chat template in the Modelfile: {report['modelfile']['chat_template']}")
     console.print(f"GGUF export written to {output_dir.resolve()}")
-    console.print(f"  ollama create NAME -f {output_dir / 'Modelfile'}")
+    console.print(f"  ollama create {report['name']} -f {output_dir / 'Modelfile'}")

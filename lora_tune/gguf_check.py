@@ -154,5 +154,6 @@ def verify(path, model, tokenizer, rows: list[list[int]], quant: str, lora=None)
         "identical": sum(a == b for a, b in zip(ours, theirs, strict=True)),
         "transformers": ours,
         "llama.cpp": theirs,
+        "llama.cpp_text": [tokenizer.decode(ids) for ids in theirs],
     }
     return report
