@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import gguf_check, llama_cpp, merge, models, ollama, output, runs
-from .adapters import adapter_base_section, load_with_adapter
+from .adapters import adapter_base_section, adapter_tokenizer, load_with_adapter
 from .errors import UserError
 from .recipe import ModelSection
 
@@ -187,9 +187,8 @@ def model_files(source, partial, work, name, quant, root, verify) -> dict:
     if source.model_dir is None:
         report["merge"] = {k: merged.get(k) for k in ("max_abs_diff", "tolerance", "verified")}
     if verify:
-        reference = models.load_model(
-            ModelSection(id=str(model_dir)), models.resolve_dtype("float32")
-        )
+        section = ModelSection(id=str(model_dir), allow_pickle=source.section.allow_pickle)
+        reference = models.load_model(section, models.resolve_dtype("float32"))
         report["verification"] = gguf_check.verify(
             gguf, reference.eval(), tokenizer, probe_rows(source, tokenizer), quant
         )
@@ -212,10 +211,11 @@ def adapter_files(source, partial, work, name, quant, base_gguf, root, verify) -
         convert(base_dir, base_gguf, quant, work, root, base_dir.name)
         files[base_gguf.name] = base_gguf.stat().st_size
     report = {"files": files, "base_gguf": str(base_gguf), "base_model": source.section.id}
-    model, tokenizer, _ = load_with_adapter(
-        source.adapter, "float32", source.recipe.model if source.recipe else None
-    )
+    tokenizer = adapter_tokenizer(source.adapter, source.section)
     if verify:
+        model, _, _ = load_with_adapter(
+            source.adapter, "float32", source.recipe.model if source.recipe else None
+        )
         kind = base_gguf_type(base_gguf)
         report["verification"] = gguf_check.verify(
             base_gguf, model, tokenizer, probe_rows(source, tokenizer), kind, lora=lora
