@@ -12,6 +12,10 @@ if not (os.environ.get("LORA_TUNE_NETWORK") == "1" or os.environ.get("LORA_TUNE_
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Numbers the tests pin or compare exactly (golden losses, two runs that must agree) are fp32
+# numbers, whichever CPU runs them: the CPU counts as lacking native bf16 (training stays fp32).
+# tests/test_precision.py runs the automatic bf16 choice itself.
+os.environ.setdefault("LORA_TUNE_CPU_BF16", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).resolve().parent / "assets"
