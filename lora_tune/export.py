@@ -15,13 +15,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import gguf_check, llama_cpp, merge, models, ollama, output, runs
+from . import gguf_check, llama_cpp, merge, models, ollama, output, runs, stream_merge
 from .adapters import adapter_base_section, adapter_tokenizer, load_with_adapter
 from .errors import UserError
 from .recipe import ModelSection
 
 console = output.console()
 FORMATS = ("gguf",)
+TEXTS = merge.PROBE_TEXTS  # tokenized by both sides besides the run's own samples
 # LoRA settings llama.cpp's adapter format cannot express (it scales every layer by alpha / r).
 LORA_UNSUPPORTED = {
     "use_dora": "DoRA's magnitude vectors",
@@ -117,10 +118,12 @@ def check_adapter_convertible(adapter: Path) -> dict:
     return config
 
 
-def check_output(output_dir: Path, force: bool, source: Source) -> None:
+def check_output(output_dir: Path, force: bool, source: Source, base_gguf: Path | None) -> None:
     inputs = [("the export source", source.target)]
     if Path(source.section.id).expanduser().is_dir():
         inputs.append(("the base model", Path(source.section.id)))
+    if base_gguf is not None:
+        inputs.append(("--base-gguf", base_gguf))
     merge.check_output_spares_inputs(output_dir, inputs, "an export")
     if output_dir.exists() and not force:
         raise UserError(
@@ -150,7 +153,7 @@ def run(
     check_architecture(source, root)
     if adapter_only:
         check_adapter_convertible(source.adapter)
-    check_output(output_dir, force, source)
+    check_output(output_dir, force, source, base_gguf)
     models.check_weights(source.section)
     name = export_name(source)
     with merge.staged(output_dir) as partial:
@@ -190,7 +193,7 @@ def model_files(source, partial, work, name, quant, root, verify) -> dict:
         section = ModelSection(id=str(model_dir), allow_pickle=source.section.allow_pickle)
         reference = models.load_model(section, models.resolve_dtype("float32"))
         report["verification"] = gguf_check.verify(
-            gguf, reference.eval(), tokenizer, probe_rows(source, tokenizer), quant
+            gguf, reference.eval(), tokenizer, probe_rows(source, tokenizer), quant, texts=TEXTS
         )
     text, template = ollama.modelfile(f"./{gguf.name}", tokenizer, model_dir)
     (partial / "Modelfile").write_text(text)
@@ -198,9 +201,10 @@ def model_files(source, partial, work, name, quant, root, verify) -> dict:
 
 
 def adapter_files(source, partial, work, name, quant, base_gguf, root, verify) -> dict:
-    """The adapter as a GGUF LoRA file, the base GGUF it goes on (converted unless given),
-    both verified together against the adapter on its base in transformers."""
-    base_dir = local_base(source.section)
+    """The adapter as a GGUF LoRA file, the base GGUF it goes on (converted unless given, with
+    the adapter's tokenizer and chat template), both verified together against the adapter on
+    its base in transformers."""
+    base_dir = base_with_adapter_tokenizer(source, work)
     adapter = plain_scaling(source.adapter, work)
     lora = partial / f"{name}-lora-{quant}.gguf"
     arguments = [str(adapter), "--base", str(base_dir), "--outfile", str(lora), "--outtype", quant]
@@ -208,23 +212,51 @@ def adapter_files(source, partial, work, name, quant, base_gguf, root, verify) -
     files = {lora.name: lora.stat().st_size}
     if base_gguf is None:
         base_gguf = partial / f"base-{quant}.gguf"
-        convert(base_dir, base_gguf, quant, work, root, base_dir.name)
+        convert(base_dir, base_gguf, quant, work, root, Path(source.section.id).name)
         files[base_gguf.name] = base_gguf.stat().st_size
-    report = {"files": files, "base_gguf": str(base_gguf), "base_model": source.section.id}
+    report = {"files": files, "base_gguf": str(base_gguf)}
     tokenizer = adapter_tokenizer(source.adapter, source.section)
+    from_ = f"./{base_gguf.name}" if base_gguf.parent == partial else str(base_gguf.resolve())
+    text, template = ollama.modelfile(from_, tokenizer, base_dir, adapter=f"./{lora.name}")
+    (partial / "Modelfile").write_text(text)
     if verify:
         model, _, _ = load_with_adapter(
             source.adapter, "float32", source.recipe.model if source.recipe else None
         )
-        kind = base_gguf_type(base_gguf)
-        report["verification"] = gguf_check.verify(
-            base_gguf, model, tokenizer, probe_rows(source, tokenizer), kind, lora=lora
-        )
-        report["verification"]["metadata"] = template_elsewhere(report["verification"]["metadata"])
-    from_ = f"./{base_gguf.name}" if base_gguf.parent == partial else str(base_gguf.resolve())
-    text, template = ollama.modelfile(from_, tokenizer, base_dir, adapter=f"./{lora.name}")
-    (partial / "Modelfile").write_text(text)
+        kind = coarser(quant, base_gguf_type(base_gguf))
+        rows = probe_rows(source, tokenizer)
+        check = gguf_check.verify(base_gguf, model, tokenizer, rows, kind, lora=lora, texts=TEXTS)
+        if template["translated"]:  # the Modelfile carries the template the GGUF may lack
+            check["metadata"] = template_elsewhere(check["metadata"])
+        report["verification"] = check
     return report | {"modelfile": template}
+
+
+def base_with_adapter_tokenizer(source: Source, work: Path) -> Path:
+    """The base model's folder as the converter should see it: its weights and config, with the
+    tokenizer files saved with the adapter (its chat template, its special tokens)."""
+    base_dir = local_base(source.section)
+    if not (source.adapter / "tokenizer_config.json").is_file():
+        return base_dir
+    view = work / "base"
+    view.mkdir()
+    for path in base_dir.iterdir():
+        if path.is_file():
+            (view / path.name).symlink_to(path.resolve())
+    for path in view.iterdir():
+        if any(path.match(pattern) for pattern in stream_merge.TOKENIZER_FILES):
+            path.unlink()
+    stream_merge.copy_tokenizer(source.adapter, view)
+    stream_merge.keep_sentencepiece(base_dir, view)
+    return view
+
+
+def coarser(quant: str, base_type: str) -> str:
+    """The GGUF type whose tolerance a LoRA file of `quant` on a base of `base_type` is held to."""
+    order = ["f32", "f16", "bf16"]
+    if quant not in order or base_type not in order:
+        return "quantized"
+    return max(quant, base_type, key=order.index)
 
 
 def convert(model_dir: Path, gguf: Path, quant: str, work: Path, root: Path, name: str) -> dict:
@@ -248,12 +280,13 @@ def convert(model_dir: Path, gguf: Path, quant: str, work: Path, root: Path, nam
 
 def local_base(section) -> Path:
     """The base model's folder: its directory, or its hub snapshot (cached by training)."""
-    local = Path(section.id).expanduser()
-    if local.is_dir():
-        return local
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(section.id, revision=section.revision))
+    try:
+        return stream_merge.base_directory(section)
+    except stream_merge.CannotStream as exc:
+        raise UserError(
+            f"{section.id}: the base model's files are needed to convert it: {exc}",
+            ["connect to the hub once, or give a base GGUF with --base-gguf and a local base"],
+        ) from None
 
 
 def plain_scaling(adapter: Path, work: Path) -> Path:

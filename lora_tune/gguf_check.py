@@ -16,6 +16,7 @@ import torch
 TOLERANCE = {"f32": 1e-3, "f16": 1e-2, "bf16": 5e-2}
 QUANTIZED_AGREEMENT = 0.9  # top-1 agreement below which a quantized file is reported as degraded
 CONTINUATION = 16  # greedy tokens compared after each probe prompt
+PROBE_TOKENS = 128  # logits of every position are held on both sides: vocab x this x probes
 
 
 def threads() -> int:
@@ -101,18 +102,25 @@ def compare_logits(reference: list[np.ndarray], got: list[np.ndarray], quant: st
     return result
 
 
-def compare_tokens(llm, tokenizer, rows: list[list[int]]) -> dict:
-    """Each probe's text tokenized by llama.cpp and by transformers, each adding the special
-    tokens its own configuration says (a BOS one adds and the other not is a difference too)."""
-    differing = []
+def probe_texts(tokenizer, rows: list[list[int]], extra: list[str]) -> list[str]:
+    """The probes' texts (after a BOS), and more texts to tokenize."""
+    texts = []
     for ids in rows:
         start = 1 if ids[:1] == [tokenizer.bos_token_id] else 0
-        text = tokenizer.decode(ids[start:], skip_special_tokens=False)
+        texts.append(tokenizer.decode(ids[start:], skip_special_tokens=False))
+    return texts + list(extra)
+
+
+def compare_tokens(llm, tokenizer, texts: list[str]) -> dict:
+    """Each text tokenized by llama.cpp and by transformers, each adding the special tokens its
+    own configuration says (a BOS one adds and the other not is a difference too)."""
+    differing = []
+    for text in texts:
         ours = tokenizer(text)["input_ids"]
         theirs = llm.tokenize(text.encode(), add_bos=True, special=True)
         if theirs != ours:
             differing.append({"text": text, "transformers": ours, "llama.cpp": theirs})
-    return {"texts": len(rows), "differing": differing, "ok": not differing}
+    return {"texts": len(texts), "differing": differing, "ok": not differing}
 
 
 def compare_metadata(llm, tokenizer) -> dict:
@@ -132,14 +140,16 @@ def compare_metadata(llm, tokenizer) -> dict:
     return {"expected": expected, "found": found, "differing": wrong, "ok": not wrong}
 
 
-def verify(path, model, tokenizer, rows: list[list[int]], quant: str, lora=None) -> dict:
-    """Every check of the GGUF at `path` against the transformers `model` on `rows`."""
+def verify(path, model, tokenizer, rows: list[list[int]], quant: str, lora=None, texts=()) -> dict:
+    """Every check of the GGUF at `path` against the transformers `model` on `rows` (cut to
+    PROBE_TOKENS), and of its tokenizer on their texts and `texts`."""
+    rows = [list(ids[:PROBE_TOKENS]) for ids in rows]
     stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     n_ctx = max(len(ids) for ids in rows) + CONTINUATION + 8
     prompts = [ids[: max(2, len(ids) // 2)] for ids in rows]
     with opened(path, n_ctx, lora) as llm:
         report = {
-            "tokenizer": compare_tokens(llm, tokenizer, rows),
+            "tokenizer": compare_tokens(llm, tokenizer, probe_texts(tokenizer, rows, texts)),
             "metadata": compare_metadata(llm, tokenizer),
             "logits": compare_logits(
                 [hf_logits(model, ids) for ids in rows],

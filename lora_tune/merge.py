@@ -337,6 +337,7 @@ def streamed(
     stream_merge.copy_tokenizer(
         adapter if (adapter / "tokenizer_config.json").is_file() else base_dir, partial
     )
+    stream_merge.keep_sentencepiece(base_dir, partial)
     if verify:
         merged = AutoModelForCausalLM.from_pretrained(partial, dtype="auto").to(device).eval()
         report |= compare_merged(reference, logits_of(merged, batch), merged.dtype)
@@ -402,6 +403,8 @@ def in_memory(
     report |= compare_merged(before, logits_of(merged, batch), merged.dtype)
     merged.save_pretrained(partial, max_shard_size=max_bytes or "50GB")
     tokenizer.save_pretrained(partial)
+    with contextlib.suppress(stream_merge.CannotStream):
+        stream_merge.keep_sentencepiece(stream_merge.base_directory(section), partial)
     return report
 
 

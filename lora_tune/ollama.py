@@ -3,11 +3,11 @@ Ollama's Go template syntax, the stop tokens and the model's generation defaults
 
 The template is not translated by pattern: it is read off the tokenizer's own Jinja template by
 rendering conversations whose contents are markers, which gives each role's text before and
-after its content and the generation prompt. Most chat templates (ChatML, Llama 3, Gemma,
-Phi-3, Zephyr and plain role-tagged ones) are such role-tagged turns. The result is checked by
+after its content and the generation prompt. Many chat templates (ChatML, Llama 3, Gemma and
+plain role-tagged ones) are such role-tagged turns. The result is checked by
 rendering multi-turn conversations both ways; a template that does something else (a default
-system prompt, Llama 2's system-in-first-turn) gets no TEMPLATE line, and Ollama then uses its
-closest known template for the one embedded in the GGUF.
+system prompt, Llama 2's system-in-first-turn) gets no TEMPLATE line: Ollama then uses one of
+its own templates only if the GGUF's is close to it, and the report says so.
 """
 
 from __future__ import annotations
@@ -127,19 +127,22 @@ def stop_words(tokenizer, turns: Turns | None) -> list[str]:
     return list(dict.fromkeys(w for w in words if w.strip()))
 
 
+# transformers' sampling defaults, written out because Ollama's own differ (top_k 40, top_p 0.9,
+# repeat_penalty 1.1) and would apply to every key the model's generation config leaves out.
+HF_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+OLLAMA_NAMES = {"repetition_penalty": "repeat_penalty"}
+
+
 def generation_parameters(model_dir: Path) -> dict:
-    """Ollama PARAMETERs from the model's generation_config.json."""
+    """Ollama PARAMETERs that generate as transformers does with the model's generation config:
+    greedy (temperature 0) unless it samples, and no repetition penalty unless it has one."""
     path = model_dir / "generation_config.json"
     config = json.loads(path.read_text()) if path.is_file() else {}
+    penalty = {"repeat_penalty": config.get("repetition_penalty", 1.0)}
     if not config.get("do_sample"):
-        return {"temperature": 0} if config else {}
-    names = {
-        "temperature": "temperature",
-        "top_p": "top_p",
-        "top_k": "top_k",
-        "repetition_penalty": "repeat_penalty",
-    }
-    return {ours: config[theirs] for theirs, ours in names.items() if theirs in config}
+        return {"temperature": 0} | penalty
+    values = HF_SAMPLING | {k: config[k] for k in HF_SAMPLING if config.get(k) is not None}
+    return {OLLAMA_NAMES.get(k, k): v for k, v in values.items()}
 
 
 def modelfile(
@@ -156,7 +159,10 @@ def modelfile(
     lines += [f'PARAMETER stop "{word}"' for word in stop_words(tokenizer, turns)]
     lines += [f"PARAMETER {k} {v}" for k, v in generation_parameters(model_dir).items()]
     if template and turns is None:
-        note = "not translated (Ollama picks its closest known template for the GGUF's own)"
+        note = (
+            "not translated: Ollama uses one of its own templates only when the GGUF's is close "
+            "to it, else the bare prompt; write TEMPLATE by hand if chats matter"
+        )
     else:
         note = "translated and checked on 5 conversations" if turns else "none (a base model)"
-    return "\n".join(lines) + "\n", {"chat_template": note}
+    return "\n".join(lines) + "\n", {"chat_template": note, "translated": turns is not None}

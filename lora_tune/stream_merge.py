@@ -183,6 +183,27 @@ def copy_tokenizer(source: Path, out: Path) -> None:
             shutil.copy(path, out / path.name)
 
 
+def keep_sentencepiece(base_dir: Path, out: Path) -> None:
+    """transformers saves a SentencePiece tokenizer as tokenizer.json alone; llama.cpp's converter
+    reads its merge scores from tokenizer.model (without it every piece scores alike and text
+    splits differently). The base's tokenizer.model is kept beside a tokenizer whose vocabulary
+    is the base's."""
+    source = base_dir / "tokenizer.model"
+    if source.is_file() and not (out / "tokenizer.model").exists():
+        if vocabulary(out) == vocabulary(base_dir) or not (base_dir / "tokenizer.json").is_file():
+            shutil.copy(source, out / "tokenizer.model")
+
+
+def vocabulary(folder: Path) -> dict[str, int] | None:
+    """Token -> id of a tokenizer.json, added tokens included."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    vocab = dict(data["model"].get("vocab") or {})
+    return vocab | {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+
+
 def base_files(base_dir: Path) -> list[Path]:
     index = base_dir / "model.safetensors.index.json"
     if index.is_file():

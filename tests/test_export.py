@@ -75,7 +75,9 @@ def test_f16_export_of_a_run_matches_the_merged_model(f16, run):
     assert found["merge"]["verified"] is True
     check = found["verification"]
     assert check["ok"] and check["tokenizer"]["ok"] and check["metadata"]["ok"]
-    assert check["logits"]["positions"] > 40  # the run's eval samples, not fixed texts
+    assert check["greedy"]["llama.cpp_text"][0] == "is silver."  # a run's eval sample answered
+    # The run's 4 eval samples and the 3 fixed texts tokenize alike in llama.cpp and transformers.
+    assert check["tokenizer"]["texts"] == 7
     assert check["logits"]["max_abs_diff"] < check["logits"]["tolerance"] <= 0.02
     assert check["logits"]["top1_agreement"] == 1.0
     assert check["greedy"]["identical"] == check["greedy"]["prompts"] == 4
@@ -111,7 +113,8 @@ def test_modelfile_carries_template_stops_and_parameters(f16):
         in text
     )
     assert 'PARAMETER stop "</s>"' in text
-    assert "PARAMETER temperature 0" in text  # the model's generation config is greedy
+    # The model's generation config is greedy, without a repetition penalty (Ollama's is 1.1).
+    assert text.endswith("PARAMETER temperature 0\nPARAMETER repeat_penalty 1.0\n")
     assert report(f16)["modelfile"]["chat_template"] == "translated and checked on 5 conversations"
 
 
@@ -153,6 +156,9 @@ def test_adapter_only_gguf_on_the_base_gguf_matches_the_merged_export(run, f16, 
     assert found["verification"]["greedy"]["llama.cpp"] == merged
     modelfile = (out / "Modelfile").read_text().splitlines()
     assert modelfile[:2] == ["FROM ./base-f16.gguf", "ADAPTER ./run-lora-f16.gguf"]
+    # The base GGUF is converted with the adapter's tokenizer: it carries the trained template.
+    assert found["verification"]["metadata"]["found"]["chat_template"] == builder.CHAT_TEMPLATE
+    assert found["verification"]["metadata"]["differing"] == []
     # Given a base GGUF, only the LoRA file is written, and the Modelfile points at that base.
     again = tmp_path / "lora-on-given-base"
     base = out / "base-f16.gguf"
@@ -160,6 +166,12 @@ def test_adapter_only_gguf_on_the_base_gguf_matches_the_merged_export(run, f16, 
     assert set(report(again)["files"]) == {"run-lora-f16.gguf"}
     assert (again / "Modelfile").read_text().startswith(f"FROM {base.resolve()}\nADAPTER ")
     assert report(again)["verification"]["greedy"]["llama.cpp"] == merged
+    # --force never deletes the base GGUF it is given.
+    inside = out / "base-f16.gguf"
+    assert (
+        run_cli("export", run, "-o", out, "--adapter-only", "--base-gguf", inside, "--force") == 2
+    )
+    assert inside.is_file()
 
 
 def test_opt_is_refused_before_any_work(tiny, tmp_path, capsys):
@@ -198,6 +210,30 @@ def test_rslora_adapter_is_rescaled_for_llama_cpp(spm, tmp_path):
     assert json.loads((adapter / "adapter_config.json").read_text())["use_rslora"] is True
 
 
+def test_a_gguf_that_answers_differently_is_refused(spm, tmp_path, capsys, monkeypatch):
+    """Written without the rsLoRA rescaling, the LoRA file scales the adapter wrongly in
+    llama.cpp: the comparison catches it and nothing is written."""
+    from lora_tune import export
+
+    adapter = lora_adapter(spm, tmp_path / "rslora", r=16, lora_alpha=4, use_rslora=True)
+    monkeypatch.setattr(export, "plain_scaling", lambda adapter, work: adapter)
+    out = tmp_path / "out"
+    assert run_cli("export", adapter, "-o", out, "--adapter-only", "--quant", "f32") == 2
+    err = capsys.readouterr().err
+    assert "export refused: the GGUF does not answer as the model it came from in llama.cpp" in err
+    assert "next-token logits differ by up to" in err and "(tolerance 0.001" in err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_merge_keeps_the_sentencepiece_model(run, spm, tmp_path):
+    """transformers saves the tokenizer as tokenizer.json alone; llama.cpp's converter needs the
+    merge scores in tokenizer.model, so a merged model keeps the base's."""
+    out = tmp_path / "merged"
+    assert run_cli("merge", run, "-o", out) == 0
+    assert (out / "tokenizer.model").read_bytes() == (spm / "tokenizer.model").read_bytes()
+    assert not (run / "adapter" / "tokenizer.model").exists()
+
+
 def test_dora_adapter_only_is_refused(spm, tmp_path, capsys):
     adapter = lora_adapter(spm, tmp_path / "dora", use_dora=True)
     assert run_cli("export", adapter, "-o", tmp_path / "out", "--adapter-only") == 2
@@ -228,7 +264,7 @@ def test_tokenizer_differences_are_refused_unless_accepted(run, tiny, tmp_path, 
     assert run_cli("export", copy, "-o", out) == 2
     err = capsys.readouterr().err
     assert "export refused: the GGUF does not answer as the model it came from" in err
-    assert "llama.cpp tokenizes 4 of 4 probe texts differently, e.g. 'user: " in err
+    assert "llama.cpp tokenizes 4 of 7 probe texts differently, e.g. 'user: " in err
     assert "nothing was written" in err and "--allow-token-differences" in err
     assert list(tmp_path.iterdir()) == [copy]  # no output, no partial folder
     assert run_cli("export", copy, "-o", out, "--allow-token-differences") == 0
@@ -258,12 +294,14 @@ def test_existing_output_is_refused_and_kept(run, tmp_path, capsys):
 def test_a_killed_export_leaves_no_complete_looking_output(run, tmp_path):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "lora_tune", "export", str(run), "-o", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 120
     while not list(tmp_path.glob(".killed.partial-*/*.gguf")) and time.time() < deadline:
         assert process.poll() is None, "the export ended before it could be killed"
         time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)  # the converter too
     process.wait()
     assert not out.exists()
     assert run_cli("export", run, "-o", out) == 0
