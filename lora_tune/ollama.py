@@ -154,9 +154,11 @@ def modelfile(
     lines = [f"FROM {source}"]
     if adapter:
         lines.append(f"ADAPTER {adapter}")
+    if turns is not None and '"""' in turns.go_template():
+        turns = None  # a Modelfile cannot quote it
     if turns is not None:
         lines.append(f'TEMPLATE """{turns.go_template()}"""')
-    lines += [f'PARAMETER stop "{word}"' for word in stop_words(tokenizer, turns)]
+    lines += [f"PARAMETER stop {json.dumps(word)}" for word in stop_words(tokenizer, turns)]
     lines += [f"PARAMETER {k} {v}" for k, v in generation_parameters(model_dir).items()]
     if template and turns is None:
         note = (
