@@ -258,16 +258,18 @@ def import_file(path: Path):
         raise UserError(f"importing {path} failed{line}: {type(exc).__name__}: {exc}") from None
 
 
-def check_signature(function, name: str, columns: tuple[str, ...] = ()) -> None:
-    """UserError unless `function` takes TRL's reward arguments (and these dataset columns) as
-    keyword arguments."""
+def check_signature(function, name: str, columns: tuple[str, ...] | None = None) -> None:
+    """UserError unless `function` takes TRL's reward arguments and the dataset's columns as
+    keyword arguments. Before the data is read (`columns` None), only that it takes TRL's own
+    (parameters it names beyond them may be columns)."""
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):  # a builtin without a signature: TRL will find out
         return
-    arguments = dict.fromkeys((*TRL_ARGUMENTS, *columns))
+    arguments = dict.fromkeys((*TRL_ARGUMENTS, *(columns or ())))
+    bind = signature.bind_partial if columns is None else signature.bind
     try:
-        signature.bind(**arguments)
+        bind(**arguments)
     except TypeError as exc:
         raise UserError(
             f"{name}{signature} cannot take the arguments TRL passes ({exc}). Expected: "
