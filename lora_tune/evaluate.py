@@ -581,18 +581,19 @@ def print_rewards(results: dict, title: str, sampled: int) -> None:
     reward's own mean, the completions' length, and the change against the first target."""
     first = next(iter(results))
     names = [key for key in results[first] if key.startswith("rewards/")]
-    columns = [("reward", "reward"), *((name, name.removeprefix("rewards/")) for name in names)]
-    columns.append(("completion_length", "completion len"))
+    columns = [("reward", "reward", "{:.3f}")]
+    columns += [(name, name.removeprefix("rewards/"), "{:.3f}") for name in names]
+    columns.append(("completion_length", "completion len", "{:.1f}"))
     if sampled:
-        columns += [("sampled_reward", f"sampled reward (x{sampled})")]
+        columns.append(("sampled_reward", f"sampled reward (x{sampled})", "{:.3f}"))
     table = Table(title=title.replace("samples)", "prompts)"))
     table.add_column("model", overflow="fold")
-    for _, header in columns:
+    for _, header, _ in columns:
         table.add_column(header, justify="right")
     table.add_column(f"Δ reward vs {first}", justify="right")
     table.add_column("tokens/s", justify="right")
     for name, m in results.items():
-        cells = [f"{m[key]:.3f}" if key in m else "" for key, _ in columns]
+        cells = [fmt.format(m[key]) if key in m else "" for key, _, fmt in columns]
         change = "" if name == first else f"{m['reward'] - results[first]['reward']:+.3f}"
         table.add_row(name, *cells, change, f"{m['tokens_per_second']:,.0f}")
     console.print(table)
