@@ -202,7 +202,9 @@ class DataSection(BaseModel):
     )
     text_field: str = Field("text", description="Column holding the text (format: text).")
     prompt_field: str = Field(
-        "prompt", description="Column holding the prompt (format: prompt_completion)."
+        "prompt",
+        description="Column holding the prompt (formats: prompt_completion, preference, "
+        "unpaired, prompt_only).",
     )
     completion_field: str = Field(
         "completion", description="Column holding the completion (format: prompt_completion)."
