@@ -409,7 +409,6 @@ def validate(raw: dict, source: str = "<recipe>") -> Recipe:
         _check_data_for(trainer, data, problems)
     base = Path(source).parent if source != "<recipe>" else Path.cwd()
     rewards = check_rewards(raw.get("rewards"), trainer, base, problems)
-    _check_grpo_batch(training, trainer, problems)
     init = str(lora.get("init_lora_weights", "")).lower()
     if trainer != DEFAULT and init in ("corda", "eva"):
         problems.append(
@@ -656,6 +655,7 @@ def _check_training(
             problems.append(f"training.{key}: not set here; {fix}.")
     values = {k: v for k, v in values.items() if k not in owned}
     _check_kto_batch(values, trainer, problems)
+    _check_grpo_batch(values, trainer, problems)
     values = _fields_of_other_methods(values, trainer, problems)
     _check_method_defaults(values, trainer, problems)
     auto = values.get("per_device_train_batch_size") == AUTO_BATCH
@@ -687,14 +687,39 @@ def owned_keys(trainer: str) -> set[str]:
     return set(OWNED_TRAINING_KEYS) - {"reward_weights"} if trainer == DEFAULT else everywhere
 
 
-def _check_grpo_batch(training: dict, trainer: str, problems: list[str]) -> None:
-    """GRPO groups each prompt's num_generations completions in one generation batch; batch size
-    auto could not keep whole groups."""
-    if trainer == "grpo" and training.get("per_device_train_batch_size") == AUTO_BATCH:
+GRPO_BATCH = 8  # GRPOConfig's per_device_train_batch_size and num_generations defaults
+
+
+def _check_grpo_batch(values: dict, trainer: str, problems: list[str]) -> None:
+    """GRPO generates the completions of several steps at once (gradient_accumulation_steps of
+    them, unless steps_per_generation or generation_batch_size says otherwise), in whole groups
+    of num_generations per prompt: batch size auto could not keep whole groups."""
+    if trainer != "grpo":
+        return
+    batch = values.get("per_device_train_batch_size", GRPO_BATCH)
+    if batch == AUTO_BATCH:
         problems.append(
             "training.per_device_train_batch_size: auto is not available with trainer grpo (each "
             "batch of completions holds whole groups of num_generations); set a multiple of "
             "training.num_generations."
+        )
+        return
+    group = values.get("num_generations", GRPO_BATCH)
+    steps = values.get("steps_per_generation") or values.get("gradient_accumulation_steps", 1)
+    counts = (batch, group, steps)
+    if "generation_batch_size" in values or not all(isinstance(n, int) and n > 0 for n in counts):
+        return  # TRL's own check says what is wrong
+    if group > 1 and batch * steps % group:
+        key = (
+            "steps_per_generation"
+            if "steps_per_generation" in values
+            else "gradient_accumulation_steps"
+        )
+        problems.append(
+            f"training.per_device_train_batch_size: GRPO generates {batch} x {steps} completions "
+            f"at a time (per_device_train_batch_size x {key}), not whole groups of "
+            f"num_generations ({group}) per prompt; set it to a multiple of {group}, or "
+            f"num_generations to a divisor of {batch * steps} (2 or more)."
         )
 
 

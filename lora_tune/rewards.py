@@ -32,20 +32,11 @@ from typing import Any
 
 from .errors import UserError
 
-BUILT_INS = {  # kind -> (what its value is, what it rewards)
-    "exact_match": (
-        "a column",
-        "1 where the completion equals the row's value, spaces at the ends aside",
-    ),
-    "number_match": (
-        "a column",
-        "1 where the completion's last number equals the value's last number",
-    ),
-    "regex": ("a pattern", "1 where Python's re.search finds the pattern in the completion"),
-    "length": (
-        "a token count",
-        "1 at that many completion tokens, falling linearly to 0 at 0 and twice it",
-    ),
+BUILT_INS = {  # kind -> what its value is
+    "exact_match": "a column",
+    "number_match": "a column",
+    "regex": "a pattern",
+    "length": "a token count",
 }
 KINDS = (*BUILT_INS, "function")
 OPTIONS = ("weight", "name")
@@ -190,7 +181,7 @@ def check_value(kind: str, value: Any, where: str, base: Path, problems: list[st
             return None
         return value
     if not isinstance(value, str) or not value:
-        problems.append(f"{where}.{kind}: expected {BUILT_INS[kind][0]}; got {value!r}.")
+        problems.append(f"{where}.{kind}: expected {BUILT_INS[kind]}; got {value!r}.")
         return None
     if kind == "regex":
         try:
@@ -328,6 +319,7 @@ def last_number(text) -> float | None:
 
 
 def exact_match(column: str, completions, **kwargs) -> list[float]:
+    """1 where the completion equals the row's value, spaces at either end aside."""
     return [
         float(text_of(c).strip() == str(v).strip())
         for c, v in zip(completions, kwargs[column], strict=True)
@@ -335,6 +327,7 @@ def exact_match(column: str, completions, **kwargs) -> list[float]:
 
 
 def number_match(column: str, completions, **kwargs) -> list[float]:
+    """1 where the completion's last number equals the value's last number."""
     scores = []
     for completion, value in zip(completions, kwargs[column], strict=True):
         got, want = last_number(text_of(completion)), last_number(value)
@@ -343,11 +336,22 @@ def number_match(column: str, completions, **kwargs) -> list[float]:
 
 
 def regex(pattern: re.Pattern, completions, **kwargs) -> list[float]:
+    """1 where the pattern is found in the completion."""
     return [float(pattern.search(text_of(c)) is not None) for c in completions]
 
 
 def length(target: int, completions, completion_ids, **kwargs) -> list[float]:
+    """1 at `target` completion tokens (an ending EOS counted), falling linearly to 0 at 0 and
+    twice the target."""
     return [max(0.0, 1.0 - abs(len(ids) - target) / target) for ids in completion_ids]
+
+
+SCORERS = {
+    "exact_match": exact_match,
+    "number_match": number_match,
+    "regex": regex,
+    "length": length,
+}
 
 
 def function_of(reward: Reward):
@@ -356,10 +360,8 @@ def function_of(reward: Reward):
     if reward.kind == "function":
         path, name = reward.value.rsplit(":", 1)
         return checked(load_function(Path(path), name, path), reward.name)
-    if reward.kind == "regex":
-        scorer = functools.partial(regex, re.compile(reward.value, re.DOTALL))
-    else:
-        scorer = functools.partial(globals()[reward.kind], reward.value)
+    value = re.compile(reward.value, re.DOTALL) if reward.kind == "regex" else reward.value
+    scorer = functools.partial(SCORERS[reward.kind], value)
 
     def score(prompts, completions, **kwargs):
         return scorer(completions=completions, **kwargs)

@@ -280,6 +280,13 @@ ERROR_CASES = {
         "training.reward_weights: not set here; give each entry of the rewards section its "
         "weight instead.",
     ),
+    "partial groups": (
+        {"training": {"per_device_train_batch_size": 6, "gradient_accumulation_steps": 1}},
+        "training.per_device_train_batch_size: GRPO generates 6 x 1 completions at a time "
+        "(per_device_train_batch_size x gradient_accumulation_steps), not whole groups of "
+        "num_generations (4) per prompt; set it to a multiple of 4, or num_generations to a "
+        "divisor of 6 (2 or more).",
+    ),
     "auto batch": (
         {"training": {"per_device_train_batch_size": "auto"}},
         "training.per_device_train_batch_size: auto is not available with trainer grpo (each "
