@@ -449,3 +449,25 @@ def test_built_in_rewards():
     args = {"prompts": ["q"] * 4, "completions": numbers, "completion_ids": [[]] * 4}
     assert made["number_match"](**args, answer=gsm8k) == [1.0, 1.0, 0.0, 0.0]
     assert rewards.last_number(-2.5) == -2.5 and rewards.last_number("x -.5 y") == -0.5
+
+
+def test_a_kl_term_from_an_adapter_takes_that_adapter_as_reference(tiny, tmp_path):
+    """With beta > 0 and a starting adapter, the reference is a frozen copy of the start: the
+    first step's KL is 0 (the policy is its reference); the copy is not saved."""
+    sft, out = tmp_path / "sft", tmp_path / "grpo"
+    data = {"train": str(tiny / "data" / "pc_train.jsonl"), "eval": None}
+    training = {"max_steps": 10}
+    assert (
+        run_cli("train", write_recipe(tmp_path / "s.yaml", tiny, sft, data=data, training=training))
+        == 0
+    )
+    training = {"max_steps": 2, "beta": 0.1}
+    path = grpo_recipe(
+        tmp_path / "g.yaml", tiny, out, model={"adapter": str(sft)}, training=training
+    )
+    assert run_cli("train", path) == 0
+    kl = [entry["kl"] for entry in metrics(out)["log_history"] if "kl" in entry]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and len(kl) == 2
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert saved.keys() == load_file(sft / "adapter" / "adapter_model.safetensors").keys()
+    assert not (out / "adapter" / "ref").exists()
