@@ -366,7 +366,7 @@ FIXES = {
     "absent text field": "its columns: text - set data.text_field to one of its columns",
     "empty data file": "add rows to the file, or remove it from the data",
     "only empty rows": "check the data, the field names and data.max_length",
-    "unknown format": "Input should be 'auto', 'text', 'prompt_completion', 'messages', 'alpaca', 'preference' or 'unpaired'; got 'sharegpt'.",
+    "unknown format": "Input should be 'auto', 'text', 'prompt_completion', 'messages', 'alpaca', 'preference', 'unpaired' or 'prompt_only'; got 'sharegpt'.",
     "messages without template": "set data.chat_template to the Jinja template the model will be served with",
     "eval and eval_fraction": "set either data.eval or data.eval_fraction, not both",
     "eval_fraction above one": "Input should be less than 1; got 1.5.",
