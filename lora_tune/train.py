@@ -540,13 +540,13 @@ def reward_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
         return []
     args = plan.training_config
     engine = f"vLLM ({args.vllm_mode})" if args.use_vllm else "transformers generate"
-    prompts_per_step = args.generation_batch_size // args.num_generations
+    prompts_per_generation = args.generation_batch_size // args.num_generations
     return [
         ("rewards", ", ".join(reward.describe() for reward in plan.recipe.rewards)),
         (
             "generation",
             f"{engine}: {args.num_generations} completions of up to "
-            f"{args.max_completion_length} tokens for each of {prompts_per_step} prompts "
+            f"{args.max_completion_length} tokens for each of {prompts_per_generation} prompts "
             f"every {args.steps_per_generation} step(s)",
         ),
     ]
