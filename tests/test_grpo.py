@@ -22,6 +22,18 @@ from lora_tune import rewards, runs
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """GRPO's generation runs thousands of tiny operations: a second thread gains nothing on the
+    tiny model, and where another process holds a core, every parallel operation waits for it
+    (a 10-step run took 80 s with 2 threads on a busy 2-core machine, 1 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the resumed run's own process
+    yield
+    torch.set_num_threads(threads)
+
+
 def grpo_recipe(path, tiny, out, **sections):
     """A short GRPO recipe on the tiny Llama's questions, rewarded for the exact answer."""
     data = {
