@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
         (
             "bench_train.py",
             [
-                "lora-tune / raw step time:",
+                "lora-tune / raw fp32 step time:",
+                "lora-tune / raw step time in the same precision",
+                "lora-tune / raw-auto peak RSS:",
                 "trl defaults / lora-tune step time:",
                 "varying lengths, the same samples",
                 "padding-free",
