@@ -902,6 +902,12 @@ def parse_args():
 
 def context(args) -> Context:
     mode = args.mode or ("gpu" if torch_cuda() else "cpu")
+    if mode == "cpu":
+        import torch
+
+        # Tiny matrices gain nothing from a second thread, and on a busy machine each operation
+        # would wait for a thread that another process holds.
+        torch.set_num_threads(1)
     out = args.out or Path(os.environ.get("OUT") or ".") / "gpu_check.json"
     return Context(
         mode=mode,
