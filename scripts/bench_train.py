@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -355,7 +356,8 @@ def measure(variant: str, args, steps: int, data: str) -> dict:
         "--data",
         data,
     ]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    env = os.environ | ({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     if result.returncode != 0:
         sys.exit(f"{variant} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -380,6 +382,12 @@ def parse_args():
         default=1,
         help="run raw, raw-auto, trl and lora-tune this many times, interleaved, and keep each "
         "one's fastest round (a busy machine slows some rounds)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="compute threads of each variant (default: torch's, one per core); 1 keeps a "
+        "shared machine's other processes from stalling every operation",
     )
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
