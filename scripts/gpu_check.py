@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -486,18 +487,12 @@ def run_merge(ctx: Context, method: str) -> dict:
 def run_gpu_tests(ctx: Context) -> dict:
     """pytest -m gpu: the tests that run only where CUDA is."""
     command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
-    done = subprocess.run(
-        [*command, "tests/test_gpu.py"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=ctx.left(),
-    )
-    lines = done.stdout.strip().splitlines()
+    returncode, stdout, stderr = bounded(ctx, [*command, "tests/test_gpu.py"])
+    lines = stdout.strip().splitlines()
     return {
-        "returncode": done.returncode,
+        "returncode": returncode,
         "summary": lines[-1] if lines else "",
-        "output_tail": "" if done.returncode == 0 else (done.stdout + done.stderr)[-3000:],
+        "output_tail": "" if returncode == 0 else (stdout + stderr)[-3000:],
     }
 
 
@@ -555,11 +550,8 @@ def launch_train(ctx: Context, recipe: Path, config: Path, overrides: list[str])
     for item in overrides:
         command += ["--set", item]
     env = os.environ | ({"OMP_NUM_THREADS": "1"} if ctx.mode == "cpu" else {})
-    done = subprocess.run(
-        command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=ctx.left()
-    )
-    output = done.stdout + done.stderr
-    return {"returncode": done.returncode, "output": output[-3000:]}
+    returncode, stdout, stderr = bounded(ctx, command, env)
+    return {"returncode": returncode, "output": (stdout + stderr)[-3000:]}
 
 
 def adapter_checks(ctx: Context, adapter: Path) -> dict:
@@ -627,18 +619,34 @@ def run(ctx: Context, name: str, arg: str = "") -> dict:
 
 
 def in_child(ctx: Context, name: str, arg: str) -> dict:
-    command = [sys.executable, __file__, "--child", name, "--arg", arg]
-    command += ["--mode", ctx.mode, "--workdir", str(ctx.work), "--out", str(ctx.out)]
-    try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, cwd=ROOT, timeout=max(ctx.left(), 1)
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": "stopped: the time budget (--budget) ran out"}
-    for line in reversed(done.stdout.splitlines()):
+    command = [sys.executable, __file__, "--child", name, "--arg", arg, "--mode", ctx.mode]
+    command += ["--workdir", str(ctx.work), "--out", str(ctx.out), "--budget", str(ctx.left())]
+    returncode, stdout, stderr = bounded(ctx, command)
+    for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_MARK):
             return json.loads(line.removeprefix(RESULT_MARK))
-    return {"error": f"exit {done.returncode}: {(done.stdout + done.stderr)[-2000:]}"}
+    return {"error": f"exit {returncode}: {(stdout + stderr)[-2000:]}"}
+
+
+def bounded(ctx: Context, command: list[str], env: dict | None = None) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a command run from the repository root, stopped with every
+    process it started (an accelerate launch has workers) when the time budget runs out."""
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, to stop as a whole
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=max(ctx.left(), 1))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        stderr += "\nstopped: the time budget (--budget) ran out"
+    return process.returncode, stdout, stderr
 
 
 def child(ctx: Context, name: str, arg: str) -> None:

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -142,3 +143,29 @@ def test_slimming_keeps_one_cuda_release_and_pip_still_installs_it(tmp_path):
     assert done.returncode == 0, done.stderr
     installed = sorted(p.name for p in (target / "bitsandbytes").glob("*.so"))
     assert installed == ["libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so"]
+
+
+def test_a_run_past_the_budget_is_skipped_and_a_child_is_stopped_with_its_own(tmp_path):
+    ctx = gpu_check.Context("cpu", tmp_path, tmp_path / "out.json", False, time.time() - 1)
+    assert gpu_check.run(ctx, "eval")["skipped"] == "the time budget (--budget) ran out"
+    ctx.deadline = time.time() + 3
+    spawn = "import subprocess, time; print(subprocess.Popen(['sleep', '60']).pid, flush=True); time.sleep(60)"
+    started = time.time()
+    returncode, stdout, stderr = gpu_check.bounded(ctx, [sys.executable, "-c", spawn])
+    assert time.time() - started < 20 and returncode == -9
+    assert stderr.endswith("stopped: the time budget (--budget) ran out")
+    assert gone(int(stdout))  # the process the child started went with it
+
+
+def gone(pid: int) -> bool:
+    """Whether a process has ended (a kill takes effect soon after it is sent, not at once)."""
+    for _ in range(50):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state == "Z" or b"sleep" not in command:  # ended, or the number reused since
+            return True
+        time.sleep(0.1)
+    return False
