@@ -36,12 +36,13 @@ PYTHON_VERSION=3.12
 # bitsandbytes keeps only its libraries for this CUDA major version (the machine's torch is cu130).
 BNB_CUDA=${BNB_CUDA:-cuda13}
 SITE=${SITE:-/tmp/lora-tune-site}
-if [ -z "${PYTHON:-}" ]; then
-    PYTHON=python3
-    [ -x .venv/bin/python ] && PYTHON=.venv/bin/python
-fi
+# PYTHON: the interpreter (default: python3 on the GPU machine, else this checkout's .venv).
+local_python() {
+    if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; elif [ -x .venv/bin/python ]; then echo .venv/bin/python; else echo python3; fi
+}
 
 prepare() {
+    PYTHON=$(local_python)
     rm -rf "$WHEEL_DIR" && mkdir -p "$WHEEL_DIR"
     "$PYTHON" -m pip download --quiet --no-deps --only-binary :all: \
         --python-version "$PYTHON_VERSION" --implementation cp \
@@ -63,18 +64,21 @@ prepare() {
 }
 
 gpu() {
-    if ! ls "$WHEEL_DIR"/*.whl >/dev/null 2>&1; then
-        echo "no wheels in $WHEEL_DIR: run 'scripts/gpu_check.sh prepare' on a machine with a network" >&2
-        exit 2
+    PYTHON=${PYTHON:-python3}
+    if ls "$WHEEL_DIR"/*.whl >/dev/null 2>&1; then
+        "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir \
+            --upgrade --target "$SITE" "$WHEEL_DIR"/*.whl
+        export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "no wheels in $WHEEL_DIR ('scripts/gpu_check.sh prepare' fills it): using $PYTHON's packages"
+        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     fi
-    "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$SITE" "$WHEEL_DIR"/*.whl
-    export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
     export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
     "$PYTHON" scripts/gpu_check.py --mode gpu "$@"
 }
 
 cpu() {
+    PYTHON=$(local_python)
     export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
     "$PYTHON" scripts/gpu_check.py --mode cpu "$@"
 }
