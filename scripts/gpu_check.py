@@ -296,8 +296,9 @@ def print_others(m: dict) -> None:
         print(
             f"merge: max |stream - memory| over the merged weights {merge['max_abs_weight_diff']:.3g}"
         )
-    tests = m.get("gpu_tests", {})
-    print(f"gpu tests: {tests.get('summary') or tests.get('skipped') or tests.get('error', '')}")
+    if "gpu_tests" in m:
+        tests = m["gpu_tests"]
+        print(f"gpu tests: {tests.get('summary') or tests.get('skipped') or tests.get('error')}")
     for name, r in m.get("distributed", {}).items():
         state = r.get("skipped") or r.get("error")
         if state is None:
