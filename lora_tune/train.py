@@ -506,7 +506,7 @@ def plan_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
             ),
         ),
         *reward_rows(plan),
-        ("precision", "bf16 mixed" if args.bf16 else "fp16 mixed" if args.fp16 else "fp32"),
+        ("precision", hardware.precision_label(args)),
         ("device", "cpu" if args.use_cpu else "cuda"),
         ("output", str(plan.recipe.output_dir.resolve())),
     ]
