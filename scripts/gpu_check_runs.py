@@ -157,23 +157,10 @@ def samples(ctx: Context, data: str):
     return rows, tokenizer
 
 
-def padded_batch(chunk: list[dict], pad_id: int):
-    import torch
-
-    width = max(len(r["input_ids"]) for r in chunk)
-    ids = torch.full((len(chunk), width), pad_id)
-    labels = torch.full((len(chunk), width), -100)
-    mask = torch.zeros((len(chunk), width), dtype=torch.long)
-    for j, r in enumerate(chunk):
-        ids[j, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
-        labels[j, : len(r["labels"])] = torch.tensor(r["labels"])
-        mask[j, : len(r["input_ids"])] = 1
-    return ids, labels, mask
-
-
 def run_raw(ctx: Context) -> dict:
     """The loop users write: PEFT model, forward, backward, AdamW, in lora-tune's precision."""
     import torch
+    from bench_train import padded_batch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 

@@ -93,3 +93,34 @@ def serve_process(*args: str, cwd: Path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def assert_resumes_to_same_adapter(make_recipe, tiny: Path, tmp_path: Path) -> None:
+    """A run cut after its first checkpoint (checkpoint-2 of 4 steps, as a kill leaves it) and
+    resumed in a new process ends with the adapter of a run never cut."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    training = {"max_steps": 4, "save_steps": 2}
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run_cli("train", make_recipe(tmp_path / "w.yaml", tiny, whole, training=training)) == 0
+    path = make_recipe(tmp_path / "c.yaml", tiny, cut, training=training)
+    assert run_cli("train", path) == 0
+    for later in ("checkpoint-4", "adapter", "metrics.json"):
+        target = cut / later
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_tune", "train", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming from {cut / 'checkpoint-2'}" in result.stdout
+    got = load_file(cut / "adapter" / "adapter_model.safetensors")
+    want = load_file(whole / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    assert max((got[k] - want[k]).abs().max().item() for k in got) < 1e-5
+    assert json.loads((cut / "metrics.json").read_text())["steps"] == 4

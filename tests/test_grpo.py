@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli, write_recipe
+from helpers import assert_resumes_to_same_adapter, run_cli, write_recipe
 from safetensors.torch import load_file
 
 from lora_tune import rewards, runs
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -142,28 +137,7 @@ def test_grpo_from_an_sft_adapter_raises_the_held_out_reward(tiny, tmp_path):
 
 
 def test_a_killed_grpo_run_resumes_to_the_same_adapter(tiny, tmp_path):
-    training = {"max_steps": 4, "save_steps": 2}
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert run_cli("train", grpo_recipe(tmp_path / "w.yaml", tiny, whole, training=training)) == 0
-    path = grpo_recipe(tmp_path / "c.yaml", tiny, cut, training=training)
-    assert run_cli("train", path) == 0
-    # What a kill after the first checkpoint leaves: checkpoint-2 and nothing after it.
-    for later in ("checkpoint-4", "adapter", "metrics.json"):
-        target = cut / later
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-    result = subprocess.run(
-        [sys.executable, "-m", "lora_tune", "train", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Resuming from {cut / 'checkpoint-2'}" in result.stdout
-    got = load_file(cut / "adapter" / "adapter_model.safetensors")
-    want = load_file(whole / "adapter" / "adapter_model.safetensors")
-    assert got.keys() == want.keys()
-    assert max((got[k] - want[k]).abs().max().item() for k in got) < 1e-5
-    assert metrics(cut)["steps"] == 4
+    assert_resumes_to_same_adapter(grpo_recipe, tiny, tmp_path)
 
 
 REWARD_FILE = '''

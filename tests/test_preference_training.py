@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import run_cli, write_recipe
+from helpers import assert_resumes_to_same_adapter, run_cli, write_recipe
 from safetensors.torch import load_file
 
 from lora_tune import runs
@@ -165,28 +164,7 @@ def test_dry_run_plan_names_the_method_and_its_reference(tiny, tmp_path, sft_run
 
 
 def test_a_killed_dpo_run_resumes_to_the_same_adapter(tiny, tmp_path):
-    training = {"max_steps": 4, "save_steps": 2}
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert run_cli("train", pref_recipe(tmp_path / "w.yaml", tiny, whole, training=training)) == 0
-    path = pref_recipe(tmp_path / "c.yaml", tiny, cut, training=training)
-    assert run_cli("train", path) == 0
-    # What a kill after the first checkpoint leaves: checkpoint-2 and nothing after it.
-    for later in ("checkpoint-4", "adapter", "metrics.json"):
-        target = cut / later
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-    result = subprocess.run(
-        [sys.executable, "-m", "lora_tune", "train", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Resuming from {cut / 'checkpoint-2'}" in result.stdout
-    got = load_file(cut / "adapter" / "adapter_model.safetensors")
-    want = load_file(whole / "adapter" / "adapter_model.safetensors")
-    assert got.keys() == want.keys()
-    assert max((got[k] - want[k]).abs().max().item() for k in got) < 1e-5
-    assert metrics(cut)["steps"] == 4
+    assert_resumes_to_same_adapter(pref_recipe, tiny, tmp_path)
 
 
 @pytest.mark.slow
